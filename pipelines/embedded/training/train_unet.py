@@ -1,0 +1,150 @@
+"""Train the embedded class-conditional CIFAR-10 diffusion model (a diffusers UNet2DModel).
+
+    python -m pipelines.embedded.training.train_unet --config pipelines/embedded/training/configs/unet.json \
+        --data ../shared/data/cifar10 --out runs/unet [--max-minutes 120] [--device cuda]
+
+Epsilon prediction on a cosine DDPM schedule, 10% label dropout to the null class (label 10) for
+classifier-free guidance, EMA weights for sampling. Rerunning the same command resumes from
+`<out>/checkpoint.pt`. `--export DIR` writes the EMA model (safetensors + config) and the
+scheduler config for the pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from .common import (
+    DEFAULT_DATA,
+    BatchSampler,
+    augment,
+    load_checkpoint,
+    load_cifar10,
+    load_config,
+    save_checkpoint,
+    to_model_range,
+)
+
+
+def build_unet(cfg: dict) -> UNet2DModel:
+    return UNet2DModel(**cfg["unet"])
+
+
+def build_scheduler(cfg: dict) -> DDPMScheduler:
+    return DDPMScheduler(**cfg["scheduler"])
+
+
+def drop_labels(labels: torch.Tensor, p: float, null_class: int, generator: torch.Generator) -> torch.Tensor:
+    """Classifier-free guidance training: replace a fraction p of the labels by the null class."""
+    drop = torch.rand(labels.shape[0], generator=generator) < p
+    return torch.where(drop, torch.full_like(labels, null_class), labels)
+
+
+def train(cfg: dict, data_dir: Path, out: Path, device: str, max_minutes: float | None, threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(cfg["seed"])
+    unet = build_unet(cfg).to(device)
+    scheduler = build_scheduler(cfg)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg["lr"], weight_decay=cfg.get("weight_decay", 0.0))
+    ema = EMAModel(unet.parameters(), decay=cfg["ema_decay"], use_ema_warmup=True, inv_gamma=1.0, power=0.75)
+
+    images, labels = load_cifar10(data_dir, "train")
+    sampler = BatchSampler(len(images), cfg["batch_size"], cfg["seed"])
+    ckpt_path = out / "checkpoint.pt"
+    state = load_checkpoint(ckpt_path)
+    step, seconds = 0, 0.0
+    if state is not None:
+        unet.load_state_dict(state["unet"])
+        opt.load_state_dict(state["opt"])
+        ema.load_state_dict(state["ema"])
+        step, seconds = int(state["step"]), float(state["seconds"])
+    alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    null_class = cfg["unet"]["num_class_embeds"] - 1
+    total = cfg["steps"]
+    deadline = time.time() + 60 * max_minutes if max_minutes else None
+    log = open(out / "log.jsonl", "a")
+    bar = tqdm(total=total, initial=step, desc="unet", dynamic_ncols=True)
+    unet.train()
+    t0, losses = time.time(), []
+    while step < total and (deadline is None or time.time() < deadline):
+        g = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + step)
+        idx = sampler.indices(step)
+        x0 = augment(to_model_range(images[idx]), g).to(device)
+        y = drop_labels(labels[idx], cfg["label_dropout"], null_class, g).to(device)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=g).to(device)
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        a = alphas_cumprod[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        loss = torch.nn.functional.mse_loss(unet(xt, t, class_labels=y).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        ema.step(unet.parameters())
+        step += 1
+        losses.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+        if step % cfg["checkpoint_every"] == 0 or step == total:
+            seconds += time.time() - t0
+            t0 = time.time()
+            log.write(json.dumps({"step": step, "loss": sum(losses) / len(losses), "seconds": seconds}) + "\n")
+            log.flush()
+            losses = []
+            save_checkpoint(
+                ckpt_path,
+                {"unet": unet.state_dict(), "opt": opt.state_dict(), "ema": ema.state_dict(), "step": step, "seconds": seconds},
+            )
+    seconds += time.time() - t0
+    save_checkpoint(
+        ckpt_path,
+        {"unet": unet.state_dict(), "opt": opt.state_dict(), "ema": ema.state_dict(), "step": step, "seconds": seconds},
+    )
+    bar.close()
+    print(f"stopped at step {step}/{total} after {seconds / 60:.1f} min of training")
+
+
+def export(cfg: dict, out: Path, dest: Path) -> None:
+    """Write the EMA weights as a diffusers UNet2DModel folder plus the scheduler config."""
+    state = load_checkpoint(out / "checkpoint.pt")
+    if state is None:
+        raise FileNotFoundError(f"out={str(out)!r} holds no checkpoint.pt to export")
+    unet = build_unet(cfg)
+    ema = EMAModel(unet.parameters(), decay=cfg["ema_decay"])
+    ema.load_state_dict(state["ema"])
+    ema.copy_to(unet.parameters())
+    unet.save_pretrained(dest / "unet", safe_serialization=True)
+    build_scheduler(cfg).save_pretrained(dest / "scheduler")
+    info = {"steps": int(state["step"]), "train_seconds": float(state["seconds"]), "config": cfg}
+    (dest / "unet" / "training.json").write_text(json.dumps(info, indent=2))
+    print(f"exported EMA weights of step {state['step']} to {dest}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, default=Path(__file__).parent / "configs" / "unet.json")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--out", type=Path, default=Path("runs/unet"))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop (and checkpoint) after this wall time")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--export", type=Path, default=None, help="export the EMA model to this folder and exit")
+    args = p.parse_args()
+    cfg = load_config(args.config)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.export:
+        export(cfg, args.out, args.export)
+    else:
+        train(cfg, args.data, args.out, args.device, args.max_minutes, args.threads)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,17 @@
+"""diffusers integration: the guidance hook, per-pipeline adapters, scheduler parametrization,
+and the embedded default model (`load_embedded`)."""
+
+from .adapters import Adapter, adapter_for, register_adapter, supported_pipelines
+from .hook import GuidanceHandle, apply_guidance
+from .parametrization import scheduler_parametrization
+
+__all__ = [
+    "Adapter",
+    "GuidanceHandle",
+    "adapter_for",
+    "apply_guidance",
+    "register_adapter",
+    "scheduler_parametrization",
+    "supported_pipelines",
+]
+from . import embedded  # noqa: E402,F401  (registers the embedded pipeline adapter)

@@ -1,0 +1,205 @@
+"""The strategy contract: what a guidance rule declares, receives and returns at every step.
+
+A strategy is plain PyTorch. At each denoising step the caller (our diffusers hook, or any custom
+loop) builds a `StepContext`, asks `strategy.branches(ctx)` which model evaluations each sample
+needs, runs only those, and hands the predictions to `strategy.combine(ctx, preds)`, which returns
+one guided prediction per sample in the model's own output space.
+
+Scales follow the Ho-Salimans / diffusers convention: guided = uncond + w * (cond - uncond), so
+w = 1 is the conditional model. A scale left as None takes the pipeline call's own
+`guidance_scale` (or `true_cfg_scale`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Mapping, Sequence
+
+import torch
+
+from .parametrization import Parametrization
+
+COND, UNCOND = "cond", "uncond"
+
+# Name -> class of every strategy, filled by GuidanceStrategy.__init_subclass__ (for from_config).
+REGISTRY: dict[str, type["GuidanceStrategy"]] = {}
+
+
+@dataclass
+class StepContext:
+    """Everything a strategy may look at for one guided evaluation of a batch of B samples."""
+
+    step: int  # index of this evaluation in the call (0-based)
+    num_steps: int  # evaluations the scheduler plans (len(scheduler.timesteps))
+    timestep: float  # the timestep value the model receives
+    param: Parametrization  # model input x and the x0 <-> prediction conversion
+    guidance_scale: float | None = None  # the pipeline call's own scale
+    guidance_rescale: float = 0.0  # the pipeline call's own guidance_rescale, where it has one
+    evaluated: dict[str, torch.Tensor] = field(default_factory=dict)  # branch -> bool (B,)
+
+    @property
+    def batch_size(self) -> int:
+        return self.param.x.shape[0]
+
+    @property
+    def x(self) -> torch.Tensor:
+        return self.param.x
+
+    @property
+    def sigma(self) -> torch.Tensor:
+        """Noise level per sample, (B,): the Karras/VE sigma for VP models, s in [0, 1] for flow."""
+        return self.param.noise_level
+
+    @property
+    def progress(self) -> float:
+        """Fraction of the sampling done before this step, in [0, 1)."""
+        return self.step / max(self.num_steps, 1)
+
+    def to_x0(self, pred: torch.Tensor) -> torch.Tensor:
+        return self.param.to_x0(pred)
+
+    def from_x0(self, x0: torch.Tensor) -> torch.Tensor:
+        return self.param.from_x0(x0)
+
+    def all(self) -> torch.Tensor:
+        return torch.ones(self.batch_size, dtype=torch.bool, device=self.x.device)
+
+    def none(self) -> torch.Tensor:
+        return torch.zeros(self.batch_size, dtype=torch.bool, device=self.x.device)
+
+
+Scale = float | Sequence[float] | Callable[[StepContext], float] | None
+
+
+def check_range(owner: str, name: str, value: Any, low: float | None = None, high: float | None = None,
+                low_open: bool = False, high_open: bool = False) -> float:
+    """Validate a number and return it as float; the error names the parameter, value and range."""
+    lo = "(-inf" if low is None else ("(" if low_open else "[") + f"{low:g}"
+    hi = "inf)" if high is None else f"{high:g}" + (")" if high_open else "]")
+    allowed = f"a finite number in {lo}, {hi}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{owner}: {name}={value!r} is invalid; allowed: {allowed}")
+    bad_low = low is not None and (value <= low if low_open else value < low)
+    bad_high = high is not None and (value >= high if high_open else value > high)
+    if bad_low or bad_high:
+        raise ValueError(f"{owner}: {name}={value!r} is out of range; allowed: {allowed}")
+    return float(value)
+
+
+def check_scale(owner: str, name: str, scale: Scale) -> Scale:
+    """A scale is None (the call's own), a number, a per-step list of numbers, or a callable."""
+    if scale is None or callable(scale):
+        return scale
+    if isinstance(scale, (list, tuple)):
+        if not scale:
+            raise ValueError(f"{owner}: {name}=[] is empty; allowed: one number per sampling step")
+        return [check_range(owner, f"{name}[{i}]", s) for i, s in enumerate(scale)]
+    return check_range(owner, name, scale)
+
+
+def resolve_scale(owner: str, name: str, scale: Scale, ctx: StepContext) -> float:
+    """The scale to use at this step."""
+    if scale is None:
+        if ctx.guidance_scale is None:
+            raise ValueError(
+                f"{owner}: {name}=None takes the pipeline call's guidance_scale, but none is known here; "
+                f"pass {name}=<number> to the strategy"
+            )
+        return float(ctx.guidance_scale)
+    if isinstance(scale, list):
+        if len(scale) != ctx.num_steps:
+            raise ValueError(
+                f"{owner}: {name} has {len(scale)} entries but this call makes {ctx.num_steps} "
+                "guided evaluations; allowed: exactly one scale per evaluation"
+            )
+        return scale[ctx.step]
+    if callable(scale):
+        return float(scale(ctx))
+    return scale
+
+
+class GuidanceStrategy:
+    """Base class of every guidance rule.
+
+    Subclasses set `space` ("model": raw model output; "x0": denoised estimate) and implement
+    `guide(ctx, preds)` in that space; `combine` does the conversions. Per-sample state lives on
+    the instance and is cleared by `reset()`, which the hook calls at the start of every pipeline
+    call. `config_fields` lists the constructor arguments that `to_config()` records.
+    """
+
+    space: ClassVar[str] = "model"
+    config_fields: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        REGISTRY[cls.__name__] = cls
+
+    # --- per-step protocol -------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget per-sample state (momentum, switch flags, ...): a new generation starts."""
+
+    def branches(self, ctx: StepContext) -> dict[str, torch.Tensor]:
+        """Which samples need which model evaluation at this step (bool masks of shape (B,))."""
+        return {COND: ctx.all(), UNCOND: ctx.all()}
+
+    def combine(self, ctx: StepContext, preds: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Guided prediction in the model's output space, (B, ...).
+
+        `preds[name]` holds the model output of each branch for all B samples; rows of samples
+        that did not need that branch (see `ctx.evaluated`) are NaN so that misuse is loud.
+        """
+        if self.space == "x0":
+            x0 = {name: ctx.to_x0(p) for name, p in preds.items()}
+            return ctx.from_x0(self.guide(ctx, x0))
+        return self.guide(ctx, preds)
+
+    def guide(self, ctx: StepContext, preds: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    # --- configuration --------------------------------------------------------------------------
+    def to_config(self) -> dict:
+        """{"name": ..., "params": {...}}: JSON-serialisable, rebuilt by `from_config`."""
+        params = {}
+        for f in self.config_fields:
+            value = getattr(self, f)
+            if isinstance(value, GuidanceStrategy) or hasattr(value, "to_config"):
+                value = value.to_config()
+            elif callable(value):
+                raise ValueError(
+                    f"{type(self).__name__}: {f}={value!r} is a callable and cannot be serialised; "
+                    "use a number, a per-step list, or a guidance.schedules schedule"
+                )
+            params[f] = value
+        return {"name": type(self).__name__, "params": params}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{f}={getattr(self, f)!r}" for f in self.config_fields)
+        return f"{type(self).__name__}({args})"
+
+
+def from_config(config: Mapping | str) -> GuidanceStrategy:
+    """Rebuild a strategy from `to_config()` output (a dict or its JSON text)."""
+    if isinstance(config, str):
+        try:
+            config = json.loads(config)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config={config[:80]!r} is not valid JSON: {e}") from None
+    if not isinstance(config, Mapping) or "name" not in config:
+        raise ValueError(f"config={config!r} is malformed; allowed: a mapping with 'name' and optional 'params'")
+    name = config["name"]
+    if name not in REGISTRY:
+        raise ValueError(f"config name={name!r} is not a known strategy; allowed: {', '.join(sorted(REGISTRY))}")
+    params = dict(config.get("params") or {})
+    for key, value in params.items():
+        if isinstance(value, Mapping) and "name" in value and value["name"] in REGISTRY:
+            params[key] = from_config(value)
+        elif isinstance(value, Mapping) and value.get("schedule"):
+            from .schedules import Schedule
+
+            params[key] = Schedule.from_config(value)
+    try:
+        return REGISTRY[name](**params)
+    except TypeError as e:
+        raise ValueError(f"config for {name} has invalid params {sorted(params)}: {e}") from None

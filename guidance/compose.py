@@ -1,0 +1,96 @@
+"""Composition: wrappers that turn any strategy into a variant, as data rather than new classes.
+
+    Interval(APG(), start=0.1, stop=0.8)          # guidance on a step-fraction window
+    Interval(CFG(), sigma_min=0.28, sigma_max=5.42)  # guidance interval on sigma (Kynkaanniemi et al. 2024)
+    Rescale(APG(), phi=0.7)                       # CFG-rescale on top of any rule
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from .base import COND, GuidanceStrategy, StepContext, check_range
+from .cfg import rescale_to_cond_std
+
+
+def _check_inner(owner: str, inner: object) -> GuidanceStrategy:
+    if not isinstance(inner, GuidanceStrategy):
+        raise ValueError(f"{owner}: inner={inner!r} is not a guidance strategy; allowed: a GuidanceStrategy instance")
+    return inner
+
+
+class Interval(GuidanceStrategy):
+    """Run `inner` only inside a window; outside it the sample gets the conditional prediction
+    (w = 1) and its unconditional evaluation is skipped, which saves NFEs.
+
+    start/stop: step fractions, active when int(start*N) <= step < int(stop*N) (diffusers guiders'
+    convention). sigma_min/sigma_max: active when sigma_min < sigma <= sigma_max, with sigma the
+    Karras/VE noise level (flow models: s in [0, 1]). Both windows may be given; both must hold.
+    """
+
+    config_fields = ("inner", "start", "stop", "sigma_min", "sigma_max")
+
+    def __init__(self, inner: GuidanceStrategy, start: float = 0.0, stop: float = 1.0,
+                 sigma_min: float | None = None, sigma_max: float | None = None):
+        self.inner = _check_inner("Interval", inner)
+        self.start = check_range("Interval", "start", start, 0.0, 1.0)
+        self.stop = check_range("Interval", "stop", stop, 0.0, 1.0)
+        if self.stop < self.start:
+            raise ValueError(f"Interval: stop={stop!r} is below start={start!r}; allowed: start <= stop")
+        self.sigma_min = None if sigma_min is None else check_range("Interval", "sigma_min", sigma_min, 0.0)
+        self.sigma_max = None if sigma_max is None else check_range("Interval", "sigma_max", sigma_max, 0.0)
+        if self.sigma_min is not None and self.sigma_max is not None and self.sigma_max < self.sigma_min:
+            raise ValueError(f"Interval: sigma_max={sigma_max!r} is below sigma_min={sigma_min!r}")
+
+    @property
+    def space(self) -> str:  # type: ignore[override]
+        return self.inner.space
+
+    def reset(self) -> None:
+        self.inner.reset()
+
+    def active(self, ctx: StepContext) -> torch.Tensor:
+        """Per-sample bool (B,): is guidance on at this step."""
+        n = ctx.num_steps
+        on = ctx.all() if int(self.start * n) <= ctx.step < int(self.stop * n) else ctx.none()
+        sigma = ctx.sigma.to(ctx.x.device)
+        if self.sigma_min is not None:
+            on = on & (sigma > self.sigma_min)
+        if self.sigma_max is not None:
+            on = on & (sigma <= self.sigma_max)
+        return on
+
+    def branches(self, ctx: StepContext) -> dict[str, torch.Tensor]:
+        on = self.active(ctx)
+        inner = self.inner.branches(ctx)
+        return {name: (mask if name == COND else mask & on) for name, mask in inner.items()} | {COND: ctx.all()}
+
+    def combine(self, ctx: StepContext, preds: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        on = self.active(ctx)
+        if not bool(on.any()):
+            return preds[COND]
+        guided = self.inner.combine(ctx, preds)
+        return torch.where(on.view(-1, *[1] * (guided.ndim - 1)), guided, preds[COND])
+
+
+class Rescale(GuidanceStrategy):
+    """CFG-rescale (Lin et al. 2023) applied after any rule, in the model's output space."""
+
+    config_fields = ("inner", "phi")
+
+    def __init__(self, inner: GuidanceStrategy, phi: float = 0.7):
+        self.inner = _check_inner("Rescale", inner)
+        self.phi = check_range("Rescale", "phi", phi, 0.0, 1.0)
+
+    def reset(self) -> None:
+        self.inner.reset()
+
+    def branches(self, ctx: StepContext) -> dict[str, torch.Tensor]:
+        return self.inner.branches(ctx)
+
+    def combine(self, ctx: StepContext, preds: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return rescale_to_cond_std(self.inner.combine(ctx, preds), preds[COND], self.phi)
+
+

@@ -1,0 +1,90 @@
+"""Conversions between a model's native output and the denoised estimate x0.
+
+Every diffusers scheduler we support feeds the model an input of the form
+
+    x = alpha * x0 + sigma * eps
+
+(VP models: alpha = sqrt(alphabar), sigma = sqrt(1 - alphabar), including Euler-type schedulers
+once their model-input scaling 1/sqrt(sigma_ve^2 + 1) is applied; flow matching: alpha = 1 - s,
+sigma = s). Relative to that *model input*, every prediction type is affine in the prediction, so
+x0 <-> prediction conversions need only (alpha, sigma) per sample. The pipelines side reads them
+from the scheduler's own state; this module is pure math.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "flow", "sample")
+
+
+@dataclass
+class Parametrization:
+    """How a model output relates to x0 at one evaluation: x = alpha * x0 + sigma * eps.
+
+    `alpha` and `sigma` are per-sample tensors shaped (B, 1, ..., 1) so they broadcast over the
+    prediction; `x` is the model input of those B samples.
+    """
+
+    prediction_type: str
+    x: torch.Tensor
+    alpha: torch.Tensor
+    sigma: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"prediction_type={self.prediction_type!r} is not supported; allowed: {', '.join(PREDICTION_TYPES)}"
+            )
+
+    @property
+    def noise_level(self) -> torch.Tensor:
+        """The scheduler-facing sigma, shape (B,): sigma/alpha (VE / Karras sigma) for VP models,
+        the flow time s in [0, 1] for flow matching."""
+        sigma, alpha = self.sigma.flatten(), self.alpha.flatten()
+        return sigma if self.prediction_type == "flow" else sigma / alpha
+
+    def select(self, rows: torch.Tensor) -> "Parametrization":
+        """The same parametrization restricted to some samples (a sub-batch)."""
+        return Parametrization(self.prediction_type, self.x[rows], self.alpha[rows], self.sigma[rows])
+
+    def to_x0(self, pred: torch.Tensor) -> torch.Tensor:
+        x, a, s = self._promote(pred)
+        p = pred.to(x.dtype)
+        if self.prediction_type == "epsilon":
+            x0 = (x - s * p) / a
+        elif self.prediction_type == "v_prediction":
+            x0 = a * x - s * p  # VP: alpha^2 + sigma^2 = 1 for the model input
+        elif self.prediction_type == "flow":
+            x0 = x - s * p  # v = eps - x0 and alpha = 1 - sigma
+        else:
+            x0 = p
+        return x0.to(pred.dtype)
+
+    def from_x0(self, x0: torch.Tensor) -> torch.Tensor:
+        x, a, s = self._promote(x0)
+        d = x0.to(x.dtype)
+        if self.prediction_type == "epsilon":
+            pred = (x - a * d) / s
+        elif self.prediction_type == "v_prediction":
+            pred = (a * x - d) / s
+        elif self.prediction_type == "flow":
+            pred = (x - d) / s
+        else:
+            pred = d
+        return pred.to(x0.dtype)
+
+    def to_eps(self, pred: torch.Tensor) -> torch.Tensor:
+        """The noise estimate of a prediction (the space Adaptive Guidance measures similarity in)."""
+        if self.prediction_type == "epsilon":
+            return pred
+        x, a, s = self._promote(pred)
+        return ((x - a * self.to_x0(pred).to(x.dtype)) / s).to(pred.dtype)
+
+    def _promote(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # Conversions run in at least float32: half-precision x0 estimates lose the fine structure
+        # that projection- and similarity-based rules depend on.
+        dtype = torch.promote_types(like.dtype, torch.float32)
+        return self.x.to(dtype), self.alpha.to(dtype), self.sigma.to(dtype)

@@ -2,8 +2,9 @@
 
 - layout "uncond_cond": one batched call on [uncond; cond] (SD, SDXL, SD3, PixArt, our embedded
   pipeline); the pipeline then computes u + w (c - u) on the two halves.
-- layout "cond_uncond": the same with [cond; null] (DiT), guiding only the first `in_channels`
-  output channels (DiT's learned-sigma channels pass through).
+- layout "cond_uncond": the same with [cond; null] (DiT).
+- `guide_channels_of_input`: learned-sigma models (DiT, PixArt) output 2x the input channels; only
+  the first `in_channels` are a prediction of the sample, the rest pass through.
 - layout "sequential": cond and uncond are two calls inside `cache_context("cond")` /
   `cache_context("uncond")` (Flux true CFG), combined by the pipeline as n + s (c - n).
 """
@@ -38,8 +39,11 @@ DIFFUSERS_ADAPTERS: dict[str, Adapter] = {
         "transformer", "uncond_cond", "guidance_scale", _SD_HINT, sample_kw="hidden_states",
         passthrough_kws=("skip_layers",),  # SD3's own skip-layer guidance pass on the cond half
     ),
-    "PixArtAlphaPipeline": Adapter("transformer", "uncond_cond", "guidance_scale", _SD_HINT, sample_kw="hidden_states"),
-    "PixArtSigmaPipeline": Adapter("transformer", "uncond_cond", "guidance_scale", _SD_HINT, sample_kw="hidden_states"),
+    # PixArt's learned-sigma channels are dropped by the pipeline after CFG: guide the eps half only.
+    "PixArtAlphaPipeline": Adapter("transformer", "uncond_cond", "guidance_scale", _SD_HINT, sample_kw="hidden_states",
+                                   guide_channels_of_input=True),
+    "PixArtSigmaPipeline": Adapter("transformer", "uncond_cond", "guidance_scale", _SD_HINT, sample_kw="hidden_states",
+                                   guide_channels_of_input=True),
     "DiTPipeline": Adapter(
         "transformer", "cond_uncond", "guidance_scale", _SD_HINT, sample_kw="hidden_states",
         guide_channels_of_input=True,

@@ -1,0 +1,165 @@
+"""Frechet distance in float64: streaming moments, an exact symmetric trace term, reference statistics.
+
+The trace term tr sqrt(S1 S2) is computed as sum sqrt(eigvalsh(R S2 R)) with R = sqrt(S1): R S2 R is similar to
+S1 S2 and symmetric PSD, so a symmetric eigensolver is exact and several times cheaper than scipy's sqrtm or the
+general eigvals(S1 @ S2) used by torchmetrics / torch-fidelity. R depends on the reference only and is cached.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+from tqdm.auto import tqdm
+
+from .images import batches_from, load_image_source
+
+
+def sqrtm_psd(sigma: Tensor) -> Tensor:
+    """Symmetric square root of a PSD matrix via eigh in float64 (rounding-negative eigenvalues -> 0)."""
+    w, v = torch.linalg.eigh(sigma.double())
+    return (v * w.clamp_min(0).sqrt().unsqueeze(-2)) @ v.mT
+
+
+def trace_sqrt_product(sqrt_sigma1: Tensor, sigma2: Tensor) -> Tensor:
+    """tr sqrt(S1 S2) from sqrt(S1); ``sigma2`` may be a stack (..., d, d), e.g. one per guidance scale."""
+    m = sqrt_sigma1 @ sigma2.double() @ sqrt_sigma1
+    # eigvalsh reads only the lower triangle, so the product's rounding asymmetry needs no clean-up pass.
+    return torch.linalg.eigvalsh(m).clamp_min(0).sqrt().sum(-1)
+
+
+def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor,
+                     sqrt_sigma1: Tensor | None = None) -> Tensor:
+    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr sqrt(S1 S2), in float64; pass ``sqrt_sigma1`` to reuse it."""
+    mu1, sigma1, mu2, sigma2 = (t.double() for t in (mu1, sigma1, mu2, sigma2))
+    root = sqrtm_psd(sigma1) if sqrt_sigma1 is None else sqrt_sigma1.double()
+    trace = sigma1.diagonal(dim1=-2, dim2=-1).sum(-1) + sigma2.diagonal(dim1=-2, dim2=-1).sum(-1)
+    return (mu1 - mu2).square().sum(-1) + trace - 2 * trace_sqrt_product(root, sigma2)
+
+
+class FeatureMoments(Metric):
+    """Streaming float64 sum and sum of outer products of features, on the features' device.
+
+    A torchmetrics Metric so that reset, device moves and distributed sums come for free.
+    """
+
+    full_state_update = False
+    higher_is_better = False
+
+    def __init__(self, feature_dim: int = 2048, **kwargs):
+        super().__init__(**kwargs)
+        self.feature_dim = feature_dim
+        self.add_state("feature_sum", torch.zeros(feature_dim, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("outer_sum", torch.zeros(feature_dim, feature_dim, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("num_samples", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, features: Tensor) -> None:
+        if features.dim() != 2 or features.shape[1] != self.feature_dim:
+            raise ValueError(f"expected features (N, {self.feature_dim}), got {tuple(features.shape)}")
+        f = features.to(self.feature_sum.device, torch.float64)
+        self.feature_sum += f.sum(0)
+        self.outer_sum += f.T @ f
+        self.num_samples += f.shape[0]
+
+    def moments(self) -> tuple[Tensor, Tensor]:
+        """(mean, unbiased covariance), float64."""
+        n = int(self.num_samples)
+        if n < 2:
+            raise RuntimeError(f"at least 2 samples are needed for a covariance, got {n}")
+        mu = self.feature_sum / n
+        sigma = torch.addr(self.outer_sum, mu, mu, alpha=-n).div_(n - 1)  # one pass over the d x d sums
+        return mu, sigma
+
+    def compute(self) -> tuple[Tensor, Tensor]:
+        return self.moments()
+
+
+@dataclass(eq=False)
+class ReferenceStats:
+    """Reference mean/covariance (float64) with the preset and extractor that produced them.
+
+    ``features`` (float32, optional) are kept for KID and precision/recall, which cannot work from moments.
+    """
+
+    mu: Tensor
+    sigma: Tensor
+    n: int
+    preset: str
+    extractor_id: str
+    features: Tensor | None = None
+    _cache: dict = field(default_factory=dict, repr=False, init=False)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.mu.shape[0]
+
+    @classmethod
+    def from_features(cls, features: Tensor, preset: str, extractor_id: str,
+                      keep_features: bool = False) -> "ReferenceStats":
+        moments = FeatureMoments(features.shape[1]).to(features.device)
+        moments.update(features)
+        mu, sigma = moments.moments()
+        kept = features.detach().float().cpu() if keep_features else None
+        return cls(mu.cpu(), sigma.cpu(), features.shape[0], preset, extractor_id, kept)
+
+    def on(self, device: torch.device | str) -> tuple[Tensor, Tensor]:
+        """(mu, sigma) on ``device``, cached."""
+        key = ("moments", str(device))
+        if key not in self._cache:
+            self._cache[key] = (self.mu.to(device), self.sigma.to(device))
+        return self._cache[key]
+
+    def sqrt_sigma(self, device: torch.device | str) -> Tensor:
+        """sqrt(sigma) on ``device``, computed once per reference and device."""
+        key = ("sqrt", str(device))
+        if key not in self._cache:
+            self._cache[key] = sqrtm_psd(self.on(device)[1])
+        return self._cache[key]
+
+    def save(self, path: str | os.PathLike) -> None:
+        arrays = dict(mu=self.mu.double().numpy(), sigma=self.sigma.double().numpy(), n=np.int64(self.n),
+                      feature_dim=np.int64(self.feature_dim), preset=np.str_(self.preset),
+                      extractor_id=np.str_(self.extractor_id))
+        if self.features is not None:
+            arrays["features"] = self.features.float().numpy()
+        np.savez_compressed(path, **arrays)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, feature_dim: int | None = None) -> "ReferenceStats":
+        """Load a stats file; ``feature_dim`` guards against mixing feature spaces."""
+        with np.load(path, allow_pickle=False) as data:
+            dim = int(data["feature_dim"])
+            if feature_dim is not None and dim != feature_dim:
+                raise ValueError(f"{path} holds {dim}-d statistics, but the extractor gives {feature_dim}-d features")
+            if data["mu"].shape != (dim,) or data["sigma"].shape != (dim, dim):
+                raise ValueError(f"{path} is corrupt: mu {data['mu'].shape}, sigma {data['sigma'].shape}, dim {dim}")
+            features = torch.from_numpy(data["features"]) if "features" in data.files else None
+            return cls(torch.from_numpy(data["mu"]).double(), torch.from_numpy(data["sigma"]).double(),
+                       int(data["n"]), str(data["preset"]), str(data["extractor_id"]), features)
+
+
+def compute_reference_stats(source, extractor, batch_size: int = 50, limit: int | None = None,
+                            keep_features: bool = False, progress: bool = True) -> ReferenceStats:
+    """Stream images (folder of PNG/JPG, .npz with ``images`` uint8 NHWC, or an array) through ``extractor``.
+
+    ``extractor`` maps uint8 (B, 3, H, W) to features and carries ``preset``, ``extractor_id``, ``feature_dim``
+    (e.g. ``InceptionFeatures``). ``limit`` takes the first images: shuffle class-ordered data beforehand.
+    """
+    items, total = load_image_source(source, limit)  # an .npz is read once
+    device = next(extractor.parameters()).device
+    moments = FeatureMoments(extractor.feature_dim).to(device)
+    kept = []
+    with tqdm(total=total, unit="img", desc="reference features", disable=not progress) as bar:
+        for batch in batches_from(items, batch_size):
+            features = extractor(batch)
+            moments.update(features)
+            if keep_features:
+                kept.append(features.float().cpu())
+            bar.update(len(batch))
+    mu, sigma = moments.moments()
+    return ReferenceStats(mu.cpu(), sigma.cpu(), int(moments.num_samples), extractor.preset, extractor.extractor_id,
+                          torch.cat(kept) if keep_features else None)

@@ -143,13 +143,14 @@ class ReferenceStats:
 
 
 def compute_reference_stats(source, extractor, batch_size: int = 50, limit: int | None = None,
-                            keep_features: bool = False, progress: bool = True) -> ReferenceStats:
+                            keep_features: bool = False, progress: bool = True,
+                            shuffle_seed: int | None = None) -> ReferenceStats:
     """Stream images (folder of PNG/JPG, .npz with ``images`` uint8 NHWC, or an array) through ``extractor``.
 
     ``extractor`` maps uint8 (B, 3, H, W) to features and carries ``preset``, ``extractor_id``, ``feature_dim``
     (e.g. ``InceptionFeatures``). ``limit`` takes the first images: shuffle class-ordered data beforehand.
     """
-    items, total = load_image_source(source, limit)  # an .npz is read once
+    items, total = load_image_source(source, limit, shuffle_seed)  # an .npz is read once
     device = next(extractor.parameters()).device
     moments = FeatureMoments(extractor.feature_dim).to(device)
     kept = []

@@ -48,8 +48,11 @@ def list_image_files(folder: str | os.PathLike) -> list[Path]:
     return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def load_image_source(source, limit: int | None = None) -> tuple[np.ndarray | list[Path], int]:
-    """(array or file list, count). An .npz must hold an ``images`` array, uint8 NHWC."""
+def load_image_source(source, limit: int | None = None,
+                      shuffle_seed: int | None = None) -> tuple[np.ndarray | list[Path], int]:
+    """(array or file list, count). An .npz must hold an ``images`` array, uint8 NHWC.
+
+    ``shuffle_seed`` permutes the items before ``limit`` (class-ordered data sets such as CIFAR-10)."""
     if isinstance(source, Tensor):
         source = source.cpu().numpy()
     if isinstance(source, np.ndarray):
@@ -65,6 +68,9 @@ def load_image_source(source, limit: int | None = None) -> tuple[np.ndarray | li
             raise ValueError(f"no PNG/JPG files under {source}")
     else:
         raise ValueError(f"image source {source!r} is neither a folder, an .npz nor an array")
+    if shuffle_seed is not None:
+        order = np.random.default_rng(shuffle_seed).permutation(len(items))
+        items = items[order] if isinstance(items, np.ndarray) else [items[i] for i in order]
     items = items[:limit] if limit is not None else items
     return items, len(items)
 

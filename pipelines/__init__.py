@@ -7,6 +7,9 @@ from .parametrization import scheduler_parametrization
 
 __all__ = [
     "Adapter",
+    "ClassConditionalPipeline",
+    "EmbeddedModel",
+    "load_embedded",
     "GuidanceHandle",
     "adapter_for",
     "apply_guidance",
@@ -14,4 +17,4 @@ __all__ = [
     "scheduler_parametrization",
     "supported_pipelines",
 ]
-from . import embedded  # noqa: E402,F401  (registers the embedded pipeline adapter)
+from .embedded import ClassConditionalPipeline, EmbeddedModel, load_embedded  # noqa: E402  (registers its adapter)

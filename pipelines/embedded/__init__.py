@@ -2,6 +2,7 @@
 trained by the scripts in `training/`, shipped in `weights/`, loaded with no network."""
 
 from ..adapters import Adapter, register_adapter
+from .loading import CIFAR10_CLASSES, WEIGHTS_DIR, EmbeddedModel, load_embedded
 from .pipeline import ClassConditionalPipeline, to_uint8
 
 register_adapter(
@@ -10,4 +11,4 @@ register_adapter(
             "call the pipeline with guidance_scale > 1 (the strategy's own scale, if set, still decides the strength)"),
 )
 
-__all__ = ["ClassConditionalPipeline", "to_uint8"]
+__all__ = ["CIFAR10_CLASSES", "ClassConditionalPipeline", "EmbeddedModel", "WEIGHTS_DIR", "load_embedded", "to_uint8"]

@@ -5,8 +5,8 @@
 
 Epsilon prediction on a cosine DDPM schedule, 10% label dropout to the null class (label 10) for
 classifier-free guidance, EMA weights for sampling. Rerunning the same command resumes from
-`<out>/checkpoint.pt`. `--export DIR` writes the EMA model (safetensors + config) and the
-scheduler config for the pipeline.
+`<out>/checkpoint.pt`. `--export DIR` writes the EMA model as a ready pipeline folder
+(e.g. pipelines/embedded/weights/pipeline).
 """
 
 from __future__ import annotations
@@ -18,10 +18,12 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from ..loading import CIFAR10_CLASSES
+from ..pipeline import ClassConditionalPipeline
 from .common import (
     DEFAULT_DATA,
     BatchSampler,
@@ -127,7 +129,7 @@ def _stop_on_signals() -> list:
 
 
 def export(cfg: dict, out: Path, dest: Path) -> None:
-    """Write the EMA weights as a diffusers UNet2DModel folder plus the scheduler config."""
+    """Write the EMA weights as a ClassConditionalPipeline folder (unet/, scheduler/, model_index.json)."""
     state = load_checkpoint(out / "checkpoint.pt")
     if state is None:
         raise FileNotFoundError(f"out={str(out)!r} holds no checkpoint.pt to export")
@@ -135,9 +137,12 @@ def export(cfg: dict, out: Path, dest: Path) -> None:
     ema = EMAModel(unet.parameters(), decay=cfg["ema_decay"])
     ema.load_state_dict(state["ema"])
     ema.copy_to(unet.parameters())
-    unet.save_pretrained(dest / "unet", safe_serialization=True)
-    build_scheduler(cfg).save_pretrained(dest / "scheduler")
-    info = {"steps": int(state["step"]), "train_seconds": float(state["seconds"]), "config": cfg}
+    # Sampling uses DDIM on the training schedule (any diffusers scheduler can replace it).
+    scheduler = DDIMScheduler.from_config(build_scheduler(cfg).config)
+    pipe = ClassConditionalPipeline(unet, scheduler, class_names=CIFAR10_CLASSES)
+    pipe.save_pretrained(dest, safe_serialization=True)
+    info = {"steps": int(state["step"]), "train_seconds": float(state["seconds"]), "config": cfg,
+            "hardware": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"}
     (dest / "unet" / "training.json").write_text(json.dumps(info, indent=2))
     print(f"exported EMA weights of step {state['step']} to {dest}")
 

@@ -1,0 +1,92 @@
+"""Overhead of apply_guidance against the pipeline's native CFG, measured side by side in one run.
+
+    python benchmarks/bench_hook_overhead.py [--steps 4] [--repeats 3] [--device cuda] [--json out.json]
+
+A Stable Diffusion 1.5-size UNet (UNet2DConditionModel with SD 1.5's config, random weights,
+860M parameters) on 64x64 latents (512x512 images), batch 1 with CFG, inside a real
+StableDiffusionPipeline (tiny text encoder and VAE: prompt embeddings are passed directly and
+output_type="latent", so only the denoising loop is timed). Variants run interleaved
+(native, CFG, APG, native, ...) so that machine load affects all alike; the printed ratio is
+median(variant) / median(native).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DConditionModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from tiny_pipelines import build  # noqa: E402
+
+from guidance import APG, CFG  # noqa: E402
+from pipelines import apply_guidance  # noqa: E402
+
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+)
+
+
+def sd15_pipeline(device: str):
+    pipe = build("sd")
+    torch.manual_seed(0)
+    pipe.register_modules(unet=UNet2DConditionModel(**SD15_UNET).eval())
+    return pipe.to(device)
+
+
+def timed_call(pipe, steps: int, device: str, strategy=None) -> float:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    embeds = torch.randn(2, 1, 77, 768, generator=g).to(device)
+    kwargs = dict(prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1], num_inference_steps=steps,
+                  guidance_scale=7.5, output_type="latent", generator=g, height=512, width=512)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    if strategy is None:
+        pipe(**kwargs)
+    else:
+        with apply_guidance(pipe, strategy):
+            pipe(**kwargs)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args()
+    pipe = sd15_pipeline(args.device)
+    variants = {"native CFG": None, "hook CFG": CFG(), "hook APG": APG(norm_threshold=15.0, momentum=-0.5)}
+    timed_call(pipe, 1, args.device)  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(args.repeats):
+        for name, strategy in variants.items():
+            times[name].append(timed_call(pipe, args.steps, args.device, strategy))
+    base = statistics.median(times["native CFG"])
+    rows = []
+    print(f"SD1.5-size UNet, 64x64 latents, batch 1 + CFG, {args.steps} steps, {args.repeats} interleaved repeats, "
+          f"device={args.device}, torch threads={torch.get_num_threads()}")
+    print(f"{'variant':<12} {'median s':>9} {'ratio':>7}")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        rows.append({"variant": name, "median_s": med, "ratio_to_native": med / base, "runs_s": ts})
+        print(f"{name:<12} {med:9.3f} {med / base:7.4f}")
+    if args.json:
+        args.json.write_text(json.dumps({"device": args.device, "steps": args.steps, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

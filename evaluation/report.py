@@ -1,0 +1,129 @@
+"""Tables, image grids and trade-off plots of a run folder (re-rendered by `guidance-eval report`)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+TABLE_COLUMNS = ("setting", "fid", "kid_mean", "precision", "recall", "class_accuracy", "clip_score",
+                 "saturation_mean", "colourfulness_mean", "nfe_per_image", "seconds_per_image")
+
+
+def write_grid(images: torch.Tensor, path: Path, columns: int = 8) -> None:
+    """uint8 (N, 3, H, W) -> one PNG grid."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n, c, h, w = images.shape
+    rows = math.ceil(n / columns)
+    canvas = torch.full((c, rows * h, columns * w), 255, dtype=torch.uint8)
+    for i, img in enumerate(images):
+        r, k = divmod(i, columns)
+        canvas[:, r * h:(r + 1) * h, k * w:(k + 1) * w] = img
+    Image.fromarray(canvas.permute(1, 2, 0).numpy()).save(path)
+
+
+def load_rows(out: Path) -> list[dict]:
+    results = Path(out) / "results.json"
+    if not results.is_file():
+        raise FileNotFoundError(f"{results} does not exist: is {out} a guidance-eval run folder?")
+    return json.loads(results.read_text())["rows"]
+
+
+def format_table(rows: list[dict]) -> str:
+    """A markdown table of the columns that any row has."""
+    cols = [c for c in TABLE_COLUMNS if any(c in r for r in rows)]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c, "")
+            cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    keys = [k for k in dict.fromkeys(k for r in rows for k in r) if k != "strategy"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys + ["strategy"])
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({**{k: r.get(k, "") for k in keys}, "strategy": json.dumps(r.get("strategy"))})
+
+
+def _curves(rows: list[dict]) -> dict[str, list[dict]]:
+    curves: dict[str, list[dict]] = {}
+    for r in rows:
+        curves.setdefault(r["label"], []).append(r)
+    return {label: sorted(rs, key=lambda r: r["scale"]) for label, rs in curves.items()}
+
+
+def plot_metric_vs_scale(rows: list[dict], metric: str, path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not any(metric in r for r in rows):
+        return False
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for label, rs in _curves(rows).items():
+        pts = [(r["scale"], r[metric]) for r in rs if metric in r]
+        ax.plot(*zip(*pts), marker="o", label=label)
+    ax.set_xlabel("guidance scale w")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_tradeoff(rows: list[dict], x: str, y: str, path: Path) -> bool:
+    """One curve per strategy through its scales, e.g. FID against class accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not any(x in r and y in r for r in rows):
+        return False
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for label, rs in _curves(rows).items():
+        pts = [(r[x], r[y], r["scale"]) for r in rs if x in r and y in r]
+        if not pts:
+            continue
+        xs, ys, scales = zip(*pts)
+        ax.plot(xs, ys, marker="o", label=label)
+        for px, py, s in pts:
+            ax.annotate(f"{s:g}", (px, py), fontsize=6, textcoords="offset points", xytext=(3, 3))
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_report(out: str | Path) -> str:
+    """results.csv, table.md and plots/*.png from results.json; returns the table text."""
+    out = Path(out)
+    rows = load_rows(out)
+    write_csv(rows, out / "results.csv")
+    table = format_table(rows)
+    (out / "table.md").write_text(table + "\n")
+    plots = out / "plots"
+    plots.mkdir(exist_ok=True)
+    for metric in ("fid", "class_accuracy", "clip_score", "saturation_mean", "precision", "recall", "nfe_per_image"):
+        plot_metric_vs_scale(rows, metric, plots / f"{metric}_vs_scale.png")
+    for x in ("class_accuracy", "clip_score", "saturation_mean"):
+        plot_tradeoff(rows, x, "fid", plots / f"fid_vs_{x}.png")
+    return table
+

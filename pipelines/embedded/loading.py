@@ -1,0 +1,61 @@
+"""`load_embedded()`: the shipped CIFAR-10 pipeline and its two classifiers, offline, on any device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import diffusers
+import torch
+
+from .classifiers import load_classifier
+from .pipeline import ClassConditionalPipeline
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+@dataclass
+class EmbeddedModel:
+    """The embedded default: `pipe` samples, `guidance_classifier` guides, `eval_classifier` judges."""
+
+    pipe: ClassConditionalPipeline
+    guidance_classifier: torch.nn.Module
+    eval_classifier: torch.nn.Module
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.pipe.config.class_names)
+
+
+def _require(folder: Path, what: str) -> Path:
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"{what} not found at {folder}; train and export it with the scripts in "
+            "pipelines/embedded/training/ (see pipelines/embedded/weights/MODEL_CARD.md)"
+        )
+    return folder
+
+
+def load_embedded(device: str | torch.device | None = None, scheduler: str | None = None,
+                  weights_dir: str | Path = WEIGHTS_DIR) -> EmbeddedModel:
+    """Load the embedded model with no network access.
+
+    device: "cpu", "cuda", ... (default: cuda when available). scheduler: a diffusers scheduler
+    class name to use instead of the shipped DDIM (e.g. "DPMSolverMultistepScheduler").
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    weights_dir = Path(weights_dir)
+    pipe = ClassConditionalPipeline.from_pretrained(
+        _require(weights_dir / "pipeline", "the embedded diffusion pipeline"), local_files_only=True
+    )
+    if scheduler is not None:
+        cls = getattr(diffusers, scheduler, None)
+        if cls is None or not hasattr(cls, "from_config") or "Scheduler" not in scheduler:
+            raise ValueError(f"scheduler={scheduler!r} is not a diffusers scheduler class name")
+        pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
+    guidance_clf = load_classifier(_require(weights_dir / "guidance_classifier", "the guidance classifier"), device)
+    eval_clf = load_classifier(_require(weights_dir / "eval_classifier", "the evaluation classifier"), device)
+    return EmbeddedModel(pipe, guidance_clf, eval_clf)

@@ -1,0 +1,83 @@
+"""The embedded default model: offline loading, determinism, save/load, every strategy on it."""
+
+import pytest
+import torch
+
+import guidance
+from guidance import REGISTRY, GuidanceStrategy
+from pipelines import apply_guidance, load_embedded
+from pipelines.embedded import CIFAR10_CLASSES, ClassConditionalPipeline
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.set_num_threads(1)
+    return load_embedded("cpu")
+
+
+def sample(pipe, labels=(0, 1, 2, 3), steps=5, seed=0, **kw):
+    return pipe(class_labels=list(labels), num_inference_steps=steps, output_type="pt",
+                generator=torch.Generator().manual_seed(seed), **kw).images
+
+
+def one_of_each() -> dict[str, GuidanceStrategy]:
+    """A default instance of every registered strategy (wrappers wrap CFG)."""
+    out = {}
+    for name, cls in REGISTRY.items():
+        out[name] = cls(guidance.CFG()) if "inner" in cls.config_fields else cls()
+    return out
+
+
+def test_loads_offline_and_samples_deterministically(model, monkeypatch):
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    again = load_embedded("cpu")
+    a, b = sample(model.pipe), sample(again.pipe)
+    assert a.shape == (4, 3, 32, 32) and torch.equal(a, b)
+    assert not torch.equal(a, sample(model.pipe, seed=1))
+    assert model.class_names == CIFAR10_CLASSES
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert model.eval_classifier(x).shape == (2, 10) and model.guidance_classifier(x).shape == (2, 10)
+
+
+def test_save_pretrained_round_trip(model, tmp_path):
+    model.pipe.save_pretrained(tmp_path, safe_serialization=True)
+    reloaded = ClassConditionalPipeline.from_pretrained(tmp_path, local_files_only=True)
+    reloaded.set_progress_bar_config(disable=True)
+    assert torch.equal(sample(reloaded), sample(model.pipe))
+    assert reloaded.config.class_names == CIFAR10_CLASSES
+
+
+def test_class_names_and_bad_labels(model):
+    assert torch.equal(sample(model.pipe, labels=("airplane", "automobile")), sample(model.pipe, labels=(0, 1)))
+    with pytest.raises(ValueError, match=r"class_labels: 10 is out of range; allowed: integers in \[0, 9\]"):
+        sample(model.pipe, labels=(10,))
+    with pytest.raises(ValueError, match="'unicorn' is not a class name"):
+        sample(model.pipe, labels=("unicorn",))
+
+
+def test_every_strategy_runs_on_the_embedded_model(model):
+    strategies = one_of_each()
+    assert set(strategies) == set(REGISTRY)
+    native = sample(model.pipe, guidance_scale=3.0)
+    for name, strategy in strategies.items():
+        with apply_guidance(model.pipe, strategy) as handle:
+            images = sample(model.pipe, guidance_scale=3.0)
+        assert torch.isfinite(images).all() and images.shape == native.shape, name
+        assert handle.nfe is not None and int(handle.nfe.min()) >= 5, name
+    with apply_guidance(model.pipe, guidance.CFG()):
+        assert (sample(model.pipe, guidance_scale=3.0) - native).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("scheduler", ["DPMSolverMultistepScheduler", "EulerDiscreteScheduler"])
+def test_any_diffusers_scheduler(scheduler):
+    m = load_embedded("cpu", scheduler=scheduler)
+    assert type(m.pipe.scheduler).__name__ == scheduler
+    with apply_guidance(m.pipe, guidance.APG()):
+        assert torch.isfinite(sample(m.pipe)).all()
+    with pytest.raises(ValueError, match="not a diffusers scheduler"):
+        load_embedded("cpu", scheduler="Nope")

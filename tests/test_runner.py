@@ -1,0 +1,117 @@
+"""guidance-eval: end-to-end runs on the embedded model, kill-and-resume, and clear errors."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from evaluation import InceptionFeatures, ReferenceStats, compute_reference_stats
+from evaluation.cli import main as cli_main
+from evaluation.runner import TIMING_KEYS, RunSpec, StrategySpec, load_source, run
+
+CIFAR_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10" / "test.npz"
+SPECS = [
+    {"label": "CFG", "strategy": {"name": "CFG", "params": {}}, "scales": [2.0, 4.0]},
+    {"label": "APG", "strategy": {"name": "APG", "params": {"norm_threshold": 8.0}}, "scales": [4.0]},
+]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    torch.set_num_threads(1)
+    if CIFAR_TEST.is_file():
+        source = CIFAR_TEST
+    else:  # outside the project's CI layout: any real-looking images do
+        source = np.random.default_rng(0).integers(0, 256, (24, 32, 32, 3), dtype=np.uint8)
+    stats = compute_reference_stats(source, InceptionFeatures(device="cpu"), batch_size=24, limit=24,
+                                    keep_features=True, progress=False, shuffle_seed=0)
+    path = tmp_path_factory.mktemp("ref") / "ref.npz"
+    stats.save(path)
+    return str(path)
+
+
+def spec(reference, **kw):
+    base = dict(strategies=[StrategySpec.parse(s) for s in SPECS], num_images=6, batch_size=4, steps=3,
+                metrics=("fid", "kid", "pr", "saturation", "class_accuracy"), reference=reference, device="cpu")
+    return RunSpec(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def source(reference):
+    return load_source(spec(reference))
+
+
+def comparable(rows):
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
+def test_run_writes_results_table_grids_and_plots(reference, source, tmp_path):
+    rows = run(spec(reference), tmp_path, progress=False, source=source)
+    assert [r["setting"] for r in rows] == ["CFG@2", "CFG@4", "APG@4"]
+    for r in rows:
+        assert r["num_images"] == 6 and r["nfe_per_image"] == 6.0  # 3 steps x (cond + uncond)
+        assert np.isfinite(r["fid"]) and 0 <= r["class_accuracy"] <= 1 and 0 <= r["saturation_mean"] <= 1
+        assert {"kid_mean", "precision", "recall", "seconds_per_image"} <= set(r)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["rows"] == rows and saved["metrics"]["inception"]["preset"] == "legacy_tf"
+    assert (tmp_path / "results.csv").read_text().count("\n") == 4
+    assert (tmp_path / "grids" / "APG@4.png").is_file()
+    assert (tmp_path / "plots" / "fid_vs_class_accuracy.png").is_file()
+    assert rows[0]["fid"] != rows[1]["fid"]  # a different scale gives different images
+
+
+def test_killed_run_resumes_to_identical_numbers(reference, source, tmp_path, monkeypatch):
+    full = run(spec(reference), tmp_path / "full", progress=False, source=source)
+    from evaluation import suite
+
+    calls = {"n": 0}
+    original = suite.MetricSuite.update
+
+    def dying_update(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:  # second batch of the second setting
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(suite.MetricSuite, "update", dying_update)
+    with pytest.raises(KeyboardInterrupt):
+        run(spec(reference), tmp_path / "killed", progress=False, source=source)
+    monkeypatch.setattr(suite.MetricSuite, "update", original)
+    resumed = run(spec(reference, batch_size=4), tmp_path / "killed", progress=False, source=source)
+    assert comparable(resumed) == comparable(full)
+
+
+def test_sample_set_does_not_depend_on_batch_size(reference, source, tmp_path):
+    a = run(spec(reference, batch_size=6, metrics=("saturation", "class_accuracy")), tmp_path / "a",
+            progress=False, source=source)
+    b = run(spec(reference, batch_size=4, metrics=("saturation", "class_accuracy")), tmp_path / "b",
+            progress=False, source=source)
+    for x, y in zip(a, b):
+        assert x["class_accuracy"] == y["class_accuracy"]
+        assert x["saturation_mean"] == pytest.approx(y["saturation_mean"], rel=1e-6)
+
+
+def test_run_folder_with_other_settings_is_refused(reference, source, tmp_path):
+    run(spec(reference, metrics=("saturation",)), tmp_path, progress=False, source=source)
+    with pytest.raises(ValueError, match="made with other settings.*num_images"):
+        run(spec(reference, metrics=("saturation",), num_images=7), tmp_path, progress=False, source=source)
+
+
+def test_clear_errors(reference, tmp_path, capsys):
+    with pytest.raises(ValueError, match="allowed: fid, kid, pr, saturation"):
+        spec(reference, metrics=("fid", "sharpness"))
+    with pytest.raises(ValueError, match="name='Nope' is not a known strategy"):
+        StrategySpec.parse({"label": "x", "strategy": {"name": "Nope"}, "scales": [2]})
+    with pytest.raises(ValueError, match="malformed"):
+        StrategySpec.parse({"strategy": {"name": "CFG"}})
+    bad_dim = tmp_path / "bad.npz"
+    ReferenceStats(torch.zeros(64, dtype=torch.float64), torch.eye(64, dtype=torch.float64), 10, "legacy_tf",
+                   "x").save(bad_dim)
+    with pytest.raises(ValueError, match="64-d statistics"):
+        load_source(spec(str(bad_dim)))
+    with pytest.raises(SystemExit):
+        cli_main(["run", "--strategies", json.dumps(SPECS), "--prompts", str(tmp_path / "missing.txt"),
+                  "--out", str(tmp_path / "o"), "--metrics", "saturation"])
+    assert "the prompt file does not exist" in capsys.readouterr().err

@@ -5,6 +5,7 @@ combines them into one guided prediction (`combine`). `pipelines.apply_guidance`
 inside diffusers pipelines; any custom sampling loop can call them directly.
 """
 
+from .adaptive import AdaptiveGuidance
 from .apg import APG
 from .base import COND, REGISTRY, UNCOND, GuidanceStrategy, StepContext, from_config
 from .cfg import CFG, rescale_to_cond_std
@@ -14,6 +15,7 @@ from .schedules import Schedule
 
 __all__ = [
     "APG",
+    "AdaptiveGuidance",
     "CFG",
     "COND",
     "UNCOND",

@@ -1,0 +1,83 @@
+"""Adaptive Guidance: per-sample sticky switch to the conditional model, with real NFE savings."""
+
+import pytest
+import torch
+from test_hook import count_rows, run
+from test_strategies import make_ctx, random_preds
+from tiny_pipelines import PIPELINE_NAMES, build, call_kwargs, denoiser
+
+from guidance import APG, CFG, COND, UNCOND, AdaptiveGuidance
+from pipelines import apply_guidance
+
+
+def test_threshold_above_one_is_the_inner_strategy_exactly():
+    ag = AdaptiveGuidance(CFG(), threshold=1.01)
+    for step in range(3):
+        ctx, p = make_ctx(step=step), random_preds(seed=step)
+        assert bool(ag.branches(ctx)[UNCOND].all())
+        torch.testing.assert_close(ag.combine(ctx, p), CFG().combine(ctx, p), rtol=0, atol=0)
+
+
+def test_switch_is_per_sample_and_sticky():
+    ctx = make_ctx(batch=3)
+    p = random_preds(batch=3)
+    p[UNCOND][1] = p[COND][1] * 1.001  # sample 1 agrees (cos ~ 1), the others do not
+    for switch, first_uses_cond in (("next", False), ("same", True)):
+        ctx.evaluated = {}
+        ag = AdaptiveGuidance(CFG(), threshold=0.99, similarity_space="model", switch=switch)
+        assert ag.branches(ctx)[UNCOND].tolist() == [True, True, True]
+        out = ag.combine(ctx, p)
+        assert torch.equal(out[1], p[COND][1]) == first_uses_cond
+        torch.testing.assert_close(out[0], CFG().combine(ctx, p)[0])
+        assert ag.branches(ctx)[UNCOND].tolist() == [True, False, True]
+        ctx.evaluated = {COND: ctx.all(), UNCOND: torch.tensor([True, False, True])}
+        q = {COND: p[COND], UNCOND: p[UNCOND].clone()}
+        q[UNCOND][1] = float("nan")
+        out2 = ag.combine(ctx, q)
+        assert torch.equal(out2[1], q[COND][1]) and torch.isfinite(out2).all()
+        assert ag.switch_step.tolist() == [-1, 0, -1]
+
+
+@pytest.mark.parametrize("name", ["sd", "dit", "flux", "pixart_alpha"])
+def test_nfe_savings_are_real_and_counted(name):
+    pipe = build(name)
+    counter = count_rows(denoiser(pipe))
+    with apply_guidance(pipe, AdaptiveGuidance(threshold=-1.0)) as handle:  # switches after step 0
+        images = run(pipe, name)
+    steps = call_kwargs(name)["num_inference_steps"]
+    assert handle.nfe.tolist() == [steps + 1] * 2
+    assert counter["rows"] == int(handle.nfe.sum())
+    assert torch.isfinite(images).all()
+
+
+def test_batch_equals_samples_alone_in_a_pipeline():
+    pipe = build("sd")
+    kw = call_kwargs("sd", num_inference_steps=4)
+    prompts = kw.pop("prompt")
+    strategy = AdaptiveGuidance(APG(), threshold=0.3, similarity_space="x0")
+    with apply_guidance(pipe, strategy) as handle:
+        both = pipe(prompt=prompts, **kw, generator=[torch.Generator().manual_seed(s) for s in (5, 6)]).images
+        nfe_both = handle.nfe.tolist()
+        alone, nfe_alone = [], []
+        for p, s in zip(prompts, (5, 6)):
+            alone.append(pipe(prompt=[p], **kw, generator=torch.Generator().manual_seed(s)).images)
+            nfe_alone += handle.nfe.tolist()
+    assert nfe_both == nfe_alone
+    assert (both - torch.cat(alone)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: AdaptiveGuidance(similarity_space="v"), "similarity_space='v' is unknown"),
+    (lambda: AdaptiveGuidance(switch="later"), "switch='later' is unknown"),
+    (lambda: AdaptiveGuidance(threshold=float("inf")), "threshold=inf is invalid"),
+])
+def test_invalid_parameters(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_every_pipeline_runs(tmp_path):
+    for name in PIPELINE_NAMES:
+        pipe = build(name)
+        with apply_guidance(pipe, AdaptiveGuidance(threshold=0.5)):
+            assert torch.isfinite(run(pipe, name)).all()

@@ -122,15 +122,17 @@ def cmd_stats(args) -> None:
     from .fid import compute_reference_stats
     from .inception import InceptionFeatures
 
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     extractor = InceptionFeatures(args.inception, preset=args.preset, device=args.device)
     stats = compute_reference_stats(args.source, extractor, batch_size=args.batch_size, limit=args.limit,
-                                    keep_features=args.keep_features > 0, shuffle_seed=args.shuffle_seed)
+                                    keep_features=args.keep_features > 0, shuffle_seed=args.shuffle_seed,
+                                    checkpoint=f"{args.out}.partial")
     if stats.features is not None and stats.features.shape[0] > args.keep_features:
         # A random subset (fixed seed) is enough for KID / PR references; the moments use every image.
         keep = torch.randperm(stats.features.shape[0], generator=torch.Generator().manual_seed(0))[: args.keep_features]
         stats.features = stats.features[keep.sort().values]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     stats.save(args.out)
+    Path(f"{args.out}.partial").unlink(missing_ok=True)
     print(f"{args.out}: n={stats.n}, preset={stats.preset}, features kept: "
           f"{0 if stats.features is None else stats.features.shape[0]}")
 

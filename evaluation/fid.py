@@ -144,23 +144,50 @@ class ReferenceStats:
 
 def compute_reference_stats(source, extractor, batch_size: int = 50, limit: int | None = None,
                             keep_features: bool = False, progress: bool = True,
-                            shuffle_seed: int | None = None) -> ReferenceStats:
+                            shuffle_seed: int | None = None, checkpoint: str | os.PathLike | None = None,
+                            checkpoint_every: int = 20) -> ReferenceStats:
     """Stream images (folder of PNG/JPG, .npz with ``images`` uint8 NHWC, or an array) through ``extractor``.
 
     ``extractor`` maps uint8 (B, 3, H, W) to features and carries ``preset``, ``extractor_id``, ``feature_dim``
     (e.g. ``InceptionFeatures``). ``limit`` takes the first images: shuffle class-ordered data beforehand.
+    ``checkpoint``: a file where the running moments are saved every ``checkpoint_every`` batches; an
+    interrupted computation rerun with the same arguments resumes there (50k images take hours on a CPU).
     """
     items, total = load_image_source(source, limit, shuffle_seed)  # an .npz is read once
     device = next(extractor.parameters()).device
     moments = FeatureMoments(extractor.feature_dim).to(device)
-    kept = []
-    with tqdm(total=total, unit="img", desc="reference features", disable=not progress) as bar:
-        for batch in batches_from(items, batch_size):
+    kept: list[Tensor] = []
+    done = 0
+    if checkpoint is not None and os.path.isfile(checkpoint):
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        if int(saved["total"]) != total or int(saved["batch_size"]) != batch_size:
+            raise ValueError(f"checkpoint={str(checkpoint)!r} belongs to another computation "
+                             f"({int(saved['total'])} images, batch {int(saved['batch_size'])}); delete it")
+        for name in ("feature_sum", "outer_sum", "num_samples"):
+            setattr(moments, name, saved[name].to(device))
+        kept = [saved["features"]] if keep_features and saved["features"].numel() else []
+        done = int(saved["done"])
+    with tqdm(total=total, initial=done * batch_size, unit="img", desc="reference features",
+              disable=not progress) as bar:
+        for i, batch in enumerate(batches_from(items, batch_size)):
+            if i < done:
+                continue
             features = extractor(batch)
             moments.update(features)
             if keep_features:
                 kept.append(features.float().cpu())
             bar.update(len(batch))
+            if checkpoint is not None and (i + 1) % checkpoint_every == 0:
+                _save_progress(checkpoint, moments, kept, i + 1, total, batch_size)
     mu, sigma = moments.moments()
     return ReferenceStats(mu.cpu(), sigma.cpu(), int(moments.num_samples), extractor.preset, extractor.extractor_id,
                           torch.cat(kept) if keep_features else None)
+
+
+def _save_progress(path, moments: FeatureMoments, kept: list[Tensor], done: int, total: int, batch_size: int) -> None:
+    state = {name: getattr(moments, name).cpu() for name in ("feature_sum", "outer_sum", "num_samples")}
+    state.update(done=done, total=total, batch_size=batch_size,
+                 features=torch.cat(kept) if kept else torch.empty(0))
+    tmp = f"{path}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)

@@ -10,6 +10,7 @@ from .apg import APG
 from .base import COND, REGISTRY, UNCOND, GuidanceStrategy, StepContext, from_config
 from .cfg import CFG, rescale_to_cond_std
 from .compose import Interval, Rescale
+from .linear_ag import LinearAG, LinearAGCoefficients, default_plan, fit_linear_ag
 from .parametrization import Parametrization
 from .schedules import Schedule
 
@@ -21,11 +22,15 @@ __all__ = [
     "UNCOND",
     "GuidanceStrategy",
     "Interval",
+    "LinearAG",
+    "LinearAGCoefficients",
     "Parametrization",
     "REGISTRY",
     "Rescale",
     "Schedule",
     "StepContext",
+    "default_plan",
+    "fit_linear_ag",
     "from_config",
     "rescale_to_cond_std",
 ]

@@ -136,6 +136,22 @@ class GuidanceStrategy:
         super().__init_subclass__(**kwargs)
         REGISTRY[cls.__name__] = cls
 
+    # --- per-call protocol -------------------------------------------------------------------
+    def on_call(self, pipe: Any, call_arguments: Mapping[str, Any]) -> None:
+        """Optional check at the start of every pipeline call, before `reset()`.
+
+        The diffusers hook passes the pipeline object (opaque here: guidance/ never imports
+        diffusers) and the call's bound arguments with defaults applied, read-only. A strategy
+        that depends on the pipeline, such as LinearAG with coefficients fitted for one pipeline,
+        scheduler and step count, validates here and raises ValueError to refuse the call. The
+        default forwards to wrapped strategies (`config_fields` holding a GuidanceStrategy), so
+        wrappers such as Interval need no override. Custom loops may skip it.
+        """
+        for f in self.config_fields:
+            child = getattr(self, f, None)
+            if isinstance(child, GuidanceStrategy):
+                child.on_call(pipe, call_arguments)
+
     # --- per-step protocol -------------------------------------------------------------------
     def reset(self) -> None:
         """Forget per-sample state (momentum, switch flags, ...): a new generation starts."""

@@ -83,6 +83,14 @@ class Parametrization:
         x, a, s = self._promote(pred)
         return ((x - a * self.to_x0(pred).to(x.dtype)) / s).to(pred.dtype)
 
+    def from_eps(self, eps: torch.Tensor) -> torch.Tensor:
+        """The prediction whose noise estimate is `eps` (inverse of `to_eps`; LinearAG estimates
+        the unconditional branch in eps space). Undefined where alpha = 0 (flow matching at s = 1)."""
+        if self.prediction_type == "epsilon":
+            return eps
+        x, a, s = self._promote(eps)
+        return self.from_x0((x - s * eps.to(x.dtype)) / a).to(eps.dtype)
+
     def _promote(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # Conversions run in at least float32: half-precision x0 estimates lose the fine structure
         # that projection- and similarity-based rules depend on.

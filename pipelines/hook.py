@@ -8,8 +8,10 @@ Two pieces, both removable without a trace:
    exactly the guided prediction: `[g; g]` for batched layouts (u + w (g - g) = g for any w), and
    for Flux's sequential calls the conditional output, then n' = (g - s c) / (1 - s) so that
    n' + s (c - n') = g.
-2. A per-instance subclass of the pipeline whose `__call__` records the call's own guidance scale
-   and resets the strategy's per-sample state before delegating to the original `__call__`
+2. A per-instance subclass of the pipeline whose `__call__` records the call's own guidance scale,
+   lets the strategy check the call (`strategy.on_call(pipe, bound_arguments)`, e.g. LinearAG
+   refuses a pipeline, scheduler, step count or negative prompt its coefficients were not fitted
+   for) and resets the strategy's per-sample state before delegating to the original `__call__`
    (dunder methods are looked up on the type, so an instance attribute cannot do this).
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 from contextlib import contextmanager
+from types import MappingProxyType
 from typing import Any, Callable
 
 import torch
@@ -151,6 +154,7 @@ class GuidanceHandle:
         call = bound.arguments
         scale = call.get(self.adapter.scale_kw)
         self._check_guidance_on(call, scale)
+        self.strategy.on_call(pipe_self, MappingProxyType(call))
         self.strategy.reset()
         self._call = {
             "scale": None if scale is None else float(scale),
@@ -246,20 +250,23 @@ class GuidanceHandle:
         ctx, masks, cond_out = call["pending"]
         call["pending"] = None
         cond = _first(cond_out)
-        if not bool(masks[UNCOND].any()):
-            # n' = c makes the pipeline's n' + s (c - n') exactly c, with no model evaluation.
-            self._finish_step(masks)
-            return cond_out
-        rows = torch.nonzero(masks[UNCOND].cpu()).flatten()
         b = x.shape[0]
-        out = forward(*_select_rows(args, rows, b, self.adapter.unbatched),
-                      **_select_rows(kwargs, rows, b, self.adapter.unbatched))
         uncond = _nan_rows(cond, b)
-        uncond[rows.to(cond.device)] = _first(out)
+        out = cond_out
+        if bool(masks[UNCOND].any()):
+            rows = torch.nonzero(masks[UNCOND].cpu()).flatten()
+            out = forward(*_select_rows(args, rows, b, self.adapter.unbatched),
+                          **_select_rows(kwargs, rows, b, self.adapter.unbatched))
+            uncond[rows.to(cond.device)] = _first(out)
         ctx.evaluated = masks
+        # combine runs at every step, as in the batched layouts (stateful rules such as LinearAG
+        # guide with no unconditional evaluation at all).
         g = self.strategy.combine(ctx, {COND: cond, UNCOND: uncond}).to(cond.dtype)
-        s = call["scale"]
         self._finish_step(masks)
+        if out is cond_out and torch.equal(g, cond):
+            # n' = c makes the pipeline's n' + s (c - n') exactly c, with no model evaluation.
+            return cond_out
+        s = call["scale"]
         return _replace_first(out, (g - s * cond) / (1.0 - s))
 
     def _masks(self, ctx: StepContext) -> dict[str, torch.Tensor]:

@@ -20,11 +20,15 @@ def sample(pipe, labels=(0, 1, 2, 3), steps=5, seed=0, **kw):
                 generator=torch.Generator().manual_seed(seed), **kw).images
 
 
-def one_of_each() -> dict[str, GuidanceStrategy]:
-    """A default instance of every registered strategy (wrappers wrap CFG)."""
+def one_of_each(steps: int = 5) -> dict[str, GuidanceStrategy]:
+    """A default instance of every registered strategy (wrappers wrap CFG; strategies that need
+    fitted data, such as LinearAG, come from their `unfitted(steps, inner)` constructor)."""
     out = {}
     for name, cls in REGISTRY.items():
-        out[name] = cls(guidance.CFG()) if "inner" in cls.config_fields else cls()
+        if hasattr(cls, "unfitted"):
+            out[name] = cls.unfitted(steps, guidance.CFG())
+        else:
+            out[name] = cls(guidance.CFG()) if "inner" in cls.config_fields else cls()
     return out
 
 

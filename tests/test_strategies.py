@@ -222,3 +222,5 @@ def test_parametrization_round_trip(kind):
     x0 = ctx.to_x0(p[COND]).double()
     eps = ctx.param.to_eps(p[COND]).double()
     torch.testing.assert_close(ctx.param.alpha * x0 + ctx.param.sigma * eps, ctx.x.double(), rtol=1e-4, atol=1e-4)
+    # from_eps inverts to_eps (LinearAG's estimate goes back to the model's space this way).
+    torch.testing.assert_close(ctx.param.from_eps(ctx.param.to_eps(p[COND])), p[COND], rtol=1e-4, atol=1e-4)

@@ -43,11 +43,24 @@ class FeatureMetrics(FeatureMoments):
                 raise ValueError("KID and precision/recall need reference features: "
                                  "compute the reference with keep_features=True")
             self.add_state("features", [], dist_reduce_fx="cat")
+            # Image index of each stored feature: features gathered from several processes are put back in
+            # index order, so KID's random subsets see the same matrix as a single-process run.
+            self.add_state("indices", [], dist_reduce_fx="cat")
 
-    def update(self, features: Tensor) -> None:
+    def update(self, features: Tensor, indices: Tensor | None = None) -> None:
         super().update(features)
         if self.stores_features:
-            self.features.append(features.detach().float().to(self.feature_sum.device))
+            device = self.feature_sum.device
+            if indices is None:
+                start = sum(len(f) for f in self.features)
+                indices = torch.arange(start, start + features.shape[0])
+            self.features.append(features.detach().float().to(device))
+            self.indices.append(torch.as_tensor(indices, dtype=torch.long).to(device))
+
+    def stored_features(self) -> Tensor:
+        """The stored features in image-index order."""
+        features, indices = dim_zero_cat(self.features), dim_zero_cat(self.indices)
+        return features[indices.argsort()]
 
     def _reference_features(self, device: torch.device) -> Tensor:
         key = ("features", str(device))
@@ -71,7 +84,7 @@ class FeatureMetrics(FeatureMoments):
             ref_mu, ref_sigma = self.reference.on(device)
             out["fid"] = float(frechet_distance(ref_mu, ref_sigma, mu, sigma, self.reference.sqrt_sigma(device)))
         if self.stores_features:
-            fake, real = dim_zero_cat(self.features), self._reference_features(device)
+            fake, real = self.stored_features(), self._reference_features(device)
         if "kid" in self.metric_names:
             mean, std = kernel_distance(real, fake, **self.kid_args)
             out["kid_mean"], out["kid_std"] = float(mean), float(std)
@@ -102,8 +115,8 @@ class InceptionMetrics(FeatureMetrics):
         self.extractor = extractor
         self.to(extractor.device)
 
-    def update(self, images: Tensor) -> None:
-        super().update(self.extractor(images))
+    def update(self, images: Tensor, indices: Tensor | None = None) -> None:
+        super().update(self.extractor(images), indices)
 
     def describe(self) -> dict:
         return {**self.extractor.describe(), "metrics": list(self.metric_names), "reference_n": self.reference.n,

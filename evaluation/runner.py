@@ -9,6 +9,10 @@ numbers: image i always gets seed (seed, i) and condition i, whatever the batch 
 Strategy specs (JSON): {"label": "APG", "strategy": {"name": "APG", "params": {...}}, "scales": [3, 5]}.
 `"strategy": null` runs the pipeline's own CFG with no hook (the native baseline). The scale is
 passed as the pipeline call's own guidance scale; strategies whose scale is None take it.
+
+Under torchrun / accelerate launch every process takes the image indices i % world_size == rank,
+checkpoints to its own `<setting>.rank<r>-of-<w>.pt`, and only rank 0 writes results, grids (from its
+own images) and plots; metric states are reduced across processes when computed.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from tqdm.auto import tqdm
 
 from guidance import from_config
 
+from .distributed import Dist, init_distributed
 from .suite import MetricSuite, SuiteInputs, check_metrics
 
 DEFAULT_STATS_DIR = Path(__file__).resolve().parent / "stats"
@@ -80,10 +85,10 @@ class RunSpec:
         return [(f"{s.label}@{scale:g}", s.strategy, scale) for s in self.strategies for scale in s.scales]
 
     def identity(self) -> dict:
-        """What must match for a run folder to be resumed (device and batch size may change)."""
+        """What must match for a run folder to be resumed (the device may change; checkpoints count batches,
+        so the batch size may not)."""
         d = asdict(self)
-        for key in ("device", "batch_size"):
-            d.pop(key)
+        d.pop("device")
         d["metrics"] = list(self.metrics)
         return json.loads(json.dumps(d))
 
@@ -129,12 +134,13 @@ class Source:
         return None if self.by_class else [self.conditions[i % len(self.conditions)] for i in indices]
 
 
-def load_source(spec: RunSpec, clip_backend=None, classifier=None) -> Source:
+def load_source(spec: RunSpec, clip_backend=None, classifier=None, device: str | None = None) -> Source:
     from .fid import ReferenceStats
     from .inception import InceptionFeatures
 
+    device = device or spec.device
     needs_inception = any(m in spec.metrics for m in ("fid", "kid", "pr"))
-    extractor = InceptionFeatures(device=spec.device) if needs_inception else None
+    extractor = InceptionFeatures(device=device) if needs_inception else None
     reference = None
     if needs_inception:
         path = spec.reference or (EMBEDDED_REFERENCE if spec.pipeline == "embedded" else None)
@@ -146,7 +152,7 @@ def load_source(spec: RunSpec, clip_backend=None, classifier=None) -> Source:
     if spec.pipeline == "embedded":
         from pipelines import load_embedded
 
-        model = load_embedded(spec.device, scheduler=spec.scheduler)
+        model = load_embedded(device, scheduler=spec.scheduler)
         labels = spec.class_labels if spec.class_labels is not None else list(range(model.pipe.num_classes))
         inputs = SuiteInputs(reference, extractor, classifier or model.eval_classifier, model.pipe.num_classes,
                              clip_backend)
@@ -161,7 +167,7 @@ def load_source(spec: RunSpec, clip_backend=None, classifier=None) -> Source:
 
         pipe.scheduler = getattr(diffusers, spec.scheduler).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    pipe.to(spec.device)
+    pipe.to(device)
     by_class = spec.class_labels is not None
     conditions = spec.class_labels if by_class else spec.prompts
     if not conditions:
@@ -176,8 +182,8 @@ def _save_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def _check_run_folder(out: Path, spec: RunSpec) -> None:
-    """A run folder belongs to one set of settings; refuse to mix numbers from different ones."""
+def _check_run_folder(out: Path, spec: RunSpec, dist: Dist) -> None:
+    """A run folder belongs to one set of settings and one process count; refuse to mix them."""
     settings_file = out / "settings.json"
     identity = spec.identity()
     if settings_file.is_file():
@@ -186,9 +192,15 @@ def _check_run_folder(out: Path, spec: RunSpec) -> None:
         if diff:
             raise ValueError(f"run folder {out} was made with other settings (differing: {', '.join(diff)}); "
                              "use a new --out folder")
-    else:
+    elif dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         settings_file.write_text(json.dumps(identity, indent=2))
+    # Each process resumes its own shard: the shards only line up with the same number of processes.
+    others = sorted({p.name.split(".rank")[1][:-3] for p in (out / "state").glob("*.rank*-of-*.pt")}
+                    - {f"{r}-of-{dist.world_size}" for r in range(dist.world_size)})
+    if others:
+        raise ValueError(f"run folder {out} holds checkpoints of a run with another number of processes "
+                         f"({', '.join(others)}); relaunch with that number, or use a new --out folder")
 
 
 @dataclass
@@ -200,46 +212,61 @@ class SettingProgress:
 
 
 def run_setting(spec: RunSpec, source: Source, key: str, strategy_config: dict | None, scale: float,
-                state_path: Path, progress: bool = True) -> dict:
+                state_path: Path, progress: bool = True, dist: Dist = Dist(), device: str | None = None) -> dict:
     from pipelines import apply_guidance
 
-    suite = MetricSuite(spec.metrics, source.inputs, torch.device(spec.device), spec.num_images)
+    device = device or spec.device
+    suite = MetricSuite(spec.metrics, source.inputs, torch.device(device), spec.num_images)
     prog = SettingProgress()
     if state_path.is_file():
         saved = torch.load(state_path, map_location="cpu", weights_only=True)
         suite.load_state_dict(saved["metrics"])
         prog = SettingProgress(int(saved["done_batches"]), float(saved["nfe_sum"]), float(saved["seconds"]),
                                list(saved["grid"]))
-    num_batches = math.ceil(spec.num_images / spec.batch_size)
-    bar = tqdm(total=spec.num_images, initial=min(prog.done_batches * spec.batch_size, spec.num_images),
-               desc=key, unit="img", disable=not progress, dynamic_ncols=True)
+    shard = dist.shard(spec.num_images)
+    # Every process runs the same number of loop iterations (a shorter shard idles through the last
+    # one) so that the per-batch progress reduction stays in step.
+    num_batches = math.ceil(math.ceil(spec.num_images / dist.world_size) / spec.batch_size)
+    done = dist.sum(len(shard[: prog.done_batches * spec.batch_size]))
+    bar = tqdm(total=spec.num_images, initial=int(done), desc=key, unit="img",
+               disable=not (progress and dist.is_main), dynamic_ncols=True)
     for b in range(prog.done_batches, num_batches):
-        indices = list(range(b * spec.batch_size, min((b + 1) * spec.batch_size, spec.num_images)))
-        start = time.perf_counter()
-        if strategy_config is None:
-            images = source.call(indices, scale, spec.steps, spec.seed, spec.device)
-            nfe = spec.steps * (2 if scale > 1 else 1) * len(indices)
-        else:
-            with apply_guidance(source.pipe, from_config(strategy_config)) as handle:
-                images = source.call(indices, scale, spec.steps, spec.seed, spec.device)
-            nfe = int(handle.nfe.sum())
-        if spec.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        prog.seconds += time.perf_counter() - start
-        suite.update(images.to(spec.device), source.labels(indices), source.prompts(indices))
-        prog.nfe_sum += nfe
-        room = spec.grid_size - sum(len(g) for g in prog.grid)
-        if room > 0:
-            prog.grid.append(images[:room].cpu())
+        indices = shard[b * spec.batch_size:(b + 1) * spec.batch_size]
+        if indices:
+            images, nfe, seconds = _generate(source, spec, strategy_config, scale, indices, device, apply_guidance)
+            prog.seconds += seconds
+            suite.update(images.to(device), source.labels(indices), source.prompts(indices), torch.tensor(indices))
+            prog.nfe_sum += nfe
+            room = spec.grid_size - sum(len(g) for g in prog.grid)
+            if room > 0:
+                prog.grid.append(images[:room].cpu())
         prog.done_batches = b + 1
         _save_atomic(state_path, {"metrics": suite.state_dict(), "done_batches": prog.done_batches,
                                   "nfe_sum": prog.nfe_sum, "seconds": prog.seconds, "grid": prog.grid})
-        bar.update(len(indices))
+        bar.update(int(dist.sum(len(indices))))
     bar.close()
+    metrics = suite.compute()  # torchmetrics reduces the states over all processes here
+    nfe_sum, seconds = dist.sum(prog.nfe_sum), dist.sum(prog.seconds)
     row = {"setting": key, "label": key.rsplit("@", 1)[0], "scale": scale, "strategy": strategy_config,
-           "num_images": spec.num_images, **suite.compute(),
-           "nfe_per_image": prog.nfe_sum / spec.num_images, "seconds_per_image": prog.seconds / spec.num_images}
+           "num_images": spec.num_images, **metrics,
+           "nfe_per_image": nfe_sum / spec.num_images, "seconds_per_image": seconds / spec.num_images}
     return {"row": row, "grid": torch.cat(prog.grid) if prog.grid else None, "describe": suite.describe()}
+
+
+def _generate(source: Source, spec: RunSpec, strategy_config: dict | None, scale: float, indices: list[int],
+              device: str, apply_guidance) -> tuple[torch.Tensor, int, float]:
+    """(uint8 images, NFE spent, seconds) for one batch of image indices."""
+    start = time.perf_counter()
+    if strategy_config is None:
+        images = source.call(indices, scale, spec.steps, spec.seed, device)
+        nfe = spec.steps * (2 if scale > 1 else 1) * len(indices)
+    else:
+        with apply_guidance(source.pipe, from_config(strategy_config)) as handle:
+            images = source.call(indices, scale, spec.steps, spec.seed, device)
+        nfe = int(handle.nfe.sum())
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return images, nfe, time.perf_counter() - start
 
 
 def run(spec: RunSpec, out: str | Path, progress: bool = True, source: Source | None = None) -> list[dict]:
@@ -247,20 +274,28 @@ def run(spec: RunSpec, out: str | Path, progress: bool = True, source: Source | 
     from .report import write_grid, write_report
 
     out = Path(out)
-    _check_run_folder(out, spec)
-    (out / "state").mkdir(exist_ok=True)
-    source = source or load_source(spec)
+    dist, device = init_distributed(spec.device)
+    if spec.num_images < dist.world_size:
+        raise ValueError(f"num_images={spec.num_images} is below the number of processes ({dist.world_size})")
+    _check_run_folder(out, spec, dist)
+    dist.barrier()
+    (out / "state").mkdir(parents=True, exist_ok=True)
+    source = source or load_source(spec, device=device)
     rows, describe = [], {}
     for key, config, scale in spec.settings():
-        state_path = out / "state" / f"{_safe(key)}.pt"
-        result = run_setting(spec, source, key, config, scale, state_path, progress)
+        state_path = out / "state" / f"{_safe(key)}.rank{dist.rank}-of-{dist.world_size}.pt"
+        result = run_setting(spec, source, key, config, scale, state_path, progress, dist, device)
         rows.append(result["row"])
         describe = result["describe"] or describe
+        if not dist.is_main:
+            continue
         if result["grid"] is not None:
             write_grid(result["grid"], out / "grids" / f"{_safe(key)}.png")
         (out / "results.json").write_text(json.dumps({"settings": spec.identity(), "metrics": describe,
-                                                      "rows": rows}, indent=2))
-    write_report(out)
+                                                      "rows": rows, "processes": dist.world_size}, indent=2))
+    if dist.is_main:
+        write_report(out)
+    dist.barrier()
     return rows
 
 

@@ -89,13 +89,16 @@ class MetricSuite:
         for metric in self.metrics.values():
             metric.to(device)
 
-    def update(self, images: Tensor, labels: Tensor | None = None, prompts: list[str] | None = None) -> None:
-        """images: uint8 (B, 3, H, W)."""
+    def update(self, images: Tensor, labels: Tensor | None = None, prompts: list[str] | None = None,
+               indices: Tensor | None = None) -> None:
+        """images: uint8 (B, 3, H, W); indices: their image indices (orders stored features)."""
         for key, metric in self.metrics.items():
             if key == "class_accuracy":
                 metric.update(images, labels)
             elif key == "clip_score":
                 metric.update(images, prompts)
+            elif key == "inception":
+                metric.update(images, indices)
             else:
                 metric.update(images)
 

@@ -1,35 +1,19 @@
 """guidance-eval: end-to-end runs on the embedded model, kill-and-resume, and clear errors."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from evaluation import InceptionFeatures, ReferenceStats, compute_reference_stats
+from evaluation import ReferenceStats
 from evaluation.cli import main as cli_main
 from evaluation.runner import TIMING_KEYS, RunSpec, StrategySpec, load_source, run
 
-CIFAR_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10" / "test.npz"
 SPECS = [
     {"label": "CFG", "strategy": {"name": "CFG", "params": {}}, "scales": [2.0, 4.0]},
     {"label": "APG", "strategy": {"name": "APG", "params": {"norm_threshold": 8.0}}, "scales": [4.0]},
 ]
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    torch.set_num_threads(1)
-    if CIFAR_TEST.is_file():
-        source = CIFAR_TEST
-    else:  # outside the project's CI layout: any real-looking images do
-        source = np.random.default_rng(0).integers(0, 256, (24, 32, 32, 3), dtype=np.uint8)
-    stats = compute_reference_stats(source, InceptionFeatures(device="cpu"), batch_size=24, limit=24,
-                                    keep_features=True, progress=False, shuffle_seed=0)
-    path = tmp_path_factory.mktemp("ref") / "ref.npz"
-    stats.save(path)
-    return str(path)
 
 
 def spec(reference, **kw):

@@ -62,30 +62,9 @@ def _curves(rows: list[dict]) -> dict[str, list[dict]]:
     return {label: sorted(rs, key=lambda r: r["scale"]) for label, rs in curves.items()}
 
 
-def plot_metric_vs_scale(rows: list[dict], metric: str, path: Path) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if not any(metric in r for r in rows):
-        return False
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for label, rs in _curves(rows).items():
-        pts = [(r["scale"], r[metric]) for r in rs if metric in r]
-        ax.plot(*zip(*pts), marker="o", label=label)
-    ax.set_xlabel("guidance scale w")
-    ax.set_ylabel(metric)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
-def plot_tradeoff(rows: list[dict], x: str, y: str, path: Path) -> bool:
-    """One curve per strategy through its scales, e.g. FID against class accuracy."""
+def plot_curves(rows: list[dict], x: str, y: str, path: Path) -> bool:
+    """One curve per strategy through its scales: a metric against the scale (x = "scale"), or a
+    trade-off such as FID against class accuracy (points then annotated with their scale)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,11 +77,11 @@ def plot_tradeoff(rows: list[dict], x: str, y: str, path: Path) -> bool:
         pts = [(r[x], r[y], r["scale"]) for r in rs if x in r and y in r]
         if not pts:
             continue
-        xs, ys, scales = zip(*pts)
+        xs, ys, _ = zip(*pts)
         ax.plot(xs, ys, marker="o", label=label)
-        for px, py, s in pts:
+        for px, py, s in pts if x != "scale" else ():
             ax.annotate(f"{s:g}", (px, py), fontsize=6, textcoords="offset points", xytext=(3, 3))
-    ax.set_xlabel(x)
+    ax.set_xlabel("guidance scale w" if x == "scale" else x)
     ax.set_ylabel(y)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -122,8 +101,8 @@ def write_report(out: str | Path) -> str:
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
     for metric in ("fid", "class_accuracy", "clip_score", "saturation_mean", "precision", "recall", "nfe_per_image"):
-        plot_metric_vs_scale(rows, metric, plots / f"{metric}_vs_scale.png")
+        plot_curves(rows, "scale", metric, plots / f"{metric}_vs_scale.png")
     for x in ("class_accuracy", "clip_score", "saturation_mean"):
-        plot_tradeoff(rows, x, "fid", plots / f"fid_vs_{x}.png")
+        plot_curves(rows, x, "fid", plots / f"fid_vs_{x}.png")
     return table
 

@@ -7,6 +7,7 @@ of (seed, epoch), so an interrupted run continues on exactly the batches it woul
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from dataclasses import dataclass
@@ -16,6 +17,19 @@ import numpy as np
 import torch
 
 DEFAULT_DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "cifar10"
+
+
+def training_parser(doc: str, default_config: str, default_out: str) -> argparse.ArgumentParser:
+    """The options every training script shares (config, data, output, device, budget, export)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, default=Path(__file__).parent / "configs" / default_config)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--out", type=Path, default=Path(default_out))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop (and checkpoint) after this wall time")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--export", type=Path, default=None, help="export the trained model to this folder and exit")
+    return p
 
 
 def load_config(path: str | os.PathLike) -> dict:

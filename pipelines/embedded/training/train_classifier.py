@@ -19,7 +19,6 @@ accuracy). Test accuracies are on JPEG re-encodes of CIFAR-10 (see the data READ
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -32,7 +31,6 @@ from tqdm.auto import tqdm
 
 from ..classifiers import build_classifier
 from .common import (
-    DEFAULT_DATA,
     BatchSampler,
     augment,
     load_checkpoint,
@@ -40,6 +38,7 @@ from .common import (
     load_config,
     save_checkpoint,
     to_model_range,
+    training_parser,
 )
 
 
@@ -253,15 +252,8 @@ def export(cfg: dict, out: Path, dest: Path, data_dir: Path, device: str, thread
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", type=Path, default=Path(__file__).parent / "configs" / "guidance_classifier.json")
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    p.add_argument("--out", type=Path, default=Path("runs/guidance_classifier"))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--max-minutes", type=float, default=None, help="stop (and checkpoint) after this wall time")
+    p = training_parser(__doc__, "guidance_classifier.json", "runs/guidance_classifier")
     p.add_argument("--stop-step", type=int, default=None, help="stop (and checkpoint) at this step (tests)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--export", type=Path, default=None, help="export the classifier to this folder and exit")
     args = p.parse_args()
     cfg = load_config(args.config)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,6 @@ classifier-free guidance, EMA weights for sampling. Rerunning the same command r
 
 from __future__ import annotations
 
-import argparse
 import json
 import signal
 import time
@@ -25,7 +24,6 @@ from tqdm.auto import tqdm
 from ..loading import CIFAR10_CLASSES
 from ..pipeline import ClassConditionalPipeline
 from .common import (
-    DEFAULT_DATA,
     BatchSampler,
     augment,
     load_checkpoint,
@@ -33,6 +31,7 @@ from .common import (
     load_config,
     save_checkpoint,
     to_model_range,
+    training_parser,
 )
 
 
@@ -148,15 +147,7 @@ def export(cfg: dict, out: Path, dest: Path) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", type=Path, default=Path(__file__).parent / "configs" / "unet.json")
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    p.add_argument("--out", type=Path, default=Path("runs/unet"))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--max-minutes", type=float, default=None, help="stop (and checkpoint) after this wall time")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--export", type=Path, default=None, help="export the EMA model to this folder and exit")
-    args = p.parse_args()
+    args = training_parser(__doc__, "unet.json", "runs/unet").parse_args()
     cfg = load_config(args.config)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.export:

@@ -28,9 +28,11 @@ DEMO_STRATEGIES = [
     {"label": "CFG interval", "strategy": {"name": "Interval", "params": {"inner": {"name": "CFG"},
                                                                            "start": 0.0, "stop": 0.6}},
      "scales": [3.0]},
-    {"label": "APG", "strategy": {"name": "APG", "params": {"eta": 0.0, "norm_threshold": 8.0, "momentum": -0.5}},
+    {"label": "APG", "strategy": {"name": "APG", "params": {"eta": 0.0, "norm_threshold": 2.5, "momentum": -0.75}},
      "scales": [3.0]},
-    {"label": "AG", "strategy": {"name": "AdaptiveGuidance", "params": {"threshold": 0.99}}, "scales": [3.0]},
+    # In this pixel-space model the eps cosine falls over the steps; the x0 cosine rises to 1 (measured).
+    {"label": "AG", "strategy": {"name": "AdaptiveGuidance", "params": {"threshold": 0.998, "similarity_space": "x0"}},
+     "scales": [3.0]},
 ]
 
 

@@ -72,7 +72,8 @@ class FeatureMoments(Metric):
             raise RuntimeError(f"at least 2 samples are needed for a covariance, got {n}")
         mu = self.feature_sum / n
         sigma = torch.addr(self.outer_sum, mu, mu, alpha=-n).div_(n - 1)  # one pass over the d x d sums
-        return mu, sigma
+        # X^T X from a blocked matmul is symmetric only up to rounding; make it exactly so (saved as a triangle).
+        return mu, (sigma + sigma.T) / 2
 
     def compute(self) -> tuple[Tensor, Tensor]:
         return self.moments()
@@ -121,7 +122,10 @@ class ReferenceStats:
         return self._cache[key]
 
     def save(self, path: str | os.PathLike) -> None:
-        arrays = dict(mu=self.mu.double().numpy(), sigma=self.sigma.double().numpy(), n=np.int64(self.n),
+        # Sigma is symmetric: its upper triangle alone halves the file (float64 barely compresses).
+        rows, cols = np.triu_indices(self.feature_dim)
+        arrays = dict(mu=self.mu.double().numpy(), sigma_triu=self.sigma.double().numpy()[rows, cols],
+                      n=np.int64(self.n),
                       feature_dim=np.int64(self.feature_dim), preset=np.str_(self.preset),
                       extractor_id=np.str_(self.extractor_id))
         if self.features is not None:
@@ -135,11 +139,22 @@ class ReferenceStats:
             dim = int(data["feature_dim"])
             if feature_dim is not None and dim != feature_dim:
                 raise ValueError(f"{path} holds {dim}-d statistics, but the extractor gives {feature_dim}-d features")
-            if data["mu"].shape != (dim,) or data["sigma"].shape != (dim, dim):
-                raise ValueError(f"{path} is corrupt: mu {data['mu'].shape}, sigma {data['sigma'].shape}, dim {dim}")
+            sigma = _symmetric_from_triu(data["sigma_triu"], dim) if "sigma_triu" in data.files else data["sigma"]
+            if data["mu"].shape != (dim,) or sigma.shape != (dim, dim):
+                raise ValueError(f"{path} is corrupt: mu {data['mu'].shape}, sigma {sigma.shape}, dim {dim}")
             features = torch.from_numpy(data["features"]) if "features" in data.files else None
-            return cls(torch.from_numpy(data["mu"]).double(), torch.from_numpy(data["sigma"]).double(),
+            return cls(torch.from_numpy(data["mu"]).double(), torch.from_numpy(sigma).double(),
                        int(data["n"]), str(data["preset"]), str(data["extractor_id"]), features)
+
+
+def _symmetric_from_triu(values: np.ndarray, dim: int) -> np.ndarray:
+    if values.shape != (dim * (dim + 1) // 2,):
+        raise ValueError(f"sigma_triu has {values.shape} entries; a {dim}-d covariance needs {dim * (dim + 1) // 2}")
+    sigma = np.zeros((dim, dim), dtype=np.float64)
+    rows, cols = np.triu_indices(dim)
+    sigma[rows, cols] = values
+    sigma[cols, rows] = values
+    return sigma
 
 
 def compute_reference_stats(source, extractor, batch_size: int = 50, limit: int | None = None,

@@ -220,13 +220,12 @@ class GuidanceHandle:
         if bool(masks[COND].all() and masks[UNCOND].all()):
             out = forward(*args, **kwargs)  # the pipeline's own call, untouched
             full = _first(out)
-            preds = {COND: full[cond_rows.to(full.device)], UNCOND: full[uncond_rows.to(full.device)]}
         else:
             rows = torch.cat([uncond_rows[masks[UNCOND].cpu()], cond_rows[masks[COND].cpu()]]).sort().values
             out = forward(*_select_rows(args, rows, n), **_select_rows(kwargs, rows, n))
             full = _nan_rows(_first(out), n)
             full[rows.to(full.device)] = _first(out)
-            preds = {COND: full[cond_rows.to(full.device)], UNCOND: full[uncond_rows.to(full.device)]}
+        preds = {COND: full[cond_rows.to(full.device)], UNCOND: full[uncond_rows.to(full.device)]}
         channels = x.shape[1] if self.adapter.guide_channels_of_input else full.shape[1]
         ctx.evaluated = masks
         guided = self.strategy.combine(ctx, {k: v[:, :channels] for k, v in preds.items()}).to(full.dtype)

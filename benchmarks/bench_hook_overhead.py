@@ -1,6 +1,6 @@
 """Overhead of apply_guidance against the pipeline's native CFG, measured side by side in one run.
 
-    python benchmarks/bench_hook_overhead.py [--steps 4] [--repeats 3] [--device cuda] [--json out.json]
+    python benchmarks/bench_hook_overhead.py [--steps 4] [--repeats 3] [--device cuda] [--threads 1] [--json out.json]
 
 A Stable Diffusion 1.5-size UNet (UNet2DConditionModel with SD 1.5's config, random weights,
 860M parameters) on 64x64 latents (512x512 images), batch 1 with CFG, inside a real
@@ -67,7 +67,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (use 1 on a shared machine: oversubscribed threads spin and distort timings)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     pipe = sd15_pipeline(args.device)
     variants = {"native CFG": None, "hook CFG": CFG(), "hook APG": APG(norm_threshold=15.0, momentum=-0.5)}
     timed_call(pipe, 1, args.device)  # warm-up

@@ -85,6 +85,7 @@ def _add_run_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--reference", default=None, help="reference statistics .npz (default for the embedded model: "
                                                       "CIFAR-10 test, shipped)")
     p.add_argument("--scheduler", default=None, help="diffusers scheduler class name to sample with")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -172,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
     try:
         args.func(args)
     except (ValueError, FileNotFoundError) as e:

@@ -9,6 +9,16 @@ import torch
 CIFAR_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10" / "test.npz"
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread per test: the CPU is shared (CI, training jobs) and oversubscribed OpenMP
+    threads spin, which makes tests many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def reference(tmp_path_factory) -> str:
     from evaluation import InceptionFeatures, compute_reference_stats

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from test_hook import count_rows, run
+from test_hook import batch_and_alone, count_rows, run
 from test_strategies import make_ctx, random_preds
 from tiny_pipelines import PIPELINE_NAMES, build, call_kwargs, denoiser
 
@@ -51,19 +51,10 @@ def test_nfe_savings_are_real_and_counted(name):
 
 
 def test_batch_equals_samples_alone_in_a_pipeline():
-    pipe = build("sd")
-    kw = call_kwargs("sd", num_inference_steps=4)
-    prompts = kw.pop("prompt")
     strategy = AdaptiveGuidance(APG(), threshold=0.3, similarity_space="x0")
-    with apply_guidance(pipe, strategy) as handle:
-        both = pipe(prompt=prompts, **kw, generator=[torch.Generator().manual_seed(s) for s in (5, 6)]).images
-        nfe_both = handle.nfe.tolist()
-        alone, nfe_alone = [], []
-        for p, s in zip(prompts, (5, 6)):
-            alone.append(pipe(prompt=[p], **kw, generator=torch.Generator().manual_seed(s)).images)
-            nfe_alone += handle.nfe.tolist()
+    both, alone, nfe_both, nfe_alone = batch_and_alone(build("sd"), strategy, num_inference_steps=4)
     assert nfe_both == nfe_alone
-    assert (both - torch.cat(alone)).abs().max().item() <= 1e-5
+    assert (both - alone).abs().max().item() <= 1e-5
 
 
 @pytest.mark.parametrize("make, match", [

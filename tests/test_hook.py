@@ -10,14 +10,6 @@ from pipelines import apply_guidance
 NEGATIVE_OK = [n for n in PIPELINE_NAMES if n != "dit"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def run(pipe, name, seed=0, **kw):
     torch.manual_seed(seed)  # DiT's stochastic schedulers draw from the global RNG
     return pipe(**{**call_kwargs(name), **kw}, generator=torch.Generator().manual_seed(seed)).images
@@ -28,6 +20,20 @@ def variants(name):
     if name != "dit":
         yield call_kwargs(name, num_images_per_prompt=2)
         yield call_kwargs(name, negative_prompt=True)
+
+
+def batch_and_alone(pipe, strategy, seeds=(5, 6), **overrides):
+    """(images, nfe) of two prompts in one batch, and of each prompt alone with the same seed."""
+    kw = call_kwargs("sd", **overrides)
+    prompts = kw.pop("prompt")
+    with apply_guidance(pipe, strategy) as handle:
+        both = pipe(prompt=prompts, **kw, generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+        nfe_both = handle.nfe.tolist()
+        alone, nfe_alone = [], []
+        for p, s in zip(prompts, seeds):
+            alone.append(pipe(prompt=[p], **kw, generator=torch.Generator().manual_seed(s)).images)
+            nfe_alone += handle.nfe.tolist()
+    return both, torch.cat(alone), nfe_both, nfe_alone
 
 
 def count_rows(module):
@@ -155,11 +161,8 @@ def test_state_is_per_call_and_per_sample():
     with apply_guidance(pipe, strategy):
         first = run(pipe, "sd")
         assert torch.equal(run(pipe, "sd"), first)  # momentum reset at every call
-        gens = [torch.Generator().manual_seed(s) for s in (11, 12)]
-        both = pipe(**call_kwargs("sd"), generator=gens).images
-        alone = [pipe(**call_kwargs("sd", batch_size=1, prompt=[p]), generator=torch.Generator().manual_seed(s)).images
-                 for p, s in zip(call_kwargs("sd")["prompt"], (11, 12))]
-    assert (both - torch.cat(alone)).abs().max().item() <= 1e-5
+    both, alone, _, _ = batch_and_alone(pipe, strategy, seeds=(11, 12))
+    assert (both - alone).abs().max().item() <= 1e-5
 
 
 def test_unsupported_pipeline_gets_a_type_error_listing_the_supported_ones():

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from test_hook import count_rows, run
+from test_hook import batch_and_alone, count_rows, run
 from test_strategies import make_ctx, random_preds
 from tiny_pipelines import PROMPTS, build, call_kwargs, denoiser
 
@@ -17,14 +17,6 @@ from pipelines.linear_ag_fit import LinearAGRecorder, fit_pipeline, main
 
 PLAN5 = ["cfg", "estimate", "cfg", "estimate", "cond"]  # step 3 regresses on step 1's estimate (lag 2)
 WRONG_PIPELINE = r"pipeline='StableDiffusionPipeline' but this call has pipeline='DiTPipeline'"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -164,18 +156,9 @@ def test_recorder_is_cfg_and_records_every_step():
 
 
 def test_batch_equals_samples_alone(fitted):
-    pipe = build("sd")
-    kw = call_kwargs("sd", num_inference_steps=5)
-    prompts = kw.pop("prompt")
-    with apply_guidance(pipe, LinearAG(fitted)) as handle:
-        both = pipe(prompt=prompts, **kw, generator=[torch.Generator().manual_seed(s) for s in (5, 6)]).images
-        nfe_both = handle.nfe.tolist()
-        alone, nfe_alone = [], []
-        for p, s in zip(prompts, (5, 6)):
-            alone.append(pipe(prompt=[p], **kw, generator=torch.Generator().manual_seed(s)).images)
-            nfe_alone += handle.nfe.tolist()
+    both, alone, nfe_both, nfe_alone = batch_and_alone(build("sd"), LinearAG(fitted), num_inference_steps=5)
     assert nfe_both == nfe_alone == [7, 7]
-    assert (both - torch.cat(alone)).abs().max().item() <= 1e-5
+    assert (both - alone).abs().max().item() <= 1e-5
 
 
 def test_save_load_and_config_round_trip(fitted, tmp_path):

@@ -69,8 +69,8 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--latent-size", type=int, default=64,
-                   help="latent side (64 = 512 px, SD 1.5's size); smaller is cheaper on a CPU and, since the "
-                        "hook's cost does not grow with the UNet's, gives a conservative (larger) ratio")
+                   help="latent side (64 = 512 px, SD 1.5's size); smaller is cheaper on a CPU and, as the "
+                        "hook's work grows linearly with it and the UNet's faster, gives a conservative ratio")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (use 1 on a shared machine: oversubscribed threads spin and distort timings)")
     args = p.parse_args()

@@ -159,8 +159,6 @@ def load_source(spec: RunSpec, clip_backend=None, classifier=None, device: str |
         return Source(model.pipe, inputs, labels, by_class=True)
     from diffusers import DiffusionPipeline
 
-    import pipelines  # noqa: F401  (registers our adapters)
-
     pipe = DiffusionPipeline.from_pretrained(spec.pipeline)
     if spec.scheduler:
         import diffusers

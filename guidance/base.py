@@ -21,7 +21,7 @@ import torch
 
 from .parametrization import Parametrization
 
-COND, UNCOND = "cond", "uncond"
+COND, UNCOND, REF = "cond", "uncond", "ref"  # REF: the condition of another class (GFCG)
 
 # Name -> class of every strategy, filled by GuidanceStrategy.__init_subclass__ (for from_config).
 REGISTRY: dict[str, type["GuidanceStrategy"]] = {}
@@ -38,6 +38,7 @@ class StepContext:
     guidance_scale: float | None = None  # the pipeline call's own scale
     guidance_rescale: float = 0.0  # the pipeline call's own guidance_rescale, where it has one
     evaluated: dict[str, torch.Tensor] = field(default_factory=dict)  # branch -> bool (B,)
+    labels: torch.Tensor | None = None  # target class id per sample (B,), on class-conditional pipelines
 
     @property
     def batch_size(self) -> int:
@@ -159,6 +160,10 @@ class GuidanceStrategy:
     def branches(self, ctx: StepContext) -> dict[str, torch.Tensor]:
         """Which samples need which model evaluation at this step (bool masks of shape (B,))."""
         return {COND: ctx.all(), UNCOND: ctx.all()}
+
+    def reference_labels(self, ctx: StepContext) -> torch.Tensor:
+        """Class id per sample (B,) for the REF branch; asked only by strategies that request it."""
+        raise NotImplementedError(f"{type(self).__name__} requests a '{REF}' branch but defines no reference_labels()")
 
     def combine(self, ctx: StepContext, preds: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Guided prediction in the model's output space, (B, ...).

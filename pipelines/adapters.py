@@ -26,6 +26,7 @@ class Adapter:
     guide_channels_of_input: bool = False  # DiT: guide out[:, :in_channels], keep the rest
     unbatched: tuple[str, ...] = ()  # tensor kwargs that never carry a batch dimension
     passthrough_kws: tuple[str, ...] = ()  # a call with one of these set is not a guidance call
+    class_kw: str | None = None  # class-conditional denoisers: the keyword carrying the class ids
 
 
 _SD_HINT = "call the pipeline with guidance_scale > 1 (the strategy's own scale, if set, still decides the strength)"
@@ -46,7 +47,7 @@ DIFFUSERS_ADAPTERS: dict[str, Adapter] = {
                                    guide_channels_of_input=True),
     "DiTPipeline": Adapter(
         "transformer", "cond_uncond", "guidance_scale", _SD_HINT, sample_kw="hidden_states",
-        guide_channels_of_input=True,
+        guide_channels_of_input=True, class_kw="class_labels",
     ),
     "FluxPipeline": Adapter(
         "transformer", "sequential", "true_cfg_scale",

@@ -26,7 +26,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
-from guidance.base import COND, UNCOND, GuidanceStrategy, StepContext
+from guidance.base import COND, REF, UNCOND, GuidanceStrategy, StepContext
 
 from .adapters import Adapter, adapter_for
 from .parametrization import scheduler_parametrization
@@ -68,6 +68,19 @@ def _select_rows(obj: Any, rows: torch.Tensor, batch: int, unbatched: tuple[str,
         return {k: (v if k in unbatched else _select_rows(v, rows, batch, unbatched)) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return type(obj)(_select_rows(v, rows, batch, unbatched) for v in obj)
+    return obj
+
+
+def _gather_rows(obj: Any, ref_obj: Any, rows: torch.Tensor, ref_rows: torch.Tensor, batch: int) -> Any:
+    """`obj` at `rows` followed by `ref_obj` (same structure) at `ref_rows`, for every batched tensor."""
+    if isinstance(obj, torch.Tensor):
+        if obj.ndim >= 1 and obj.shape[0] == batch:
+            return torch.cat([obj[rows.to(obj.device)], ref_obj[ref_rows.to(obj.device)]])
+        return obj
+    if isinstance(obj, dict):
+        return {k: _gather_rows(v, ref_obj[k], rows, ref_rows, batch) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_gather_rows(v, r, rows, ref_rows, batch) for v, r in zip(obj, ref_obj))
     return obj
 
 
@@ -216,16 +229,17 @@ class GuidanceHandle:
         cond_rows = torch.arange(b) if cond_first else torch.arange(b, n)
         uncond_rows = torch.arange(b, n) if cond_first else torch.arange(b)
         ctx = self._context(x[:b], timestep)
+        class_ids = kwargs.get(self.adapter.class_kw) if self.adapter.class_kw else None
+        if torch.is_tensor(class_ids) and class_ids.ndim == 1 and class_ids.shape[0] == n:
+            ctx.labels = class_ids[cond_rows.to(class_ids.device)]
         masks = self._masks(ctx)
-        if bool(masks[COND].all() and masks[UNCOND].all()):
+        if bool(masks[COND].all() and masks[UNCOND].all()) and REF not in masks:
             out = forward(*args, **kwargs)  # the pipeline's own call, untouched
             full = _first(out)
+            preds = {COND: full[cond_rows.to(full.device)], UNCOND: full[uncond_rows.to(full.device)]}
         else:
-            rows = torch.cat([uncond_rows[masks[UNCOND].cpu()], cond_rows[masks[COND].cpu()]]).sort().values
-            out = forward(*_select_rows(args, rows, n), **_select_rows(kwargs, rows, n))
-            full = _nan_rows(_first(out), n)
-            full[rows.to(full.device)] = _first(out)
-        preds = {COND: full[cond_rows.to(full.device)], UNCOND: full[uncond_rows.to(full.device)]}
+            out, preds = self._evaluate_rows(forward, ctx, masks, cond_rows, uncond_rows, n, args, kwargs)
+            full = preds[COND]
         channels = x.shape[1] if self.adapter.guide_channels_of_input else full.shape[1]
         ctx.evaluated = masks
         guided = self.strategy.combine(ctx, {k: v[:, :channels] for k, v in preds.items()}).to(full.dtype)
@@ -233,6 +247,32 @@ class GuidanceHandle:
         g = torch.cat([guided, rest], dim=1) if rest.shape[1] else guided
         self._finish_step(masks)
         return _replace_first(out, torch.cat([g, g]))
+
+    def _evaluate_rows(self, forward: Callable, ctx: StepContext, masks: dict, cond_rows: torch.Tensor,
+                       uncond_rows: torch.Tensor, n: int, args: tuple, kwargs: dict):
+        """One denoiser call on only the rows the strategy asked for, REF rows appended.
+
+        REF rows are copies of the conditional rows with the class ids the strategy chose, so the
+        reference prediction shares the batch with the other branches (one call, not two)."""
+        rows = torch.cat([uncond_rows[masks[UNCOND].cpu()], cond_rows[masks[COND].cpu()]]).sort().values
+        ref_rows = cond_rows[masks[REF].cpu()] if REF in masks else rows[:0]
+        ref_kwargs = kwargs
+        if len(ref_rows):
+            labels = self.strategy.reference_labels(ctx)
+            key = self.adapter.class_kw
+            ref_ids = kwargs[key].clone()
+            ref_ids[cond_rows.to(ref_ids.device)] = labels.to(ref_ids)
+            ref_kwargs = {**kwargs, key: ref_ids}
+        out = forward(*_gather_rows(args, args, rows, ref_rows, n), **_gather_rows(kwargs, ref_kwargs, rows, ref_rows, n))
+        result = _first(out)
+        full = _nan_rows(result, n)
+        full[rows.to(full.device)] = result[: len(rows)]
+        preds = {COND: full[cond_rows.to(full.device)], UNCOND: full[uncond_rows.to(full.device)]}
+        if REF in masks:
+            ref = _nan_rows(result, n // 2)
+            ref[masks[REF].to(ref.device)] = result[len(rows):]
+            preds[REF] = ref
+        return out, preds
 
     def _sequential(self, forward: Callable, name: str | None, x: torch.Tensor, timestep, args: tuple, kwargs: dict):
         call = self._call
@@ -270,15 +310,24 @@ class GuidanceHandle:
 
     def _masks(self, ctx: StepContext) -> dict[str, torch.Tensor]:
         masks = self.strategy.branches(ctx)
-        unknown = set(masks) - {COND, UNCOND}
+        unknown = set(masks) - {COND, UNCOND, REF}
         if unknown:
             raise NotImplementedError(f"branches {sorted(unknown)} are not supported by this pipeline adapter")
         if not bool(masks[COND].all()):
             raise NotImplementedError(f"{type(self.strategy).__name__}: every sample needs its conditional branch")
-        return {COND: masks[COND], UNCOND: masks.get(UNCOND, ctx.none())}
+        out = {COND: masks[COND], UNCOND: masks.get(UNCOND, ctx.none())}
+        if REF in masks and bool(masks[REF].any()):
+            if self.adapter.layout == "sequential" or ctx.labels is None:
+                raise NotImplementedError(
+                    f"{type(self.strategy).__name__} needs a reference-class branch, which only class-conditional "
+                    f"pipelines provide (the embedded ClassConditionalPipeline, DiTPipeline); "
+                    f"{type(self.pipe).__name__} has no class ids to swap"
+                )
+            out[REF] = masks[REF]
+        return out
 
     def _finish_step(self, masks: dict[str, torch.Tensor]) -> None:
-        self._count(masks[COND].long() + masks[UNCOND].long())
+        self._count(sum(m.long() for m in masks.values()))
         self._call["step"] += 1
 
 

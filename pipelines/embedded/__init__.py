@@ -8,7 +8,8 @@ from .pipeline import ClassConditionalPipeline, to_uint8
 register_adapter(
     ClassConditionalPipeline,
     Adapter("unet", "uncond_cond", "guidance_scale",
-            "call the pipeline with guidance_scale > 1 (the strategy's own scale, if set, still decides the strength)"),
+            "call the pipeline with guidance_scale > 1 (the strategy's own scale, if set, still decides the strength)",
+            class_kw="class_labels"),
 )
 
 __all__ = ["CIFAR10_CLASSES", "ClassConditionalPipeline", "EmbeddedModel", "WEIGHTS_DIR", "load_embedded", "to_uint8"]

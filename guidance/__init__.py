@@ -7,9 +7,12 @@ inside diffusers pipelines; any custom sampling loop can call them directly.
 
 from .adaptive import AdaptiveGuidance
 from .apg import APG
-from .base import COND, REGISTRY, UNCOND, GuidanceStrategy, StepContext, from_config
+from .base import COND, REF, REGISTRY, UNCOND, GuidanceStrategy, StepContext, from_config
 from .cfg import CFG, rescale_to_cond_std
+from .classifier import ImageClassifier, class_prompts, register_classifier, smooth_relu
 from .compose import Interval, Rescale
+from .elucd import CalibratedClassifierGuidance, ClassifierGuidance
+from .gfcg import GFCG
 from .linear_ag import LinearAG, LinearAGCoefficients, default_plan, fit_linear_ag
 from .parametrization import Parametrization
 from .schedules import Schedule
@@ -18,6 +21,14 @@ __all__ = [
     "APG",
     "AdaptiveGuidance",
     "CFG",
+    "CalibratedClassifierGuidance",
+    "ClassifierGuidance",
+    "GFCG",
+    "ImageClassifier",
+    "REF",
+    "class_prompts",
+    "register_classifier",
+    "smooth_relu",
     "COND",
     "UNCOND",
     "GuidanceStrategy",
@@ -34,3 +45,7 @@ __all__ = [
     "from_config",
     "rescale_to_cond_std",
 ]
+
+from .dynamic_cfg import DynamicCFG, plot_schedules  # noqa: E402
+
+__all__ += ["DynamicCFG", "plot_schedules"]

@@ -1,7 +1,10 @@
 """The embedded default: our own class-conditional CIFAR-10 diffusion model and two classifiers,
 trained by the scripts in `training/`, shipped in `weights/`, loaded with no network."""
 
+from guidance.classifier import register_classifier
+
 from ..adapters import Adapter, register_adapter
+from .classifiers import load_classifier
 from .loading import CIFAR10_CLASSES, WEIGHTS_DIR, EmbeddedModel, load_embedded
 from .pipeline import ClassConditionalPipeline, to_uint8
 
@@ -11,5 +14,9 @@ register_adapter(
             "call the pipeline with guidance_scale > 1 (the strategy's own scale, if set, still decides the strength)",
             class_kw="class_labels"),
 )
+
+# Strategy configs (JSON) name the shipped classifiers by these names.
+register_classifier("embedded-guidance", lambda: load_classifier(WEIGHTS_DIR / "guidance_classifier"))
+register_classifier("embedded-eval", lambda: load_classifier(WEIGHTS_DIR / "eval_classifier"))
 
 __all__ = ["CIFAR10_CLASSES", "ClassConditionalPipeline", "EmbeddedModel", "WEIGHTS_DIR", "load_embedded", "to_uint8"]

@@ -1,0 +1,245 @@
+"""Evaluators for `DynamicCFG`: score a batch of candidates for their condition, higher is better.
+
+An evaluator is any callable `evaluator(x, timestep, condition) -> (B,) scores` plus a `space`
+attribute saying what `x` is:
+
+* `space = "latent"` (default): `x` is the candidate *next* noisy latent in the denoiser's input
+  scale (what the model would receive at the next step) and `timestep` (B,) its timestep on the
+  model's training grid (0 after the final step). This is the paper's setting: small
+  timestep-aware networks trained on noised latents of one model.
+* `space = "x0"`: `x` is the denoised estimate x0 of the candidate's guided prediction at the
+  current step and `timestep` the current one; for pixel-space evaluators such as CLIP (give them a
+  `decode` for latent-diffusion pipelines).
+
+`condition` is the target class ids (B,) on class-conditional pipelines, else the prompt of each
+sample (a list of B strings) or None.
+
+Shipped here: `NoiseAwareNet` (the tiny network behind the embedded model's evaluators),
+`ClassifierEvaluator` (alignment: log p(class | x_t, t)), `DiscriminatorEvaluator` (quality: the
+real-versus-generated logit), `CLIPEvaluator` (open_clip on x0), `CallableEvaluator` (wrap any
+function) and `load_embedded_evaluator("alignment" | "quality")` for the trained weights in
+`pipelines/embedded/weights/evaluators/`. No diffusers import here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+SPACES = ("latent", "x0")
+EMBEDDED_EVALUATORS = ("alignment", "quality")
+
+
+# --- the tiny noise-aware network ---------------------------------------------------------------
+
+def timestep_features(t: torch.Tensor, dim: int, max_period: float = 1000.0) -> torch.Tensor:
+    """Sinusoidal features of the timestep (B,) -> (B, dim), as in DDPM's time embedding."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    angles = t.float()[:, None] * freqs[None]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+class NoiseAwareNet(nn.Module):
+    """Stride-2 conv blocks (GroupNorm, SiLU) with the timestep embedding added after every conv,
+    global average pooling, one linear head. ~40k parameters at the default widths: small enough
+    that scoring every candidate costs a few percent of a denoiser call (the paper's ~1%)."""
+
+    def __init__(self, widths: Sequence[int] = (16, 32, 64), out_dim: int = 10, in_channels: int = 3,
+                 temb_dim: int = 32, groups: int = 8):
+        super().__init__()
+        self.config = {"widths": list(widths), "out_dim": out_dim, "in_channels": in_channels,
+                       "temb_dim": temb_dim, "groups": groups}
+        self.temb_dim = temb_dim
+        self.temb = nn.Sequential(nn.Linear(temb_dim, 64), nn.SiLU())
+        convs, norms, biases = [], [], []
+        cin = in_channels
+        for w in widths:
+            convs.append(nn.Conv2d(cin, w, 3, stride=2, padding=1))
+            norms.append(nn.GroupNorm(min(groups, w), w))
+            biases.append(nn.Linear(64, w))
+            cin = w
+        self.convs, self.norms, self.biases = nn.ModuleList(convs), nn.ModuleList(norms), nn.ModuleList(biases)
+        self.head = nn.Linear(cin, out_dim)
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        emb = self.temb(timestep_features(timestep.to(x.device).expand(x.shape[0]), self.temb_dim))
+        h = x
+        for conv, norm, bias in zip(self.convs, self.norms, self.biases):
+            h = torch.nn.functional.silu(norm(conv(h)) + bias(emb)[:, :, None, None])
+        return self.head(h.mean(dim=(2, 3)))
+
+
+def save_net(net: NoiseAwareNet, folder: str | os.PathLike, extra: dict | None = None) -> Path:
+    """`model.safetensors` + `config.json` (network config plus `extra`, e.g. the evaluator kind)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps({**net.config, **(extra or {})}, indent=2) + "\n")
+    return folder
+
+
+def load_net(folder: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[NoiseAwareNet, dict]:
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text())
+    keys = ("widths", "out_dim", "in_channels", "temb_dim", "groups")
+    net = NoiseAwareNet(**{k: config[k] for k in keys if k in config})
+    net.load_state_dict(load_file(folder / "model.safetensors"))
+    return net.to(device).eval().requires_grad_(False), config
+
+
+# --- evaluators ------------------------------------------------------------------------------------
+
+class Evaluator:
+    """Base class (optional: any callable with a `space` attribute works)."""
+
+    space: str = "latent"
+    name: str = "evaluator"
+
+    def __call__(self, x: torch.Tensor, timestep: torch.Tensor, condition: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def to(self, device) -> "Evaluator":
+        return self
+
+
+class CallableEvaluator(Evaluator):
+    """Any function `fn(x, timestep, condition) -> (B,)`, in the given space."""
+
+    def __init__(self, fn: Callable, space: str = "latent", name: str | None = None):
+        if space not in SPACES:
+            raise ValueError(f"CallableEvaluator: space={space!r} is unknown; allowed: {', '.join(SPACES)}")
+        self.fn, self.space, self.name = fn, space, name or getattr(fn, "__name__", "callable")
+
+    def __call__(self, x, timestep, condition):
+        return self.fn(x, timestep, condition)
+
+
+class _NetEvaluator(Evaluator):
+    def __init__(self, net: NoiseAwareNet, name: str):
+        self.net, self.name = net.eval().requires_grad_(False), name
+
+    def to(self, device) -> "_NetEvaluator":
+        self.net.to(device)
+        return self
+
+    def logits(self, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        p = next(self.net.parameters())
+        with torch.no_grad():
+            return self.net(x.to(p.device, p.dtype), timestep.to(p.device)).float()
+
+
+class ClassifierEvaluator(_NetEvaluator):
+    """Alignment: log p(target class | x_t, t) of a noise-aware classifier (needs class ids)."""
+
+    def __init__(self, net: NoiseAwareNet, name: str = "alignment"):
+        super().__init__(net, name)
+
+    def __call__(self, x, timestep, condition):
+        if not torch.is_tensor(condition):
+            raise ValueError(f"{self.name}: needs class ids as the condition (a class-conditional pipeline), "
+                             f"got {type(condition).__name__}")
+        logp = self.logits(x, timestep).log_softmax(dim=1)
+        return logp.gather(1, condition.to(logp.device).long().view(-1, 1)).squeeze(1)
+
+
+class DiscriminatorEvaluator(_NetEvaluator):
+    """Quality: the logit log(p / (1 - p)) of p = p(real | x_t, t); the condition is ignored.
+
+    The paper's note writes e = -log(p / (1 - p)); we take the sign that makes "more real" score
+    higher, since every evaluator here is maximised (our reading)."""
+
+    def __init__(self, net: NoiseAwareNet, name: str = "quality"):
+        super().__init__(net, name)
+
+    def __call__(self, x, timestep, condition):
+        return self.logits(x, timestep)[:, 0]
+
+
+class CLIPEvaluator(Evaluator):
+    """CLIP similarity between the decoded x0 estimate and the text of each sample's condition.
+
+    model: an open_clip CLIP model (`open_clip.create_model(...)`; pretrained weights are the
+    user's, nothing is downloaded here). tokenizer: its tokenizer. texts: one text per class id,
+    for class-conditional pipelines (e.g. "a photo of a cat"); prompts are used as given otherwise.
+    decode: maps x0 to images in [-1, 1] (a VAE decode for latent pipelines; identity for pixel
+    models such as the embedded one). Images are resized to the model's input size and normalised
+    with CLIP's mean and std.
+    """
+
+    space = "x0"
+    MEAN = (0.48145466, 0.4578275, 0.40821073)
+    STD = (0.26862954, 0.26130258, 0.27577711)
+
+    def __init__(self, model: nn.Module, tokenizer: Callable, texts: Sequence[str] | None = None,
+                 decode: Callable | None = None, name: str = "clip"):
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer, self.decode, self.name = tokenizer, decode, name
+        self.texts = list(texts) if texts is not None else None
+        self._text_cache: dict[str, torch.Tensor] = {}
+        size = getattr(getattr(model, "visual", None), "image_size", 224)
+        self.image_size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+
+    def to(self, device) -> "CLIPEvaluator":
+        self.model.to(device)
+        self._text_cache.clear()
+        return self
+
+    def _texts_for(self, condition: Any, batch: int) -> list[str]:
+        if torch.is_tensor(condition):
+            if self.texts is None:
+                raise ValueError(f"{self.name}: class ids given but no texts=[one text per class]")
+            return [self.texts[int(i)] for i in condition.tolist()]
+        if isinstance(condition, str):
+            return [condition] * batch
+        if condition is None or len(condition) != batch:
+            raise ValueError(f"{self.name}: needs one prompt per sample ({batch}), got {condition!r}")
+        return list(condition)
+
+    def _text_features(self, texts: list[str], device) -> torch.Tensor:
+        missing = sorted(set(texts) - set(self._text_cache))
+        if missing:
+            with torch.no_grad():
+                f = self.model.encode_text(self.tokenizer(missing).to(device)).float()
+            for t, row in zip(missing, torch.nn.functional.normalize(f, dim=-1)):
+                self._text_cache[t] = row
+        return torch.stack([self._text_cache[t] for t in texts])
+
+    def __call__(self, x, timestep, condition):
+        device = next(self.model.parameters()).device
+        images = self.decode(x) if self.decode is not None else x
+        images = (images.float().to(device).clamp(-1, 1) + 1) / 2
+        images = torch.nn.functional.interpolate(images, size=self.image_size, mode="bicubic", align_corners=False)
+        mean = torch.tensor(self.MEAN, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(self.STD, device=device).view(1, 3, 1, 1)
+        with torch.no_grad():
+            f = torch.nn.functional.normalize(self.model.encode_image((images - mean) / std).float(), dim=-1)
+        return (f * self._text_features(self._texts_for(condition, x.shape[0]), device)).sum(dim=1)
+
+
+def default_evaluators_dir() -> Path:
+    return Path(__file__).resolve().parents[1] / "pipelines" / "embedded" / "weights" / "evaluators"
+
+
+def load_embedded_evaluator(kind: str, device: str | torch.device = "cpu",
+                            folder: str | os.PathLike | None = None) -> Evaluator:
+    """The trained evaluator of the embedded CIFAR-10 model: "alignment" or "quality"."""
+    if kind not in EMBEDDED_EVALUATORS:
+        raise ValueError(f"evaluator={kind!r} is not a shipped evaluator; allowed: {', '.join(EMBEDDED_EVALUATORS)}"
+                         " (or pass an evaluator object / callable)")
+    path = Path(folder) if folder is not None else default_evaluators_dir() / kind
+    if not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(f"evaluator {kind!r}: no weights at {path}; train and export them with "
+                                "python -m pipelines.embedded.training.train_evaluators")
+    net, _ = load_net(path, device)
+    return ClassifierEvaluator(net) if kind == "alignment" else DiscriminatorEvaluator(net)

@@ -1,6 +1,7 @@
 """Overhead of apply_guidance against the pipeline's native CFG, measured side by side in one run.
 
     python benchmarks/bench_hook_overhead.py [--steps 4] [--repeats 3] [--device cuda] [--threads 1] [--json out.json]
+    python benchmarks/bench_hook_overhead.py --suite adaptive ...   # NFE savings as wall-clock speed-up
 
 A Stable Diffusion 1.5-size UNet (UNet2DConditionModel with SD 1.5's config, random weights,
 860M parameters) on 64x64 latents (512x512 images), batch 1 with CFG, inside a real
@@ -8,6 +9,11 @@ StableDiffusionPipeline (tiny text encoder and VAE: prompt embeddings are passed
 output_type="latent", so only the denoising loop is timed). Variants run interleaved
 (native, CFG, APG, native, ...) so that machine load affects all alike; the printed ratio is
 median(variant) / median(native).
+
+`--suite adaptive` times adaptive guidance and LinearAG instead. Random weights give no meaningful
+cosine similarity, so AG runs with threshold -1 (every sample switches after its first step, the
+largest saving: K + 1 NFE instead of 2K for K steps) and LinearAG with its unfitted default plan
+(K + ceil(ceil(K / 2) / 2) NFE): the ratio shows how much of the NFE saving becomes wall-clock time.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from diffusers import UNet2DConditionModel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from tiny_pipelines import build  # noqa: E402
 
-from guidance import APG, CFG  # noqa: E402
+from guidance import APG, CFG, AdaptiveGuidance, LinearAG  # noqa: E402
 from pipelines import apply_guidance  # noqa: E402
 
 SD15_UNET = dict(
@@ -73,11 +79,15 @@ def main() -> None:
                         "hook's work grows linearly with it and the UNet's faster, gives a conservative ratio")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (use 1 on a shared machine: oversubscribed threads spin and distort timings)")
+    p.add_argument("--suite", choices=("overhead", "adaptive"), default="overhead")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = sd15_pipeline(args.device)
     variants = {"native CFG": None, "hook CFG": CFG(), "hook APG": APG(norm_threshold=15.0, momentum=-0.5)}
+    if args.suite == "adaptive":
+        variants = {"native CFG": None, "AG (switch after step 1)": AdaptiveGuidance(threshold=-1.0),
+                    "LinearAG (default plan)": LinearAG.unfitted(args.steps)}
     timed_call(pipe, 1, args.device, latent_size=args.latent_size)  # warm-up
     times: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(args.repeats):
@@ -87,11 +97,11 @@ def main() -> None:
     rows = []
     print(f"SD1.5-size UNet, {args.latent_size}x{args.latent_size} latents, batch 1 + CFG, {args.steps} steps, {args.repeats} interleaved repeats, "
           f"device={args.device}, torch threads={torch.get_num_threads()}")
-    print(f"{'variant':<12} {'median s':>9} {'ratio':>7}")
+    print(f"{'variant':<26} {'median s':>9} {'ratio':>7}")
     for name, ts in times.items():
         med = statistics.median(ts)
         rows.append({"variant": name, "median_s": med, "ratio_to_native": med / base, "runs_s": ts})
-        print(f"{name:<12} {med:9.3f} {med / base:7.4f}")
+        print(f"{name:<26} {med:9.3f} {med / base:7.4f}")
     if args.json:
         args.json.write_text(json.dumps({"device": args.device, "steps": args.steps,
                                          "latent_size": args.latent_size, "rows": rows}, indent=2))

@@ -1,7 +1,7 @@
 """Strategies against CFG on the embedded model, same seeds, side by side in one run.
 
     python benchmarks/measure.py adaptive   --num-images 200 --steps 20 50 --out benchmarks/results/adaptive
-    python benchmarks/measure.py classifier --num-images 200 --steps 25 --out benchmarks/results/classifier
+    python benchmarks/measure.py classifier --num-images 200 --steps 20 --out benchmarks/results/classifier
 
 For every step count, CFG runs first; every other setting generates the same images (image i gets
 seed (seed, i) and class i % 10, as in `guidance-eval run`) and is compared with CFG's image for
@@ -55,11 +55,10 @@ def adaptive_settings(pipe, steps: int, args) -> list[tuple[str, object]]:
 
 
 def classifier_settings(pipe, steps: int, args) -> list[tuple[str, object]]:
-    return [
-        (f"EluCD {args.elucd_scale:g}", CalibratedClassifierGuidance("embedded-guidance", scale=args.elucd_scale)),
-        (f"GFCG {args.gfcg_scale:g} alone", GFCG("embedded-guidance", scale=args.gfcg_scale, inner=None)),
-        (f"GFCG {args.gfcg_scale:g} + CFG", GFCG("embedded-guidance", scale=args.gfcg_scale)),
-    ]
+    elucd = [(f"EluCD {s:g}", CalibratedClassifierGuidance("embedded-guidance", scale=s)) for s in args.elucd_scale]
+    gfcg = [(f"GFCG {s:g} alone", GFCG("embedded-guidance", scale=s, inner=None)) for s in args.gfcg_scale]
+    gfcg_cfg = [(f"GFCG {s:g} + CFG", GFCG("embedded-guidance", scale=s)) for s in args.gfcg_scale]
+    return elucd + gfcg + gfcg_cfg
 
 
 SUITES = {"adaptive": adaptive_settings, "classifier": classifier_settings}
@@ -123,8 +122,8 @@ def main(argv=None) -> None:
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.990, 0.991, 0.993, 0.995])
     p.add_argument("--spaces", nargs="+", default=["x0", "eps"], help="AG similarity spaces")
     p.add_argument("--fit-samples", type=int, default=64, help="LinearAG fit trajectories if not shipped")
-    p.add_argument("--elucd-scale", type=float, default=0.05)
-    p.add_argument("--gfcg-scale", type=float, default=2.0)
+    p.add_argument("--elucd-scale", type=float, nargs="+", default=[0.02, 0.05])
+    p.add_argument("--gfcg-scale", type=float, nargs="+", default=[2.0, 4.0])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None)

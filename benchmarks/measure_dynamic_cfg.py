@@ -103,7 +103,7 @@ def main(argv=None) -> None:
                                                        "schedules": history.tolist()}, indent=2))
     table = markdown(rows)
     (args.out / "results.md").write_text(f"`{meta['command']}`\n\n{table}\n```\n{json.dumps(verdict, indent=1)}\n```\n")
-    from pipelines import CIFAR10_CLASSES
+    from pipelines.embedded import CIFAR10_CLASSES
 
     fig = plot_schedules(history, labels, class_names=CIFAR10_CLASSES, per_class=3, scales=args.scales)
     fig.savefig(args.out / "schedules.png", dpi=110)

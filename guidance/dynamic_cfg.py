@@ -213,12 +213,12 @@ class DynamicCFG(GuidanceStrategy):
         for g in guided:
             scheduler = copy.deepcopy(self._scheduler)
             if factor_now is None:  # scale_model_input's factor: latents = model input / factor
-                factor_now = copy.deepcopy(scheduler).scale_model_input(ones, t)
+                factor_now = _input_scale(copy.deepcopy(scheduler), ones, t)
             latents = ctx.x / factor_now
             out.append(scheduler.step(g, t, latents, **self._step_kwargs).prev_sample)
             rng.restore()
         t_next = self._next_timestep(ctx)
-        factor_next = scheduler.scale_model_input(ones, torch.as_tensor(t_next, dtype=t.dtype))
+        factor_next = _input_scale(scheduler, ones, torch.as_tensor(t_next, dtype=t.dtype))
         return torch.stack(out) * factor_next, t_next
 
     def _next_timestep(self, ctx: StepContext) -> float:
@@ -268,6 +268,13 @@ class DynamicCFG(GuidanceStrategy):
             raise ValueError(f"DynamicCFG: evaluators{objects} are objects and cannot be serialised; allowed in a "
                              f"config: names of shipped evaluators ({', '.join(EMBEDDED_EVALUATORS)})")
         return super().to_config()
+
+
+def _input_scale(scheduler: Any, ones: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The factor between the scheduler's latents and the denoiser's input (1/sqrt(sigma^2 + 1) for
+    Euler-type schedulers, 1 for DDIM/DDPM and for flow matching, which has no scale_model_input)."""
+    scale = getattr(scheduler, "scale_model_input", None)
+    return ones if scale is None else scale(ones, t)
 
 
 class _RNGSnapshot:

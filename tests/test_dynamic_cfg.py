@@ -136,6 +136,25 @@ def test_stochastic_scheduler_real_step_uses_the_candidates_noise():
     assert torch.equal(a, b)
 
 
+def test_every_tiny_diffusers_pipeline_runs():
+    """Text, class and flow pipelines, batched and sequential (Flux) layouts, five schedulers."""
+    from tiny_pipelines import PIPELINE_NAMES, build, call_kwargs
+
+    for name in PIPELINE_NAMES:
+        pipe = build(name)
+        seen = []
+
+        def score(x, t, condition):
+            seen.append(condition)
+            return -x.flatten(1).abs().mean(1)
+
+        dyn = DynamicCFG(scales=SCALES, evaluators=[score])
+        with apply_guidance(pipe, dyn):
+            images = pipe(**call_kwargs(name), generator=torch.Generator().manual_seed(0)).images
+        assert torch.isfinite(images).all() and dyn.history.shape[0] == images.shape[0], name
+        assert seen[0] is not None, f"{name}: the evaluator got no condition"
+
+
 # --- adaptive weights --------------------------------------------------------------------------------------
 
 def test_adaptive_weights_follow_relative_change_and_guard_zero():

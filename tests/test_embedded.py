@@ -27,6 +27,8 @@ def one_of_each(steps: int = 5) -> dict[str, GuidanceStrategy]:
     for name, cls in REGISTRY.items():
         if hasattr(cls, "unfitted"):
             out[name] = cls.unfitted(steps, guidance.CFG())
+        elif "classifier" in cls.config_fields:
+            out[name] = cls("embedded-guidance")  # the shipped guidance classifier, by its registered name
         else:
             out[name] = cls(guidance.CFG()) if "inner" in cls.config_fields else cls()
     return out
@@ -85,3 +87,23 @@ def test_any_diffusers_scheduler(scheduler):
         assert torch.isfinite(sample(m.pipe)).all()
     with pytest.raises(ValueError, match="not a diffusers scheduler"):
         load_embedded("cpu", scheduler="Nope")
+
+
+def test_euler_first_call_starts_from_this_calls_noise_level():
+    m = load_embedded("cpu", scheduler="EulerDiscreteScheduler")
+    first = sample(m.pipe, steps=5, guidance_scale=3.0)  # init_noise_sigma must follow this call's sigmas
+    sample(m.pipe, steps=12, guidance_scale=3.0)
+    again = sample(m.pipe, steps=5, guidance_scale=3.0)
+    assert torch.equal(first, again)
+
+
+def test_callback_on_step_end_sees_and_replaces_the_latents(model):
+    seen = []
+
+    def callback(pipe, i, t, tensors):
+        seen.append(tensors["latents"].clone())
+        return {"latents": torch.zeros_like(tensors["latents"])} if i == 3 else {}
+
+    images = sample(model.pipe, steps=4, guidance_scale=3.0, callback_on_step_end=callback)
+    assert len(seen) == 4 and seen[0].shape == (4, 3, 32, 32)
+    assert torch.equal(images, torch.full_like(images, 0.5))  # zero latents at the end -> mid-grey

@@ -95,10 +95,10 @@ class ClassConditionalPipeline(DiffusionPipeline):
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents has shape {tuple(latents.shape)}; allowed: {shape}")
+        # set_timesteps first: Euler-type schedulers' init_noise_sigma depends on this call's sigmas.
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
         latents = latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
         model_labels = torch.cat([torch.full_like(labels, self.null_class), labels]) if do_cfg else labels
-
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
         step_kwargs = self._step_kwargs(generator, eta)
         self._num_timesteps = len(self.scheduler.timesteps)
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
@@ -110,7 +110,8 @@ class ClassConditionalPipeline(DiffusionPipeline):
                 noise_pred = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
             latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
             if callback_on_step_end is not None:
-                outputs = callback_on_step_end(self, i, t, {k: locals()[k] for k in callback_on_step_end_tensor_inputs})
+                step_tensors = {"latents": latents}  # (a comprehension cannot read this function's locals())
+                outputs = callback_on_step_end(self, i, t, {k: step_tensors[k] for k in callback_on_step_end_tensor_inputs})
                 latents = outputs.pop("latents", latents)
 
         images = (latents / 2 + 0.5).clamp(0, 1)

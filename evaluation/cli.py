@@ -33,7 +33,23 @@ DEMO_STRATEGIES = [
     # In this pixel-space model the eps cosine falls over the steps; the x0 cosine rises to 1 (measured).
     {"label": "AG", "strategy": {"name": "AdaptiveGuidance", "params": {"threshold": 0.998, "similarity_space": "x0"}},
      "scales": [3.0]},
+    # Classifier-based, with the shipped guidance classifier (scales from benchmarks/results/classifier).
+    {"label": "EluCD", "strategy": {"name": "CalibratedClassifierGuidance",
+                                    "params": {"classifier": "embedded-guidance", "scale": 0.05}}, "scales": [3.0]},
+    {"label": "GFCG+CFG", "strategy": {"name": "GFCG", "params": {"classifier": "embedded-guidance", "scale": 2.0}},
+     "scales": [3.0]},
+    {"label": "DynamicCFG", "strategy": {"name": "DynamicCFG", "params": {}}, "scales": [3.0]},
 ]
+
+
+def demo_strategies(steps: int) -> list[dict]:
+    """DEMO_STRATEGIES, plus LinearAG where coefficients for this step count ship with the model."""
+    from pipelines.embedded import WEIGHTS_DIR
+
+    coefficients = WEIGHTS_DIR / "linear_ag" / f"embedded-ddim-{steps}.safetensors"
+    extra = [{"label": "LinearAG", "strategy": {"name": "LinearAG", "params": {"coefficients": str(coefficients)}},
+              "scales": [3.0]}] if coefficients.is_file() else []
+    return DEMO_STRATEGIES + extra
 
 
 def _read_strategies(value: str) -> list[StrategySpec]:
@@ -77,7 +93,7 @@ def _add_run_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/demo") if demo else None, required=not demo)
     p.add_argument("--num-images", type=int, default=100 if demo else 1000)
     p.add_argument("--batch-size", type=int, default=50)
-    p.add_argument("--steps", type=int, default=25 if demo else 50)
+    p.add_argument("--steps", type=int, default=20 if demo else 50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--metrics", default="fid,saturation,class_accuracy",
@@ -104,7 +120,7 @@ def cmd_run(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    strategies = [StrategySpec.parse(s) for s in DEMO_STRATEGIES]
+    strategies = [StrategySpec.parse(s) for s in demo_strategies(args.steps)]
     _finish(args.out, run(_spec(args, strategies), args.out, progress=not args.quiet))
 
 

@@ -174,7 +174,24 @@ def resolve_classifier(owner: str, classifier: Any) -> ImageClassifier:
 
 class ClassifierInput:
     """What every classifier-based strategy shares: the classifier (by object or registered name),
-    the target class per sample, and the x0 -> image decode of latent pipelines."""
+    the target class per sample, the x0 -> image decode of latent pipelines, and the base guidance
+    `inner` it adds to (None: the conditional prediction alone). Mix in before GuidanceStrategy."""
+
+    inner: Any = None
+
+    @property
+    def requires_uncond(self) -> bool:
+        return self.inner is not None and getattr(self.inner, "requires_uncond", True)
+
+    def on_call(self, pipe: Any, call_arguments: Any) -> None:
+        super().on_call(pipe, call_arguments)  # forwards to `inner`
+        self._decode = vae_decoder(pipe)
+
+    def base_branches(self, ctx) -> dict[str, torch.Tensor]:
+        return dict(self.inner.branches(ctx)) if self.inner is not None else {"cond": ctx.all()}
+
+    def base_prediction(self, ctx, preds) -> torch.Tensor:
+        return preds["cond"] if self.inner is None else self.inner.combine(ctx, preds)
 
     def _setup_classifier(self, owner: str, classifier: Any, target: Any) -> None:
         self._owner = owner
@@ -189,9 +206,6 @@ class ClassifierInput:
         if self._classifier_obj is None:
             self._classifier_obj = resolve_classifier(self._owner, self._classifier_name)
         return self._classifier_obj
-
-    def _on_call_decoder(self, pipe: Any) -> None:
-        self._decode = vae_decoder(pipe)
 
     def images_of(self, x0: torch.Tensor) -> torch.Tensor:
         """x0 estimate -> images in [-1, 1] (VAE decode for latent pipelines)."""

@@ -36,7 +36,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .base import COND, GuidanceStrategy, StepContext, check_range
+from .base import GuidanceStrategy, StepContext, check_range
 from .cfg import CFG
 from .classifier import ClassifierInput
 
@@ -94,20 +94,12 @@ class CalibratedClassifierGuidance(ClassifierInput, GuidanceStrategy):
         self._setup_classifier(name, classifier, target)
         self._smooth = None
 
-    @property
-    def requires_uncond(self) -> bool:
-        return self.inner is not None and getattr(self.inner, "requires_uncond", True)
-
-    def on_call(self, pipe: Any, call_arguments: Mapping[str, Any]) -> None:
-        super().on_call(pipe, call_arguments)
-        self._on_call_decoder(pipe)
-
     def reset(self) -> None:
         if self.inner is not None:
             self.inner.reset()
 
     def branches(self, ctx: StepContext) -> dict[str, torch.Tensor]:
-        return self.inner.branches(ctx) if self.inner is not None else {COND: ctx.all()}
+        return self.base_branches(ctx)
 
     @property
     def smooth_classifier(self):
@@ -134,7 +126,7 @@ class CalibratedClassifierGuidance(ClassifierInput, GuidanceStrategy):
         return self.scale * ratio.pow(2) * (1 + self.gamma * math.sin(math.pi * ctx.step / max(ctx.num_steps, 1)))
 
     def combine(self, ctx: StepContext, preds: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        base = preds[COND] if self.inner is None else self.inner.combine(ctx, preds)
+        base = self.base_prediction(ctx, preds)
         if self.scale == 0:
             return base
         x0 = ctx.to_x0(base)

@@ -90,14 +90,6 @@ class GFCG(ClassifierInput, GuidanceStrategy):
         self._setup_classifier(name, classifier, target)
         self.reset()
 
-    @property
-    def requires_uncond(self) -> bool:
-        return self.inner is not None and getattr(self.inner, "requires_uncond", True)
-
-    def on_call(self, pipe: Any, call_arguments: Mapping[str, Any]) -> None:
-        super().on_call(pipe, call_arguments)
-        self._on_call_decoder(pipe)
-
     def reset(self) -> None:
         if getattr(self, "inner", None) is not None:
             self.inner.reset()
@@ -108,7 +100,7 @@ class GFCG(ClassifierInput, GuidanceStrategy):
         self.scale_history: list[torch.Tensor] = []
 
     def branches(self, ctx: StepContext) -> dict[str, torch.Tensor]:
-        masks = dict(self.inner.branches(ctx)) if self.inner is not None else {COND: ctx.all()}
+        masks = self.base_branches(ctx)
         if self._probs is None or self.scale == 0:
             self._ref, self._omega = None, torch.zeros(ctx.batch_size, device=ctx.x.device)
         else:
@@ -129,7 +121,7 @@ class GFCG(ClassifierInput, GuidanceStrategy):
         return clf.logits(self.images_of(x0)).softmax(dim=1)
 
     def combine(self, ctx: StepContext, preds: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        base = preds[COND] if self.inner is None else self.inner.combine(ctx, preds)
+        base = self.base_prediction(ctx, preds)
         guided = base
         has_ref = ctx.evaluated.get(REF)
         if has_ref is not None and bool(has_ref.any()):

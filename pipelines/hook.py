@@ -7,7 +7,8 @@ Two pieces, both removable without a trace:
    the strategy combine them, and returns an output that the pipeline's own CFG formula turns into
    exactly the guided prediction: `[g; g]` for batched layouts (u + w (g - g) = g for any w), and
    for Flux's sequential calls the conditional output, then n' = (g - s c) / (1 - s) so that
-   n' + s (c - n') = g.
+   n' + s (c - n') = g. A strategy may also ask for a REF branch (GFCG): on class-conditional
+   pipelines those rows, the conditional inputs with the strategy's class ids, join the same call.
 2. A per-instance subclass of the pipeline whose `__call__` records the call's own guidance scale,
    lets the strategy check the call (`strategy.on_call(pipe, bound_arguments)`, e.g. LinearAG
    refuses a pipeline, scheduler, step count or negative prompt its coefficients were not fitted

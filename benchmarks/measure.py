@@ -102,6 +102,22 @@ def measure(source, settings, steps: int, scale: float, num_images: int, batch_s
     return rows
 
 
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """Arguments every measurement script shares: seed, device, CPU threads, output folder."""
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", type=Path, required=True)
+
+
+def embedded_source(args) -> object:
+    """The embedded model with the metrics' inputs (FID reference, evaluation classifier), on args.device."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    spec = RunSpec([StrategySpec("CFG", None, [3.0])], num_images=args.num_images, device=args.device)
+    return load_source(spec)
+
+
 def markdown(rows: list[dict]) -> str:
     cols = [("steps", "{}"), ("setting", "{}"), ("nfe_per_image", "{:.2f}"), ("nfe_saving", "{:.1%}"),
             ("ssim_vs_cfg", "{:.4f}"), ("psnr_vs_cfg", "{:.2f}"), ("class_accuracy", "{:.3f}"), ("fid", "{:.2f}"),
@@ -126,15 +142,9 @@ def main(argv=None) -> None:
     p.add_argument("--fit-samples", type=int, default=64, help="LinearAG fit trajectories if not shipped")
     p.add_argument("--elucd-scale", type=float, nargs="+", default=[0.02, 0.05])
     p.add_argument("--gfcg-scale", type=float, nargs="+", default=[2.0, 4.0])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", type=Path, required=True)
+    add_run_args(p)
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    spec = RunSpec([StrategySpec("CFG", None, [args.scale])], num_images=args.num_images, device=args.device)
-    source = load_source(spec)
+    source = embedded_source(args)
     rows = []
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"suite": args.suite, "command": " ".join(sys.argv), "scale": args.scale, "device": args.device,

@@ -23,9 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from measure import markdown, measure  # noqa: E402
+from measure import add_run_args, embedded_source, markdown, measure  # noqa: E402
 
-from evaluation.runner import RunSpec, StrategySpec, load_source  # noqa: E402
 from guidance import CFG, DynamicCFG, plot_schedules  # noqa: E402
 from guidance.dynamic_cfg import PAPER_SCALES  # noqa: E402
 
@@ -61,15 +60,9 @@ def main(argv=None) -> None:
     p.add_argument("--evaluators", nargs="+", default=["alignment", "quality"])
     p.add_argument("--extra", action="append", default=[],
                    help="extra DynamicCFG variants as JSON params, e.g. '{\"normalize\": \"candidates\"}'")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", type=Path, required=True)
+    add_run_args(p)
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    spec = RunSpec([StrategySpec("CFG", None, [3.0])], num_images=args.num_images, device=args.device)
-    source = load_source(spec)
+    source = embedded_source(args)
     dynamic = DynamicCFG(args.scales, args.evaluators, weighting=args.weighting, normalize=args.normalize)
     recorder = _Recorder(dynamic)
     settings = [(f"CFG {s:g}", CFG(s)) for s in args.scales] + [("DynamicCFG", dynamic)]

@@ -246,6 +246,34 @@ def test_x0_space_clip_evaluator_runs_with_random_open_clip():
     assert scores.shape == (12,) and bool(((scores >= -1) & (scores <= 1)).all())
 
 
+def test_deeper_noise_aware_net_is_residual_and_round_trips(tmp_path):
+    from guidance.evaluators import NoiseAwareNet, load_net, save_net
+
+    torch.manual_seed(0)
+    net = NoiseAwareNet((8, 16), out_dim=10, depth=2)
+    assert len(net.convs) == 4 and [c.stride for c in net.convs] == [(2, 2), (1, 1), (2, 2), (1, 1)]
+    x, t = torch.randn(3, 3, 32, 32), torch.tensor([0, 500, 999])
+    # zeroing a stride-1 conv's weights, bias, norm affine and time bias leaves only its skip path
+    shallow = NoiseAwareNet((8, 16), out_dim=10, depth=1)
+    shallow.temb.load_state_dict(net.temb.state_dict())
+    shallow.head.load_state_dict(net.head.state_dict())
+    with torch.no_grad():
+        for i in (1, 3):
+            for m in (net.convs[i], net.norms[i], net.biases[i]):
+                for p in m.parameters():
+                    p.zero_()
+        for j, i in enumerate((0, 2)):
+            for a, b in ((shallow.convs[j], net.convs[i]), (shallow.norms[j], net.norms[i]),
+                         (shallow.biases[j], net.biases[i])):
+                a.load_state_dict(b.state_dict())
+    torch.testing.assert_close(net(x, t), shallow(x, t))
+    loaded, config = load_net(save_net(net, tmp_path / "net", {"kind": "alignment"}))
+    assert config["depth"] == 2 and config["kind"] == "alignment"
+    torch.testing.assert_close(loaded(x, t), net(x, t))
+    with pytest.raises(ValueError, match="depth=0"):
+        NoiseAwareNet(depth=0)
+
+
 SHIPPED = default_evaluators_dir()
 needs_weights = pytest.mark.skipif(not (SHIPPED / "quality" / "model.safetensors").is_file(),
                                    reason="evaluator weights not exported yet")

@@ -94,8 +94,10 @@ def load_samples(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
 # --- training ----------------------------------------------------------------------------------------
 
 def build_net(cfg: dict, kind: str) -> NoiseAwareNet:
-    m = cfg["model"]
-    return NoiseAwareNet(m["widths"], cfg[kind]["out_dim"], temb_dim=m["temb_dim"], groups=m["groups"])
+    """The config's shared `model`, updated by the kind's own `model` entry where it has one."""
+    m = {**cfg["model"], **cfg[kind].get("model", {})}
+    return NoiseAwareNet(m["widths"], cfg[kind]["out_dim"], temb_dim=m["temb_dim"], groups=m["groups"],
+                         depth=m.get("depth", 1))
 
 
 def lr_factor(step: int, cfg: dict, total: int) -> float:

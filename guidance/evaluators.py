@@ -17,7 +17,8 @@ sample (a list of B strings) or None.
 Shipped here: `NoiseAwareNet` (the tiny network behind the embedded model's evaluators),
 `ClassifierEvaluator` (alignment: log p(class | x_t, t)), `DiscriminatorEvaluator` (quality: the
 real-versus-generated logit), `CLIPEvaluator` (open_clip on x0), `CallableEvaluator` (wrap any
-function) and `load_embedded_evaluator("alignment" | "quality")` for the trained weights in
+function), `CleanLookahead` (a noise-aware evaluator at t = 0 on the x0 estimate) and
+`load_embedded_evaluator("alignment" | "quality" | "alignment-x0")` for the trained weights in
 `pipelines/embedded/weights/evaluators/`. No diffusers import here.
 """
 
@@ -33,7 +34,7 @@ import torch
 from torch import nn
 
 SPACES = ("latent", "x0")
-EMBEDDED_EVALUATORS = ("alignment", "quality")
+EMBEDDED_EVALUATORS = ("alignment", "quality", "alignment-x0")
 
 
 # --- the tiny noise-aware network ---------------------------------------------------------------
@@ -233,13 +234,41 @@ class CLIPEvaluator(Evaluator):
         return (f * self._text_features(self._texts_for(condition, x.shape[0]), device)).sum(dim=1)
 
 
+class CleanLookahead(Evaluator):
+    """A noise-aware evaluator applied at t = 0 to the candidate's x0 estimate (space "x0").
+
+    Our variant of the paper's latent scoring (not in the paper): the candidate next latents of one
+    step differ by a small multiple of the guidance direction, so a noisy-latent score mostly reads
+    the sign of one directional derivative; x0 estimates differ by w (x0_c - x0_u) and show where each
+    scale leads. clip_range clamps x0 first (the pixel model's data range; None for latents)."""
+
+    space = "x0"
+
+    def __init__(self, evaluator: Evaluator, clip_range: tuple[float, float] | None = (-1.0, 1.0),
+                 name: str | None = None):
+        self.evaluator, self.clip_range = evaluator, clip_range
+        self.name = name or f"{getattr(evaluator, 'name', 'evaluator')}-x0"
+
+    def to(self, device) -> "CleanLookahead":
+        self.evaluator.to(device)
+        return self
+
+    def __call__(self, x, timestep, condition):
+        if self.clip_range is not None:
+            x = x.clamp(*self.clip_range)
+        return self.evaluator(x, torch.zeros_like(timestep), condition)
+
+
 def default_evaluators_dir() -> Path:
     return Path(__file__).resolve().parents[1] / "pipelines" / "embedded" / "weights" / "evaluators"
 
 
 def load_embedded_evaluator(kind: str, device: str | torch.device = "cpu",
                             folder: str | os.PathLike | None = None) -> Evaluator:
-    """The trained evaluator of the embedded CIFAR-10 model: "alignment" or "quality"."""
+    """The trained evaluator of the embedded CIFAR-10 model: "alignment", "quality", or
+    "alignment-x0" (the alignment classifier on the x0 estimate, `CleanLookahead`)."""
+    if kind == "alignment-x0":
+        return CleanLookahead(load_embedded_evaluator("alignment", device, folder), name=kind)
     if kind not in EMBEDDED_EVALUATORS:
         raise ValueError(f"evaluator={kind!r} is not a shipped evaluator; allowed: {', '.join(EMBEDDED_EVALUATORS)}"
                          " (or pass an evaluator object / callable)")

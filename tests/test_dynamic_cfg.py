@@ -274,6 +274,29 @@ def test_deeper_noise_aware_net_is_residual_and_round_trips(tmp_path):
         NoiseAwareNet(depth=0)
 
 
+def test_clean_lookahead_scores_the_clamped_x0_estimate_at_t0():
+    from guidance.evaluators import CleanLookahead
+
+    seen = []
+
+    def inner(x, t, c):
+        seen.append((x.clone(), t.clone()))
+        return x.flatten(1).mean(1)
+
+    lookahead = CleanLookahead(CallableEvaluator(inner, name="spy"))
+    assert lookahead.space == "x0" and lookahead.name == "spy-x0"
+    dyn = DynamicCFG(scales=SCALES, evaluators=[lookahead])
+    pipe = pipe_with(None)
+    generate(pipe, dyn, steps=3)
+    x, t = seen[0]
+    assert x.shape == (len(SCALES) * len(LABELS), 3, 32, 32) and bool((t == 0).all())
+    assert float(x.min()) >= -1 and float(x.max()) <= 1
+    # the inner score is the mean pixel of the clamped x0: the winner is the candidate with the largest one
+    x0 = x.view(len(SCALES), len(LABELS), -1).mean(-1)
+    chosen = torch.tensor(SCALES)[x0.argmax(0)]
+    assert torch.equal(dyn.history[:, 0], chosen)
+
+
 SHIPPED = default_evaluators_dir()
 needs_weights = pytest.mark.skipif(not (SHIPPED / "quality" / "model.safetensors").is_file(),
                                    reason="evaluator weights not exported yet")
@@ -292,6 +315,7 @@ def test_shipped_evaluators_are_small_and_informative():
     right = align(x, t, y)
     wrong = align(x, t, (y + 1) % 10)
     assert float((right > wrong).float().mean()) > 0.7
+    torch.testing.assert_close(load_embedded_evaluator("alignment-x0")(x, torch.full((200,), 500), y), right)
     quality = load_embedded_evaluator("quality")
     noise = torch.randn(200, 3, 32, 32).clamp(-1, 1)
     assert float(quality(x, t, None).mean()) > float(quality(noise, t, None).mean())

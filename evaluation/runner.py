@@ -35,7 +35,13 @@ from .distributed import Dist, init_distributed
 from .suite import MetricSuite, SuiteInputs, check_metrics
 
 DEFAULT_STATS_DIR = Path(__file__).resolve().parent / "stats"
-EMBEDDED_REFERENCE = DEFAULT_STATS_DIR / "cifar10_test_legacy_tf.npz"
+# Shipped statistics by name (our FID code, legacy_tf preset): the test split is the embedded
+# model's default; the train split is the usual CIFAR-10 reference of papers (ADM, EDM: 50k train).
+SHIPPED_REFERENCES = {
+    "cifar10-test": DEFAULT_STATS_DIR / "cifar10_test_legacy_tf.npz",
+    "cifar10-train": DEFAULT_STATS_DIR / "cifar10_train_legacy_tf.npz",
+}
+EMBEDDED_REFERENCE = SHIPPED_REFERENCES["cifar10-test"]
 TIMING_KEYS = ("seconds_per_image",)
 
 
@@ -144,6 +150,7 @@ def load_source(spec: RunSpec, clip_backend=None, classifier=None, device: str |
     reference = None
     if needs_inception:
         path = spec.reference or (EMBEDDED_REFERENCE if spec.pipeline == "embedded" else None)
+        path = SHIPPED_REFERENCES.get(path, path)
         if path is None:
             raise ValueError("FID/KID/PR need reference statistics: pass --reference (see `guidance-eval stats`)")
         if not Path(path).is_file():

@@ -54,3 +54,19 @@ def test_stats_command_writes_float64_stats_with_a_random_feature_subset(tmp_pat
     stats = ReferenceStats.load(out, feature_dim=2048)
     assert stats.n == 6 and stats.mu.dtype == torch.float64 and stats.features.shape == (4, 2048)
     assert not (tmp_path / "stats" / "ref.npz.partial").exists()
+
+
+def test_shipped_cifar10_statistics_are_consistent():
+    """Both shipped CIFAR-10 references: their metadata, and real train vs real test giving a small FID
+    (3.1 in the literature with the original images; ours are JPEG re-encodes of both splits: 3.12)."""
+    from evaluation.fid import frechet_distance
+    from evaluation.runner import SHIPPED_REFERENCES
+
+    test = ReferenceStats.load(SHIPPED_REFERENCES["cifar10-test"], feature_dim=2048)
+    train = ReferenceStats.load(SHIPPED_REFERENCES["cifar10-train"], feature_dim=2048)
+    for stats, n in ((test, 10_000), (train, 50_000)):
+        assert stats.n == n and stats.preset == "legacy_tf" and stats.extractor_id == "inception-2015-12-05-pool3"
+        assert stats.mu.dtype == stats.sigma.dtype == torch.float64 and stats.features.shape == (1000, 2048)
+        assert torch.equal(stats.sigma, stats.sigma.T) and float(torch.linalg.eigvalsh(stats.sigma).min()) > -1e-8
+    fid = float(frechet_distance(train.mu, train.sigma, test.mu, test.sigma))
+    assert 2.5 < fid < 4.0, fid

@@ -99,3 +99,9 @@ def test_clear_errors(reference, tmp_path, capsys):
         cli_main(["run", "--strategies", json.dumps(SPECS), "--prompts", str(tmp_path / "missing.txt"),
                   "--out", str(tmp_path / "o"), "--metrics", "saturation"])
     assert "the prompt file does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, n", [("cifar10-test", 10_000), ("cifar10-train", 50_000), (None, 10_000)])
+def test_shipped_references_by_name(name, n):
+    source = load_source(spec(name, metrics=("fid",)))
+    assert source.inputs.reference.n == n

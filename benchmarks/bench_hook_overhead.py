@@ -57,23 +57,32 @@ def sd15_pipeline(device: str):
     return pipe.to(device)
 
 
+def timed(fn, device: str) -> float:
+    """Seconds of fn(), with the GPU synchronised before and after."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def timed_call(pipe, steps: int, device: str, strategy=None, latent_size: int = 64) -> float:
     g = torch.Generator(device="cpu").manual_seed(0)
     embeds = torch.randn(2, 1, 77, 768, generator=g).to(device)
     kwargs = dict(prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1], num_inference_steps=steps,
                   guidance_scale=7.5, output_type="latent", generator=g, height=8 * latent_size,
                   width=8 * latent_size)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    if strategy is None:
-        pipe(**kwargs)
-    else:
-        with apply_guidance(pipe, strategy):
+
+    def call():
+        if strategy is None:
             pipe(**kwargs)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+        else:
+            with apply_guidance(pipe, strategy):
+                pipe(**kwargs)
+
+    return timed(call, device)
 
 
 def main() -> None:

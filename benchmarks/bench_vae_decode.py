@@ -12,25 +12,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
-from bench_hook_overhead import SD15_UNET
+from bench_hook_overhead import SD15_UNET, timed
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
 SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
                 block_out_channels=(128, 256, 512, 512),
                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-
-
-def timed(fn, device: str) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def main() -> None:

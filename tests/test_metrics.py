@@ -23,7 +23,6 @@ from evaluation import (ClassAccuracy, ClipScore, FeatureMetrics, InceptionFeatu
 torch.set_num_threads(1)  # a training job shares the CPU; oversubscribed MKL eigensolvers slow down 10x
 
 
-
 def random_spd(d: int, n: int, seed: int, shift: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=g, dtype=torch.float64) @ torch.randn(d, d, generator=g, dtype=torch.float64)

@@ -34,6 +34,27 @@ class Dist:
         dist.all_reduce(t)
         return float(t.item())
 
+    def sum_many(self, values: list[float]) -> list[float]:
+        """Several sums in one collective (one per batch keeps the processes in step cheaply)."""
+        if self.world_size == 1:
+            return [float(v) for v in values]
+        t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def min(self, value: float) -> float:
+        return self._reduce(value, dist.ReduceOp.MIN)
+
+    def max(self, value: float) -> float:
+        return self._reduce(value, dist.ReduceOp.MAX)
+
+    def _reduce(self, value: float, op) -> float:
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=_collective_device())
+        dist.all_reduce(t, op=op)
+        return float(t.item())
+
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()

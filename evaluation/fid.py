@@ -8,6 +8,7 @@ general eigvals(S1 @ S2) used by torchmetrics / torch-fidelity. R depends on the
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,6 +17,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from tqdm.auto import tqdm
 
+from .atomic import atomic_save, atomic_write
 from .images import batches_from, load_image_source
 
 
@@ -130,18 +132,29 @@ class ReferenceStats:
                       extractor_id=np.str_(self.extractor_id))
         if self.features is not None:
             arrays["features"] = self.features.float().numpy()
-        np.savez_compressed(path, **arrays)
+        atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
 
     @classmethod
     def load(cls, path: str | os.PathLike, feature_dim: int | None = None) -> "ReferenceStats":
         """Load a stats file; ``feature_dim`` guards against mixing feature spaces."""
-        with np.load(path, allow_pickle=False) as data:
+        try:
+            data = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError):  # (numpy's own message suggests allow_pickle=True: never for data)
+            raise ValueError(f"{path} is not a statistics .npz file (not a zip archive)") from None
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError(f"{path} is a bare .npy array, not a statistics .npz file")
+        with data:
+            missing = [k for k in ("mu", "n", "feature_dim", "preset", "extractor_id") if k not in data.files]
+            if missing or not {"sigma", "sigma_triu"} & set(data.files):
+                raise ValueError(f"{path} is not a statistics file: it lacks {missing or ['sigma']} "
+                                 f"(holds {sorted(data.files)})")
             dim = int(data["feature_dim"])
             if feature_dim is not None and dim != feature_dim:
                 raise ValueError(f"{path} holds {dim}-d statistics, but the extractor gives {feature_dim}-d features")
             sigma = _symmetric_from_triu(data["sigma_triu"], dim) if "sigma_triu" in data.files else data["sigma"]
             if data["mu"].shape != (dim,) or sigma.shape != (dim, dim):
-                raise ValueError(f"{path} is corrupt: mu {data['mu'].shape}, sigma {sigma.shape}, dim {dim}")
+                raise ValueError(f"{path} is inconsistent: feature_dim={dim} but mu has shape {data['mu'].shape} "
+                                 f"and sigma {sigma.shape}; recompute it with `guidance-eval stats`")
             features = torch.from_numpy(data["features"]) if "features" in data.files else None
             return cls(torch.from_numpy(data["mu"]).double(), torch.from_numpy(sigma).double(),
                        int(data["n"]), str(data["preset"]), str(data["extractor_id"]), features)
@@ -173,8 +186,14 @@ def compute_reference_stats(source, extractor, batch_size: int = 50, limit: int 
     moments = FeatureMoments(extractor.feature_dim).to(device)
     kept: list[Tensor] = []
     done = 0
+    saved = None
     if checkpoint is not None and os.path.isfile(checkpoint):
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        try:
+            saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated or zero bytes (a kill or a full disk): start over
+            warnings.warn(f"checkpoint={str(checkpoint)!r} is corrupt or truncated ({type(e).__name__}); "
+                          "recomputing from the first image")
+    if saved is not None:
         if int(saved["total"]) != total or int(saved["batch_size"]) != batch_size:
             raise ValueError(f"checkpoint={str(checkpoint)!r} belongs to another computation "
                              f"({int(saved['total'])} images, batch {int(saved['batch_size'])}); delete it")
@@ -203,6 +222,4 @@ def _save_progress(path, moments: FeatureMoments, kept: list[Tensor], done: int,
     state = {name: getattr(moments, name).cpu() for name in ("feature_sum", "outer_sum", "num_samples")}
     state.update(done=done, total=total, batch_size=batch_size,
                  features=torch.cat(kept) if kept else torch.empty(0))
-    tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_save(state, path)

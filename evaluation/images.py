@@ -57,8 +57,12 @@ def load_image_source(source, limit: int | None = None,
         source = source.cpu().numpy()
     if isinstance(source, np.ndarray):
         items = source
+    elif isinstance(source, list):  # image files, as this function returned them
+        items = source
     elif Path(source).suffix == ".npz":
-        with np.load(source) as data:
+        if not Path(source).is_file():
+            raise FileNotFoundError(f"{source}: no such file")
+        with np.load(source, allow_pickle=False) as data:
             if "images" not in data:
                 raise ValueError(f"{source} has no 'images' array (found {sorted(data.files)})")
             items = data["images"]

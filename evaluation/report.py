@@ -3,34 +3,41 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
-import math
 from pathlib import Path
 
 import torch
 from PIL import Image
+
+from .atomic import atomic_write, atomic_write_text
 
 TABLE_COLUMNS = ("setting", "fid", "kid_mean", "precision", "recall", "class_accuracy", "clip_score",
                  "saturation_mean", "colourfulness_mean", "nfe_per_image", "seconds_per_image")
 
 
 def write_grid(images: torch.Tensor, path: Path, columns: int = 8) -> None:
-    """uint8 (N, 3, H, W) -> one PNG grid."""
+    """uint8 (N, 3, H, W) -> one PNG grid (torchvision's make_grid, white where a row is short)."""
+    from torchvision.utils import make_grid
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    n, c, h, w = images.shape
-    rows = math.ceil(n / columns)
-    canvas = torch.full((c, rows * h, columns * w), 255, dtype=torch.uint8)
-    for i, img in enumerate(images):
-        r, k = divmod(i, columns)
-        canvas[:, r * h:(r + 1) * h, k * w:(k + 1) * w] = img
-    Image.fromarray(canvas.permute(1, 2, 0).numpy()).save(path)
+    grid = make_grid(images, nrow=columns, padding=0, pad_value=255)
+    atomic_write(path, lambda f: Image.fromarray(grid.permute(1, 2, 0).cpu().numpy()).save(f, format="PNG"))
 
 
 def load_rows(out: Path) -> list[dict]:
     results = Path(out) / "results.json"
     if not results.is_file():
-        raise FileNotFoundError(f"{results} does not exist: is {out} a guidance-eval run folder?")
-    return json.loads(results.read_text())["rows"]
+        raise FileNotFoundError(f"{results} does not exist: is {out} a guidance-eval run folder (with at least "
+                                "one finished setting)?")
+    try:
+        rows = json.loads(results.read_text())["rows"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{results} is damaged ({type(e).__name__}: {e}); rerun the same `guidance-eval run` "
+                         "command to write it again from the checkpoints") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and "label" in r and "scale" in r for r in rows):
+        raise ValueError(f"{results}: 'rows' is not a list of result rows; rerun the `guidance-eval run` command")
+    return rows
 
 
 def format_table(rows: list[dict]) -> str:
@@ -48,11 +55,12 @@ def format_table(rows: list[dict]) -> str:
 
 def write_csv(rows: list[dict], path: Path) -> None:
     keys = [k for k in dict.fromkeys(k for r in rows for k in r) if k != "strategy"]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys + ["strategy"])
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({**{k: r.get(k, "") for k in keys}, "strategy": json.dumps(r.get("strategy"))})
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=keys + ["strategy"])
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({**{k: r.get(k, "") for k in keys}, "strategy": json.dumps(r.get("strategy"))})
+    atomic_write_text(path, text.getvalue())
 
 
 def _curves(rows: list[dict]) -> dict[str, list[dict]]:
@@ -97,7 +105,7 @@ def write_report(out: str | Path) -> str:
     rows = load_rows(out)
     write_csv(rows, out / "results.csv")
     table = format_table(rows)
-    (out / "table.md").write_text(table + "\n")
+    atomic_write_text(out / "table.md", table + "\n")
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
     for metric in ("fid", "class_accuracy", "clip_score", "saturation_mean", "precision", "recall", "nfe_per_image"):

@@ -1,10 +1,12 @@
 """The batch evaluation runner: the one place that wires a pipeline, strategies and metrics.
 
 For every setting (a strategy configuration at one guidance scale) it generates N images in
-batches, streams them into the metrics (images are never all held in memory), and after every
-batch checkpoints the metric states to `<out>/state/<setting>.pt`. A run killed at any moment,
-restarted with the same command, resumes after the last finished batch and ends with the same
-numbers: image i always gets seed (seed, i) and condition i, whatever the batch it falls in.
+batches and streams them into the metrics (images are never all held in memory). The metric states
+are checkpointed to `<out>/state/<setting>.pt` every `checkpoint_seconds` and when the setting ends.
+A run killed at any moment, restarted with the same command, resumes after the last checkpointed batch
+and ends with the same numbers: image i always gets seed (seed, i) and condition i, whatever the batch
+it falls in. Settings may be added to a finished run folder: rerun with the longer spec list and only
+the new settings are computed.
 
 Strategy specs (JSON): {"label": "APG", "strategy": {"name": "APG", "params": {...}}, "scales": [3, 5]}.
 `"strategy": null` runs the pipeline's own CFG with no hook (the native baseline). The scale is
@@ -13,94 +15,52 @@ passed as the pipeline call's own guidance scale; strategies whose scale is None
 Under torchrun / accelerate launch every process takes the image indices i % world_size == rank,
 checkpoints to its own `<setting>.rank<r>-of-<w>.pt`, and only rank 0 writes results, grids (from its
 own images) and plots; metric states are reduced across processes when computed.
+
+`prepare` checks everything and writes nothing; `execute` runs. `run` is both.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from guidance import from_config
 
+from .atomic import atomic_save, atomic_write_text, remove_stale_tmp
 from .distributed import Dist, init_distributed
-from .suite import MetricSuite, SuiteInputs, check_metrics
+from .spec import (EMBEDDED_DEFAULT_REFERENCE, SHIPPED_REFERENCES, InputError, RunSpec, StrategySpec, check_device,
+                   reference_path, safe_name)
+from .suite import MetricSuite, SuiteInputs
 
-DEFAULT_STATS_DIR = Path(__file__).resolve().parent / "stats"
-# Shipped statistics by name (our FID code, legacy_tf preset): the test split is the embedded
-# model's default; the train split is the usual CIFAR-10 reference of papers (ADM, EDM: 50k train).
-SHIPPED_REFERENCES = {
-    "cifar10-test": DEFAULT_STATS_DIR / "cifar10_test_legacy_tf.npz",
-    "cifar10-train": DEFAULT_STATS_DIR / "cifar10_train_legacy_tf.npz",
-}
-EMBEDDED_REFERENCE = SHIPPED_REFERENCES["cifar10-test"]
+__all__ = ["RunSpec", "StrategySpec", "InputError", "SHIPPED_REFERENCES", "EMBEDDED_REFERENCE", "TIMING_KEYS",
+           "load_source", "prepare", "execute", "run"]
+
+EMBEDDED_REFERENCE = SHIPPED_REFERENCES[EMBEDDED_DEFAULT_REFERENCE]
+DEFAULT_STATS_DIR = EMBEDDED_REFERENCE.parent
 TIMING_KEYS = ("seconds_per_image",)
-
-
-@dataclass
-class StrategySpec:
-    label: str
-    strategy: dict | None  # a guidance config (to_config() form), or None for the native pipeline
-    scales: list[float]
-
-    @classmethod
-    def parse(cls, item: Any) -> "StrategySpec":
-        if not isinstance(item, dict) or "label" not in item or "scales" not in item or "strategy" not in item:
-            raise ValueError(f"strategy spec {item!r} is malformed; allowed: "
-                             '{"label": str, "strategy": {"name": ..., "params": {...}} or null, "scales": [numbers]}')
-        scales = item["scales"] if isinstance(item["scales"], list) else [item["scales"]]
-        if not scales or not all(isinstance(s, (int, float)) and math.isfinite(s) for s in scales):
-            raise ValueError(f"strategy spec {item['label']!r}: scales={item['scales']!r}; allowed: a list of numbers")
-        if item["strategy"] is not None:
-            from_config(item["strategy"])  # fail now on a malformed configuration, not after hours of sampling
-        return cls(str(item["label"]), item["strategy"], [float(s) for s in scales])
-
-
-@dataclass
-class RunSpec:
-    strategies: list[StrategySpec]
-    pipeline: str = "embedded"
-    class_labels: list[int] | None = None
-    prompts: list[str] | None = None
-    num_images: int = 100
-    batch_size: int = 50
-    seed: int = 0
-    steps: int = 50
-    scheduler: str | None = None
-    metrics: tuple[str, ...] = ("fid", "saturation", "class_accuracy")
-    reference: str | None = None
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    grid_size: int = 64
-
-    def __post_init__(self) -> None:
-        self.metrics = check_metrics(self.metrics)
-        for name in ("num_images", "batch_size", "steps"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} is invalid; allowed: an integer >= 1")
-
-    def settings(self) -> list[tuple[str, dict | None, float]]:
-        return [(f"{s.label}@{scale:g}", s.strategy, scale) for s in self.strategies for scale in s.scales]
-
-    def identity(self) -> dict:
-        """What must match for a run folder to be resumed (the device may change; checkpoints count batches,
-        so the batch size may not)."""
-        d = asdict(self)
-        d.pop("device")
-        d["metrics"] = list(self.metrics)
-        return json.loads(json.dumps(d))
+# A setting's checkpoint holds float64 feature moments (2048 x 2048: 32 MiB) whatever N is; writing it
+# after every batch made checkpoints most of a run's disk traffic. Once a minute bounds that to
+# about 0.5 MiB/s and loses at most a minute of work on a kill.
+CHECKPOINT_SECONDS = 60.0
+CHECKPOINT_VERSION = 2
 
 
 def image_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+def _log(message: str) -> None:
+    print(f"guidance-eval: {message}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -111,6 +71,7 @@ class Source:
     inputs: SuiteInputs
     conditions: list  # class ids or prompts, cycled over image indices
     by_class: bool
+    captions: list[str] | None = None  # per class id, for CLIP score on class-conditional pipelines
 
     def call(self, indices: list[int], scale: float, steps: int, seed: int, device: str) -> torch.Tensor:
         """uint8 (B, 3, H, W) images for these image indices."""
@@ -129,6 +90,10 @@ class Source:
         if scale_kw == "true_cfg_scale":
             kwargs["negative_prompt"] = [""] * len(conds)
         images = self.pipe(**kwargs).images
+        if not torch.isfinite(images).all():
+            # (uint8 conversion would turn NaN into black pixels and the metrics would score them.)
+            raise FloatingPointError(f"the pipeline produced non-finite images at scale {scale:g} (image indices "
+                                     f"{indices[0]}..{indices[-1]}): the sampler diverged; try a smaller scale")
         return (images.float() * 255).round().clamp(0, 255).to(torch.uint8)
 
     def labels(self, indices: list[int]) -> torch.Tensor | None:
@@ -137,11 +102,80 @@ class Source:
         return torch.tensor([self.conditions[i % len(self.conditions)] for i in indices])
 
     def prompts(self, indices: list[int]) -> list[str] | None:
-        return None if self.by_class else [self.conditions[i % len(self.conditions)] for i in indices]
+        if self.by_class:
+            return None if self.captions is None else [self.captions[self.conditions[i % len(self.conditions)]]
+                                                       for i in indices]
+        return [self.conditions[i % len(self.conditions)] for i in indices]
+
+
+def load_reference(reference: str, feature_dim: int):
+    """ReferenceStats from a shipped name or an .npz path; an unusable file is an InputError naming it."""
+    from .fid import ReferenceStats
+
+    path = reference_path(reference)
+    hint = "make one with `guidance-eval stats --source IMAGES --out ref.npz`, or pass cifar10-test / cifar10-train"
+    if not path.is_file():
+        raise InputError(f"--reference {reference!r}: no such file; {hint}")
+    try:
+        return ReferenceStats.load(path, feature_dim=feature_dim)
+    except (ValueError, KeyError, OSError, EOFError) as e:
+        raise InputError(f"--reference {reference!r}: {e}; {hint}") from None
+
+
+def load_clip_backend(model: str, pretrained: str | None, device: str):
+    """--clip-model / --clip-pretrained: an open_clip model name and tag or local weights file, or a local
+    transformers CLIP folder (then no --clip-pretrained)."""
+    from .clip_score import OpenClipBackend, TransformersClipBackend
+
+    if Path(model).is_dir():
+        if pretrained is not None:
+            raise InputError(f"--clip-pretrained {pretrained!r}: not used with a transformers CLIP folder "
+                             f"(--clip-model {model!r}); drop it")
+        return TransformersClipBackend.from_pretrained(model, device=device)
+    import open_clip
+
+    if model not in open_clip.list_models() and not model.startswith(("hf-hub:", "local-dir:")):
+        raise InputError(f"--clip-model {model!r} is not an open_clip model name nor a local folder; allowed: "
+                         f"e.g. ViT-B-32, ViT-L-14-quickgelu (`open_clip.list_models()` lists "
+                         f"{len(open_clip.list_models())})")
+    if pretrained is None:
+        raise InputError(f"--clip-model {model!r} needs --clip-pretrained: an open_clip tag (e.g. "
+                         f"{', '.join(t for _, t in open_clip.list_pretrained()[:1])}; "
+                         "`open_clip.list_pretrained()`) or a local weights file; random weights are no score")
+    try:
+        return OpenClipBackend(model, pretrained=pretrained, device=device)
+    except FileNotFoundError as e:
+        raise InputError(f"--clip-pretrained {pretrained!r}: {e}") from None
+    except RuntimeError as e:  # open_clip: unknown tag, or weights of another architecture
+        raise InputError(f"--clip-pretrained {pretrained!r} does not fit --clip-model {model!r}: "
+                         f"{str(e).splitlines()[0]}") from None
+
+
+def _class_captions(pipe, num_classes: int) -> list[str]:
+    names = getattr(getattr(pipe, "config", None), "class_names", None) or [str(i) for i in range(num_classes)]
+    return [f"a photo of a {name}" for name in names]
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """No 'Loading pipeline components' bars from diffusers: the run has its own progress line."""
+    from diffusers.utils import logging as diffusers_logging
+
+    was_enabled = diffusers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            diffusers_logging.enable_progress_bar()
 
 
 def load_source(spec: RunSpec, clip_backend=None, classifier=None, device: str | None = None) -> Source:
-    from .fid import ReferenceStats
+    with _quiet_loading():
+        return _load_source(spec, clip_backend, classifier, device)
+
+
+def _load_source(spec: RunSpec, clip_backend, classifier, device: str | None) -> Source:
     from .inception import InceptionFeatures
 
     device = device or spec.device
@@ -149,63 +183,130 @@ def load_source(spec: RunSpec, clip_backend=None, classifier=None, device: str |
     extractor = InceptionFeatures(device=device) if needs_inception else None
     reference = None
     if needs_inception:
-        path = spec.reference or (EMBEDDED_REFERENCE if spec.pipeline == "embedded" else None)
-        path = SHIPPED_REFERENCES.get(path, path)
-        if path is None:
-            raise ValueError("FID/KID/PR need reference statistics: pass --reference (see `guidance-eval stats`)")
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"reference={str(path)!r} does not exist; compute it with `guidance-eval stats`")
-        reference = ReferenceStats.load(path, feature_dim=extractor.feature_dim)
+        if spec.reference is None:
+            raise InputError("FID/KID/PR need reference statistics: pass --reference FILE.npz (see "
+                             "`guidance-eval stats`) or a shipped name (cifar10-test, cifar10-train)")
+        reference = load_reference(spec.reference, extractor.feature_dim)
+    if clip_backend is None and "clip_score" in spec.metrics:
+        if not spec.clip_model:
+            raise InputError("metric clip_score needs CLIP weights: pass --clip-model NAME --clip-pretrained "
+                             "TAG_OR_FILE (open_clip), or --clip-model FOLDER (a transformers CLIP folder)")
+        clip_backend = load_clip_backend(spec.clip_model, spec.clip_pretrained, device)
     if spec.pipeline == "embedded":
         from pipelines import load_embedded
 
-        model = load_embedded(device, scheduler=spec.scheduler)
-        labels = spec.class_labels if spec.class_labels is not None else list(range(model.pipe.num_classes))
-        inputs = SuiteInputs(reference, extractor, classifier or model.eval_classifier, model.pipe.num_classes,
-                             clip_backend)
-        return Source(model.pipe, inputs, labels, by_class=True)
-    from diffusers import DiffusionPipeline
-
-    pipe = DiffusionPipeline.from_pretrained(spec.pipeline)
+        model = load_embedded(device, scheduler=_check_scheduler(spec.scheduler))
+        num_classes = model.pipe.num_classes
+        labels = spec.class_labels if spec.class_labels is not None else list(range(num_classes))
+        out_of_range = [c for c in labels if c >= num_classes]
+        if out_of_range:
+            raise InputError(f"--class-labels {out_of_range}: out of range; allowed: ids 0..{num_classes - 1} "
+                             "or 'all'")
+        inputs = SuiteInputs(reference, extractor, classifier or model.eval_classifier, num_classes, clip_backend)
+        return Source(model.pipe, inputs, labels, by_class=True, captions=_class_captions(model.pipe, num_classes))
+    pipe = _load_pipeline(spec.pipeline)
     if spec.scheduler:
-        import diffusers
-
-        pipe.scheduler = getattr(diffusers, spec.scheduler).from_config(pipe.scheduler.config)
+        pipe.scheduler = _check_scheduler(spec.scheduler).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     by_class = spec.class_labels is not None
     conditions = spec.class_labels if by_class else spec.prompts
     if not conditions:
-        raise ValueError("a hub or local pipeline needs --prompts FILE or --class-labels")
+        raise InputError(f"--pipeline {spec.pipeline!r} needs --prompts FILE or --class-labels")
+    if "clip_score" in spec.metrics and by_class:
+        raise InputError("metric clip_score needs --prompts (captions) on a hub or local pipeline")
     inputs = SuiteInputs(reference, extractor, classifier, None, clip_backend)
     return Source(pipe, inputs, conditions, by_class)
 
 
-def _save_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def _check_scheduler(name: str | None):
+    if name is None:
+        return None
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+        known = sorted(n for n in dir(diffusers) if n.endswith("Scheduler") and n[0].isupper())
+        raise InputError(f"--scheduler {name!r} is not a diffusers scheduler class; allowed: {', '.join(known)}")
+    return cls
 
 
-def _check_run_folder(out: Path, spec: RunSpec, dist: Dist) -> None:
-    """A run folder belongs to one set of settings and one process count; refuse to mix them."""
+def _load_pipeline(name: str):
+    from diffusers import DiffusionPipeline
+
+    path = Path(name).expanduser()
+    looks_local = name.startswith((".", "/", "~")) or path.exists() or name.count("/") > 1
+    if looks_local:
+        if not path.is_dir():
+            raise InputError(f"--pipeline {name!r}: no such folder; allowed: 'embedded', a hub id (owner/name) "
+                             "or a local diffusers pipeline folder")
+        if not (path / "model_index.json").is_file():
+            raise InputError(f"--pipeline {name!r} is not a diffusers pipeline folder (no model_index.json)")
+        return DiffusionPipeline.from_pretrained(path)
+    try:
+        return DiffusionPipeline.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise InputError(f"--pipeline {name!r} could not be loaded as a hub id ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0]}); allowed: 'embedded', a hub id (owner/name) reachable or "
+                         "cached, or a local pipeline folder") from None
+
+
+# ------------------------------------------------------------------------------------------- the run folder
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: not valid JSON ({e}); it was damaged outside guidance-eval: fix it or "
+                         "delete it (the finished checkpoints in state/ are kept and checked)") from None
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {str(out)!r} is a file; allowed: a new folder or a guidance-eval run folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "settings.json").is_file():
+        raise InputError(f"--out {str(out)!r} is a non-empty folder that no guidance-eval run made (no "
+                         "settings.json); pass a new folder, or an earlier run's folder to resume it")
+    existing = next(p for p in [out, *out.parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"--out {str(out)!r}: {existing} is not writable; pass a folder you can write to")
+
+
+def _check_run_folder(out: Path, spec: RunSpec, dist: Dist) -> dict:
+    """A run folder belongs to one set of run settings and one process count; it may gain strategy
+    settings. Returns the settings record to write (the folder's, plus this spec's new settings)."""
+    _check_out(out)
     settings_file = out / "settings.json"
-    identity = spec.identity()
+    record = {"run": spec.identity(), "settings": spec.settings_record()}
     if settings_file.is_file():
-        previous = json.loads(settings_file.read_text())
-        diff = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
+        previous = _read_json(settings_file)
+        if not isinstance(previous, dict) or not isinstance(previous.get("run"), dict):
+            raise InputError(f"{settings_file} was written by an older guidance-eval (or edited); use a new --out")
+        old, new = previous["run"], record["run"]
+        diff = [f"{k} (folder: {old.get(k)!r}, now: {new.get(k)!r})"
+                for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
         if diff:
-            raise ValueError(f"run folder {out} was made with other settings (differing: {', '.join(diff)}); "
-                             "use a new --out folder")
-    elif dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        settings_file.write_text(json.dumps(identity, indent=2))
+            raise InputError(f"run folder {out} was made with other settings (differing: {'; '.join(diff)}); "
+                             "rerun with the folder's values, or use a new --out")
+        settings = dict(previous.get("settings") or {})
+        for key, value in record["settings"].items():
+            if key in settings and settings[key] != value:
+                raise InputError(f"run folder {out} already holds setting {key!r} with strategy "
+                                 f"{settings[key]['strategy']!r}; now {value['strategy']!r}: give the changed "
+                                 "spec a new label, or use a new --out")
+            settings[key] = value
+        record["settings"] = settings
     # Each process resumes its own shard: the shards only line up with the same number of processes.
     others = sorted({p.name.split(".rank")[1][:-3] for p in (out / "state").glob("*.rank*-of-*.pt")}
                     - {f"{r}-of-{dist.world_size}" for r in range(dist.world_size)})
     if others:
-        raise ValueError(f"run folder {out} holds checkpoints of a run with another number of processes "
+        raise InputError(f"run folder {out} holds checkpoints of a run with another number of processes "
                          f"({', '.join(others)}); relaunch with that number, or use a new --out folder")
+    return record
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
 
 
 @dataclass
@@ -216,46 +317,121 @@ class SettingProgress:
     grid: list = field(default_factory=list)
 
 
+def _load_checkpoint(path: Path, suite: MetricSuite, setting: dict, num_batches: int) -> SettingProgress | None:
+    """The saved progress, loaded into ``suite``; None (with a message) when there is none or it is unusable."""
+    if not path.is_file():
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved.get("version") != CHECKPOINT_VERSION or saved.get("setting") != setting:
+            _log(f"{path}: made for another setting or by another version; recomputing this setting")
+            return None
+        done = int(saved["done_batches"])
+        if not 0 <= done <= num_batches:
+            raise ValueError(f"done_batches={done} is outside 0..{num_batches}")
+        suite.load_state_dict(saved["metrics"])
+        return SettingProgress(done, float(saved["nfe_sum"]), float(saved["seconds"]), list(saved["grid"]))
+    except Exception as e:  # truncated, zero bytes, not a checkpoint, states of other shapes: all recomputed
+        suite.reset()
+        _log(f"{path} is corrupt or truncated ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+             "recomputing this setting from its first batch")
+        return None
+
+
+def _save_checkpoint(path: Path, suite: MetricSuite, setting: dict, prog: SettingProgress) -> None:
+    atomic_save({"version": CHECKPOINT_VERSION, "setting": setting, "metrics": suite.state_dict(),
+                 "done_batches": prog.done_batches, "nfe_sum": prog.nfe_sum, "seconds": prog.seconds,
+                 "grid": prog.grid}, path)
+
+
+# ------------------------------------------------------------------------------------------------- the run
+
+
+class Progress:
+    """One line for the whole run: setting k of N, images done over all settings, total ETA (tqdm)."""
+
+    def __init__(self, total: int, enabled: bool):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, unit="img", disable=not enabled, dynamic_ncols=True, smoothing=0.1)
+
+    def start(self, k: int, n: int, key: str, already: int) -> None:
+        self.bar.set_description(f"setting {k}/{n} {key}")
+        # Images finished before this launch: counted, but not in the rate (they took no time now).
+        self.bar.n += already
+        self.bar.last_print_n = self.bar.n
+        self.bar.refresh()
+
+    def update(self, n: int) -> None:
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def run_setting(spec: RunSpec, source: Source, key: str, strategy_config: dict | None, scale: float,
-                state_path: Path, progress: bool = True, dist: Dist = Dist(), device: str | None = None) -> dict:
+                state_path: Path, progress: Progress | None = None, dist: Dist = Dist(), device: str | None = None,
+                checkpoint_seconds: float = CHECKPOINT_SECONDS) -> dict:
     from pipelines import apply_guidance
 
     device = device or spec.device
     suite = MetricSuite(spec.metrics, source.inputs, torch.device(device), spec.num_images)
-    prog = SettingProgress()
-    if state_path.is_file():
-        saved = torch.load(state_path, map_location="cpu", weights_only=True)
-        suite.load_state_dict(saved["metrics"])
-        prog = SettingProgress(int(saved["done_batches"]), float(saved["nfe_sum"]), float(saved["seconds"]),
-                               list(saved["grid"]))
     shard = dist.shard(spec.num_images)
     # Every process runs the same number of loop iterations (a shorter shard idles through the last
-    # one) so that the per-batch progress reduction stays in step.
+    # one) so that the per-batch reductions stay in step.
     num_batches = math.ceil(math.ceil(spec.num_images / dist.world_size) / spec.batch_size)
-    done = dist.sum(len(shard[: prog.done_batches * spec.batch_size]))
-    bar = tqdm(total=spec.num_images, initial=int(done), desc=key, unit="img",
-               disable=not (progress and dist.is_main), dynamic_ncols=True)
-    for b in range(prog.done_batches, num_batches):
-        indices = shard[b * spec.batch_size:(b + 1) * spec.batch_size]
-        if indices:
-            images, nfe, seconds = _generate(source, spec, strategy_config, scale, indices, device, apply_guidance)
-            prog.seconds += seconds
-            suite.update(images.to(device), source.labels(indices), source.prompts(indices), torch.tensor(indices))
-            prog.nfe_sum += nfe
-            room = spec.grid_size - sum(len(g) for g in prog.grid)
-            if room > 0:
-                prog.grid.append(images[:room].cpu())
-        prog.done_batches = b + 1
-        _save_atomic(state_path, {"metrics": suite.state_dict(), "done_batches": prog.done_batches,
-                                  "nfe_sum": prog.nfe_sum, "seconds": prog.seconds, "grid": prog.grid})
-        bar.update(int(dist.sum(len(indices))))
-    bar.close()
+    setting = {"key": key, "strategy": strategy_config, "scale": scale}
+    prog = _load_checkpoint(state_path, suite, setting, num_batches)
+    # All processes must resume at the same batch: if one lost its checkpoint, all start this setting over.
+    if dist.world_size > 1 and dist.min(-1 if prog is None else prog.done_batches) != dist.max(
+            -1 if prog is None else prog.done_batches):
+        _log(f"{key}: the processes' checkpoints disagree; recomputing this setting on every process")
+        suite.reset()
+        prog = None
+    prog = prog or SettingProgress()
+    if progress is not None:
+        progress.start(*progress_position(spec, key), int(dist.sum(len(shard[: prog.done_batches * spec.batch_size]))))
+    last_save, saved_batches = time.monotonic(), prog.done_batches
+    try:
+        for b in range(prog.done_batches, num_batches):
+            indices = shard[b * spec.batch_size:(b + 1) * spec.batch_size]
+            if indices:
+                images, nfe, seconds = _generate(source, spec, strategy_config, scale, indices, device,
+                                                 apply_guidance)
+                prog.seconds += seconds
+                suite.update(images.to(device), source.labels(indices), source.prompts(indices),
+                             torch.tensor(indices))
+                prog.nfe_sum += nfe
+                room = spec.grid_size - sum(len(g) for g in prog.grid)
+                if room > 0:
+                    prog.grid.append(images[:room].cpu())
+            prog.done_batches = b + 1
+            # One reduction per batch carries both the progress count and rank 0's decision to checkpoint,
+            # so that all processes checkpoint at the same batch.
+            due = dist.is_main and time.monotonic() - last_save >= checkpoint_seconds
+            count, save = dist.sum_many([len(indices), float(due)])
+            if save or b + 1 == num_batches:
+                _save_checkpoint(state_path, suite, setting, prog)
+                last_save, saved_batches = time.monotonic(), prog.done_batches
+            if progress is not None:
+                progress.update(int(count))
+    except KeyboardInterrupt:
+        # Ctrl-C: keep the finished batches. (Not under several processes: they may stop at different
+        # batches, and their checkpoints must agree.)
+        if dist.world_size == 1 and prog.done_batches > saved_batches:
+            _save_checkpoint(state_path, suite, setting, prog)
+        raise
     metrics = suite.compute()  # torchmetrics reduces the states over all processes here
     nfe_sum, seconds = dist.sum(prog.nfe_sum), dist.sum(prog.seconds)
     row = {"setting": key, "label": key.rsplit("@", 1)[0], "scale": scale, "strategy": strategy_config,
            "num_images": spec.num_images, **metrics,
            "nfe_per_image": nfe_sum / spec.num_images, "seconds_per_image": seconds / spec.num_images}
     return {"row": row, "grid": torch.cat(prog.grid) if prog.grid else None, "describe": suite.describe()}
+
+
+def progress_position(spec: RunSpec, key: str) -> tuple[int, int, str]:
+    keys = [k for k, _, _ in spec.settings()]
+    return keys.index(key) + 1, len(keys), key
 
 
 def _generate(source: Source, spec: RunSpec, strategy_config: dict | None, scale: float, indices: list[int],
@@ -274,35 +450,68 @@ def _generate(source: Source, spec: RunSpec, strategy_config: dict | None, scale
     return images, nfe, time.perf_counter() - start
 
 
-def run(spec: RunSpec, out: str | Path, progress: bool = True, source: Source | None = None) -> list[dict]:
-    """Evaluate every setting of `spec` into `out`; returns the result rows (also written to disk)."""
-    from .report import write_grid, write_report
+@dataclass
+class Prepared:
+    """A checked run: nothing written yet."""
 
+    spec: RunSpec
+    out: Path
+    dist: Dist
+    device: str
+    source: Source
+    record: dict
+
+
+def prepare(spec: RunSpec, out: str | Path, source: Source | None = None) -> Prepared:
+    """Check the spec, the output folder, the device, the reference, the pipeline and the metrics;
+    write nothing. Every refusal is an InputError naming the input and the fix."""
     out = Path(out)
+    check_device(spec.device)
     dist, device = init_distributed(spec.device)
     if spec.num_images < dist.world_size:
-        raise ValueError(f"num_images={spec.num_images} is below the number of processes ({dist.world_size})")
-    _check_run_folder(out, spec, dist)
-    dist.barrier()
-    (out / "state").mkdir(parents=True, exist_ok=True)
+        raise InputError(f"num_images={spec.num_images} is below the number of processes ({dist.world_size})")
+    record = _check_run_folder(out, spec, dist)
     source = source or load_source(spec, device=device)
+    MetricSuite(spec.metrics, source.inputs, torch.device(device), spec.num_images)  # its own checks
+    return Prepared(spec, out, dist, device, source, record)
+
+
+def execute(job: Prepared, progress: bool = True, checkpoint_seconds: float = CHECKPOINT_SECONDS) -> list[dict]:
+    """Evaluate every setting into the folder; returns the result rows (also written to disk)."""
+    from .report import write_grid, write_report
+
+    spec, out, dist = job.spec, job.out, job.dist
+    if dist.is_main:
+        (out / "state").mkdir(parents=True, exist_ok=True)
+        for stale in remove_stale_tmp(out):
+            _log(f"removed {stale}, a partial file left by an interrupted run")
+        atomic_write_text(out / "settings.json", json.dumps(job.record, indent=2))
+    dist.barrier()
     rows, describe = [], {}
-    for key, config, scale in spec.settings():
-        state_path = out / "state" / f"{_safe(key)}.rank{dist.rank}-of-{dist.world_size}.pt"
-        result = run_setting(spec, source, key, config, scale, state_path, progress, dist, device)
-        rows.append(result["row"])
-        describe = result["describe"] or describe
-        if not dist.is_main:
-            continue
-        if result["grid"] is not None:
-            write_grid(result["grid"], out / "grids" / f"{_safe(key)}.png")
-        (out / "results.json").write_text(json.dumps({"settings": spec.identity(), "metrics": describe,
-                                                      "rows": rows, "processes": dist.world_size}, indent=2))
+    bar = Progress(len(spec.settings()) * spec.num_images, progress and dist.is_main)
+    try:
+        for key, config, scale in spec.settings():
+            state_path = out / "state" / f"{safe_name(key)}.rank{dist.rank}-of-{dist.world_size}.pt"
+            result = run_setting(spec, job.source, key, config, scale, state_path, bar, dist, job.device,
+                                 checkpoint_seconds)
+            rows.append(result["row"])
+            describe = result["describe"] or describe
+            if not dist.is_main:
+                continue
+            if result["grid"] is not None:
+                write_grid(result["grid"], out / "grids" / f"{safe_name(key)}.png")
+            atomic_write_text(out / "results.json", json.dumps(
+                {"settings": spec.identity(), "metrics": describe, "rows": rows, "processes": dist.world_size},
+                indent=2))
+    finally:
+        bar.close()
     if dist.is_main:
         write_report(out)
     dist.barrier()
     return rows
 
 
-def _safe(key: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_.@" else "_" for c in key)
+def run(spec: RunSpec, out: str | Path, progress: bool = True, source: Source | None = None,
+        checkpoint_seconds: float = CHECKPOINT_SECONDS) -> list[dict]:
+    """Evaluate every setting of `spec` into `out`; returns the result rows (also written to disk)."""
+    return execute(prepare(spec, out, source), progress, checkpoint_seconds)

@@ -2,11 +2,13 @@
 
 `MetricSuite` wires the metric objects (which know nothing of pipelines) to the batch runner: one
 `update(images, labels, prompts)` per batch, `compute()` at the end, and `state_dict()` /
-`load_state_dict()` so that a run can checkpoint after every batch and resume exactly.
+`load_state_dict()` (through torchmetrics' public `metric_state` / `merge_state`) so that a run can
+checkpoint and resume exactly.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -19,36 +21,35 @@ from .fid import ReferenceStats
 from .inception import InceptionFeatures
 from .metrics import InceptionMetrics
 from .saturation import Saturation
-
-METRIC_NAMES = ("fid", "kid", "pr", "saturation", "class_accuracy", "clip_score")
-
-
-def check_metrics(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
-    unknown = [n for n in names if n not in METRIC_NAMES]
-    if unknown or not names:
-        raise ValueError(f"metrics={list(names)!r}: unknown {unknown}; allowed: {', '.join(METRIC_NAMES)}")
-    return tuple(dict.fromkeys(names))
+from .spec import METRIC_NAMES, InputError, check_metrics  # noqa: F401 (re-exported)
 
 
-def metric_state(metric: Metric) -> dict[str, Tensor]:
-    """A torchmetrics metric's states as tensors (list states concatenated), on the CPU."""
-    out = {}
-    for name, default in metric._defaults.items():
-        value = getattr(metric, name)
-        if isinstance(default, list):
-            value = torch.cat(value) if value else torch.empty(0)
-        out[name] = value.detach().cpu()
-    out["_update_count"] = torch.tensor(metric._update_count)
+
+def metric_state(metric: Metric) -> dict[str, Tensor | list[Tensor]]:
+    """A torchmetrics metric's states (its public ``metric_state``) on the CPU, list states as one tensor."""
+    out: dict[str, Tensor | list[Tensor]] = {}
+    for name, value in metric.metric_state.items():
+        if isinstance(value, list):
+            out[name] = [torch.cat(value).detach().cpu()] if value else []
+        else:
+            out[name] = value.detach().cpu()
     return out
 
 
-def load_metric_state(metric: Metric, state: dict[str, Tensor]) -> None:
+def load_metric_state(metric: Metric, state: dict[str, Tensor | list[Tensor]]) -> None:
+    """Restore saved states into a metric: reset, then torchmetrics' ``merge_state`` (sum / cat of the
+    saved states into the defaults, i.e. the saved values exactly)."""
+    metric.reset()
+    expected = set(metric.metric_state)
+    if set(state) != expected:
+        raise ValueError(f"saved metric states {sorted(state)} do not match {type(metric).__name__}'s {sorted(expected)}")
     device = metric.device
-    for name, default in metric._defaults.items():
-        value = state[name].to(device)
-        setattr(metric, name, ([value] if value.numel() else []) if isinstance(default, list) else value)
-    metric._update_count = int(state["_update_count"])
-    metric._computed = None
+    moved = {k: [t.to(device) for t in v] if isinstance(v, list) else v.to(device) for k, v in state.items()}
+    for name, default in metric.metric_state.items():
+        if isinstance(default, Tensor) and moved[name].shape != default.shape:
+            raise ValueError(f"saved state {name} has shape {tuple(moved[name].shape)}, "
+                             f"{type(metric).__name__} needs {tuple(default.shape)}")
+    metric.merge_state(moved)
 
 
 @dataclass
@@ -69,7 +70,7 @@ class MetricSuite:
         inception = [n for n in self.names if n in ("fid", "kid", "pr")]
         if inception:
             if inputs.reference is None or inputs.extractor is None:
-                raise ValueError(f"metrics {inception} need reference statistics (--reference)")
+                raise InputError(f"metrics {inception} need reference statistics (--reference)")
             # KID subsets of 1000 (torch-fidelity / torchmetrics default), fewer for small runs.
             subset = min(1000, num_images, inputs.reference.n if inputs.reference.features is None
                          else inputs.reference.features.shape[0])
@@ -79,12 +80,12 @@ class MetricSuite:
             self.metrics["saturation"] = Saturation()
         if "class_accuracy" in self.names:
             if inputs.classifier is None:
-                raise ValueError("metric class_accuracy needs a classifier (the embedded model has one; "
-                                 "pass --classifier for other pipelines)")
+                raise InputError("metric class_accuracy needs a classifier: the embedded model has one; for "
+                                 "other pipelines pass one to evaluation.runner.load_source(classifier=...)")
             self.metrics["class_accuracy"] = ClassAccuracy(inputs.classifier, inputs.num_classes)
         if "clip_score" in self.names:
             if inputs.clip_backend is None:
-                raise ValueError("metric clip_score needs CLIP weights (--clip-model / --clip-pretrained)")
+                raise InputError("metric clip_score needs CLIP weights: --clip-model NAME --clip-pretrained TAG_OR_FILE")
             self.metrics["clip_score"] = ClipScore(inputs.clip_backend)
         for metric in self.metrics.values():
             metric.to(device)
@@ -105,7 +106,11 @@ class MetricSuite:
     def compute(self) -> dict[str, float]:
         out: dict[str, float] = {}
         for key, metric in self.metrics.items():
-            value = metric.compute()
+            with warnings.catch_warnings():
+                # A setting resumed from a finished checkpoint has merged states but no update in this
+                # process; torchmetrics warns about that although the states are complete.
+                warnings.filterwarnings("ignore", message=".*was called before the ``update`` method.*")
+                value = metric.compute()
             if key == "class_accuracy":
                 out["class_accuracy"] = float(value["accuracy"])
             elif key == "clip_score":
@@ -127,5 +132,11 @@ class MetricSuite:
         return {key: metric_state(metric) for key, metric in self.metrics.items()}
 
     def load_state_dict(self, state: dict[str, dict[str, Tensor]]) -> None:
+        if set(state) != set(self.metrics):
+            raise ValueError(f"saved metrics {sorted(state)} are not this suite's {sorted(self.metrics)}")
         for key, metric in self.metrics.items():
             load_metric_state(metric, state[key])
+
+    def reset(self) -> None:
+        for metric in self.metrics.values():
+            metric.reset()

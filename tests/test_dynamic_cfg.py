@@ -300,12 +300,12 @@ def test_clean_lookahead_scores_the_clamped_x0_estimate_at_t0():
 SHIPPED = default_evaluators_dir()
 
 
-def test_shipped_evaluators_are_small_and_informative():
+def test_shipped_evaluators_are_small_and_informative(cifar10_dir):
     from pipelines.embedded.training.common import load_cifar10, to_model_range
 
     size = sum(f.stat().st_size for f in SHIPPED.rglob("*") if f.is_file())
     assert size < 2_000_000
-    images, labels = load_cifar10(Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10", "test")
+    images, labels = load_cifar10(cifar10_dir, "test")
     x, y = to_model_range(images[:200]), labels[:200]
     t = torch.zeros(200)
     align = load_embedded_evaluator("alignment")

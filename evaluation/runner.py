@@ -39,7 +39,7 @@ from guidance import from_config
 from .atomic import atomic_save, atomic_write_text, remove_stale_tmp
 from .distributed import Dist, init_distributed
 from .spec import (EMBEDDED_DEFAULT_REFERENCE, SHIPPED_REFERENCES, InputError, RunSpec, StrategySpec, check_device,
-                   reference_path, safe_name)
+                   check_local_pipeline, reference_path, safe_name)
 from .suite import MetricSuite, SuiteInputs
 
 __all__ = ["RunSpec", "StrategySpec", "InputError", "SHIPPED_REFERENCES", "EMBEDDED_REFERENCE", "TIMING_KEYS",
@@ -234,14 +234,8 @@ def _check_scheduler(name: str | None):
 def _load_pipeline(name: str):
     from diffusers import DiffusionPipeline
 
-    path = Path(name).expanduser()
-    looks_local = name.startswith((".", "/", "~")) or path.exists() or name.count("/") > 1
-    if looks_local:
-        if not path.is_dir():
-            raise InputError(f"--pipeline {name!r}: no such folder; allowed: 'embedded', a hub id (owner/name) "
-                             "or a local diffusers pipeline folder")
-        if not (path / "model_index.json").is_file():
-            raise InputError(f"--pipeline {name!r} is not a diffusers pipeline folder (no model_index.json)")
+    path = check_local_pipeline(name)
+    if path is not None:
         return DiffusionPipeline.from_pretrained(path)
     try:
         return DiffusionPipeline.from_pretrained(name)

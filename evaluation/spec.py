@@ -115,7 +115,11 @@ def read_strategies(value: str) -> list[StrategySpec]:
         if not path.is_file():
             raise InputError(f"--strategies {value!r}: no such file; pass a JSON file or the JSON itself, "
                              f"e.g. '[{SPEC_EXAMPLE}]'")
-        text, source = path.read_text(), f"--strategies {value}"
+        source = f"--strategies {value}"
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError:
+            raise InputError(f"{source} is not a UTF-8 text file; pass a JSON file") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -142,6 +146,19 @@ def canonical_reference(reference: str | None, pipeline: str) -> str | None:
 
 def reference_path(reference: str) -> Path:
     return SHIPPED_REFERENCES.get(reference, Path(reference))
+
+
+def check_local_pipeline(name: str) -> Path | None:
+    """A local pipeline folder (checked), or None for a hub id (owner/name)."""
+    path = Path(name).expanduser()
+    if not (name.startswith((".", "/", "~")) or path.exists() or name.count("/") > 1):
+        return None
+    if not path.is_dir():
+        raise InputError(f"--pipeline {name!r}: no such folder; allowed: 'embedded', a hub id (owner/name) "
+                         "or a local diffusers pipeline folder")
+    if not (path / "model_index.json").is_file():
+        raise InputError(f"--pipeline {name!r} is not a diffusers pipeline folder (no model_index.json)")
+    return path
 
 
 def check_device(device: str) -> str:
@@ -210,6 +227,11 @@ class RunSpec:
             raise InputError(f"class_labels={self.class_labels!r}; allowed: a non-empty list of class ids >= 0")
         if self.prompts is not None and self.class_labels is not None:
             raise InputError("--prompts and --class-labels were both given; a pipeline is conditioned on one")
+        if self.pipeline != "embedded":
+            check_local_pipeline(self.pipeline)
+        if self.pipeline != "embedded" and self.prompts is None and self.class_labels is None:
+            raise InputError(f"--pipeline {self.pipeline!r} needs --prompts FILE (text-to-image) or --class-labels "
+                             "(class-conditional)")
         if self.pipeline == "embedded" and self.prompts is not None:
             raise InputError("--prompts: the embedded pipeline is class-conditional and takes no prompts; "
                              "use --class-labels (or a text-to-image --pipeline)")

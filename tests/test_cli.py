@@ -118,6 +118,11 @@ BAD_FLAGS = {
     "--clip-pretrained missing": (["--metrics", "clip_score", "--clip-model", "ViT-B-32", "--clip-pretrained",
                                    "/nonexistent/w.safetensors"], "checkpoint not found"),
     "--reference missing": (["--metrics", "fid", "--reference", "missing.npz"], "no such file"),
+    "hub pipeline without conditions": (["--pipeline", "owner/model"], "needs --prompts FILE"),
+    "--strategies not UTF-8": (["--strategies", "BINARY"], "not a UTF-8 text file"),
+    "kid without reference features": (["--metrics", "kid", "--reference", "NOFEATURES"], "keep_features=True"),
+    "pr with 3 reference features": (["--metrics", "pr", "--num-images", "4", "--reference", "FEW"],
+                                     "need at least 4"),
 }
 
 
@@ -126,8 +131,14 @@ def test_bad_flags_exit_2_naming_them(extra, message, tmp_path, capsys):
     (tmp_path / "p.txt").write_text("a cat\n")
     (tmp_path / "empty.txt").write_text("\n \n")
     (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00\x81")
+    if "NOFEATURES" in extra or "FEW" in extra:
+        features = torch.randn(3, 2048, dtype=torch.float64)
+        ReferenceStats(features.mean(0), torch.eye(2048, dtype=torch.float64), 3, "legacy_tf",
+                       "inception-2015-12-05-pool3", features.float() if "FEW" in extra else None).save(
+            tmp_path / "ref.npz")
     subs = {"PROMPTS": tmp_path / "p.txt", "EMPTY": tmp_path / "empty.txt", "BINARY": tmp_path / "bin.txt",
-            "TMP": tmp_path, "missing.txt": tmp_path / "missing.txt", "missing.npz": tmp_path / "missing.npz"}
+            "TMP": tmp_path, "missing.txt": tmp_path / "missing.txt", "missing.npz": tmp_path / "missing.npz",
+            "NOFEATURES": tmp_path / "ref.npz", "FEW": tmp_path / "ref.npz"}
     code, err = cli(run_argv(tmp_path / "o", [CFG], *[subs.get(a, a) for a in extra]), capsys)
     assert code == 2
     assert_one_line(err, 2, message)

@@ -174,7 +174,6 @@ def prepare_report(args):
 
 
 def prepare_stats(args):
-    from .atomic import remove_stale_tmp  # noqa: F401 (the partial file is cleaned by atomic_save itself)
     from .images import load_image_source
     from .inception import InceptionFeatures
     from .spec import check_device, default_device

@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -390,16 +389,19 @@ def test_stats_bad_inputs(case, tmp_path, capsys):
 
 
 def test_help_is_fast_and_imports_no_torch():
-    code = ("import sys, time; t = time.perf_counter(); from evaluation.cli import build_parser; "
-            "build_parser().format_help(); print(time.perf_counter() - t, 'torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parents[1]).stdout.split()
-    assert out[1] == "False"  # torch alone takes seconds to import
-    assert float(out[0]) < 2.0
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "evaluation.cli", "run", "--help"], capture_output=True, check=True,
-                   cwd=Path(__file__).resolve().parents[1])
-    assert time.perf_counter() - start < 2.0
+    """`guidance-eval run --help` in a fresh interpreter: no torch import (which alone takes seconds) and
+    under 2 s of CPU time for the whole process (CPU, not wall time: the test machine is shared)."""
+    code = ("import sys, time, contextlib, io\n"
+            "from evaluation.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+            "    try: main(['run', '--help'])\n"
+            "    except SystemExit: pass\n"
+            "print(time.process_time(), 'torch' in sys.modules, '--clip-pretrained' in out.getvalue())")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    seconds, torch_imported, complete = result.stdout.split()
+    assert torch_imported == "False" and complete == "True"
+    assert float(seconds) < 2.0
 
 
 def test_one_progress_line_for_the_whole_run(tmp_path, capsys):

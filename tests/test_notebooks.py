@@ -16,8 +16,8 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.i
 MAX_BYTES = 600_000  # per notebook, outputs included: small images only
 
 
-def execute(nb, folder) -> None:
-    NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(folder)}}).execute()
+def execute(nb, folder, timeout: int = 900) -> None:
+    NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(folder)}}).execute()
 
 
 def outputs(nb) -> list[dict]:
@@ -52,6 +52,6 @@ if __name__ == "__main__":
 
     for path in (Path(p) for p in sys.argv[1:]) if sys.argv[1:] else NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
-        execute(nb, tempfile.mkdtemp())
+        execute(nb, tempfile.mkdtemp(), timeout=3600)  # per cell; a shared machine can be slow
         nbformat.write(nb, path)
         print(f"{path}: {path.stat().st_size} bytes, {image_count(nb)} images")

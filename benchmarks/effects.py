@@ -155,6 +155,7 @@ def main(argv=None) -> None:
                                  progress=False, device=args.device)
             row = {**item, **result["row"], "key": item["key"], "group": item["group"], "steps": STEPS,
                    "seed": args.seed, "replicates": args.replicates}
+            row["num_images"] = n  # the metrics' own count arrives as a float
             row["class_correct"] = round(row["class_accuracy"] * n)
             row["recall_reference_n"] = None if real is None else int(real.shape[0])
             row["boot"] = bootstrap(state_path, reference, n, args.replicates, real, real_radii)

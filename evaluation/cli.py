@@ -55,6 +55,7 @@ def demo_strategies(steps: int) -> list[dict]:
     elucd = next(s for s in strategies if s["label"] == "EluCD")
     weak = {"name": elucd["strategy"]["name"], "params": {**elucd["strategy"]["params"], "scale": 0.02}}
     strategies.insert(strategies.index(elucd), {**elucd, "label": "EluCD 0.02", "strategy": weak})
+    elucd["label"] = "EluCD 0.05"
     coefficients = WEIGHTS_DIR / "linear_ag" / f"embedded-ddim-{steps}.safetensors"
     extra = [{"label": "LinearAG", "strategy": {"name": "LinearAG", "params": {"coefficients": str(coefficients)}},
               "scales": [3.0]}] if coefficients.is_file() else []

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's packages, not an installed copy
 
 from effects_stats import bootstrap_counts, weighted_fid, weighted_mean  # noqa: E402
 
@@ -82,7 +83,7 @@ def plan() -> list[dict]:
 
 
 def bootstrap(state_path: Path, reference, n: int, replicates: int, real_features: Tensor | None = None,
-              real_radii=None) -> dict[str, list[float]]:
+              real_radii=None, device: str = "cpu") -> dict[str, list[float]]:
     """Bootstrap replicates of FID, mean saturation and precision from a finished row's checkpoint."""
     from evaluation.precision_recall import _squared_distances
 
@@ -92,7 +93,7 @@ def bootstrap(state_path: Path, reference, n: int, replicates: int, real_feature
     saturation = metrics["saturation"]["saturation"][:n]
     counts = bootstrap_counts(n, replicates)
     mu, sigma = reference.on("cpu")
-    out = {"fid": weighted_fid(features, mu, sigma, counts).tolist(),
+    out = {"fid": weighted_fid(features.to(device), mu, sigma, counts).tolist(),
            "saturation_mean": weighted_mean(saturation, counts).tolist()}
     if real_features is not None:
         real = real_features.double()
@@ -158,7 +159,7 @@ def main(argv=None) -> None:
             row["num_images"] = n  # the metrics' own count arrives as a float
             row["class_correct"] = round(row["class_accuracy"] * n)
             row["recall_reference_n"] = None if real is None else int(real.shape[0])
-            row["boot"] = bootstrap(state_path, reference, n, args.replicates, real, real_radii)
+            row["boot"] = bootstrap(state_path, reference, n, args.replicates, real, real_radii, args.device)
             row["finished_utc"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
             data = load_rows(rows_path)  # re-read: the report may have been rendered meanwhile
             data["meta"] = {"steps": STEPS, "scheduler": "DDIM (shipped)", "metrics": list(METRICS),

@@ -14,8 +14,9 @@
 
 FID replicates use the N x N form of the trace term: for features X (N, d) with multiplicities c,
 the nonzero eigenvalues of sqrt(S_ref) S_c sqrt(S_ref) are those of D (X - mu_c) S_ref (X - mu_c)^T
-D / (n - 1), D = diag(sqrt c); one Gram matrix X S_ref X^T serves every replicate (N < d here:
-a 1,300-square eigvalsh per replicate instead of a 2,048-square one plus a d x d x N product).
+D / (n - 1), D = diag(sqrt c); one Gram matrix X S_ref X^T serves every replicate (for N up to
+about 3,000: a 1,300-square eigvalsh per replicate at N = 2,000 instead of a 2,048-square one plus a
+d x d x N product). Larger N uses the d x d form; both run on the features' device.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import math
 import numpy as np
 import torch
 from torch import Tensor
+
+from evaluation.fid import sqrtm_psd
 
 Z95 = 1.959963984540054
 
@@ -76,24 +79,33 @@ def weighted_fid(features: Tensor, ref_mu: Tensor, ref_sigma: Tensor, counts: Te
     counts of all ones gives the ordinary FID of the features (checked against `frechet_distance`).
     """
     x = features.double()
-    ref_mu, ref_sigma = ref_mu.double(), ref_sigma.double()
-    gram = x @ ref_sigma @ x.T  # computed once: X S_ref X^T
+    ref_mu, ref_sigma = ref_mu.double().to(x.device), ref_sigma.double().to(x.device)
+    counts = counts.double().to(x.device)
+    d = x.shape[1]
+    small = (counts > 0).sum(1).max() <= d  # every replicate keeps at most d distinct images
+    gram = x @ ref_sigma @ x.T if small else None  # computed once: X S_ref X^T
+    root = None if small else sqrtm_psd(ref_sigma)
     sq_norms = x.square().sum(1)
     base = ref_sigma.trace() + ref_mu.square().sum()
     out = []
-    for c in counts.double():
+    for c in counts:
         keep = c > 0
-        ck, xk, gk = c[keep], x[keep], gram[keep][:, keep]
+        ck, xk = c[keep], x[keep]
         n = ck.sum()
         mu = ck @ xk / n
-        v = gk @ ck / n  # rows of X S_ref mu
-        s = ck @ v / n  # mu^T S_ref mu
-        root_c = ck.sqrt()
-        m = (gk - v[:, None] - v[None, :] + s) * root_c[:, None] * root_c[None, :] / (n - 1)
+        if small:  # N x N form
+            gk = gram[keep][:, keep]
+            v = gk @ ck / n  # rows of X S_ref mu
+            s = ck @ v / n  # mu^T S_ref mu
+            root_c = ck.sqrt()
+            m = (gk - v[:, None] - v[None, :] + s) * root_c[:, None] * root_c[None, :] / (n - 1)
+        else:  # d x d form: sqrt(S_ref) S_c sqrt(S_ref)
+            centred = xk - mu
+            m = root @ ((centred * ck[:, None]).T @ centred / (n - 1)) @ root
         trace_sqrt = torch.linalg.eigvalsh(m).clamp_min(0).sqrt().sum()
         trace_s2 = (ck @ sq_norms[keep] - n * mu.square().sum()) / (n - 1)
         out.append(base - 2 * ref_mu @ mu + mu.square().sum() + trace_s2 - 2 * trace_sqrt)
-    return torch.stack(out)
+    return torch.stack(out).cpu()
 
 
 def weighted_mean(values: Tensor, counts: Tensor) -> Tensor:

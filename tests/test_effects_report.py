@@ -26,9 +26,10 @@ def test_wilson_and_newcombe_match_published_values():
         wilson(11, 10)
 
 
-def test_weighted_fid_equals_the_fid_of_the_repeated_features():
+@pytest.mark.parametrize("d", [8, 16])  # 12 images: the d x d form (d = 8) and the N x N form (d = 16)
+def test_weighted_fid_equals_the_fid_of_the_repeated_features(d):
     g = torch.Generator().manual_seed(0)
-    d, n = 8, 12  # n > d and n < d both occur in the replicates' kept rows
+    n = 12
     ref = torch.randn(40, d, generator=g, dtype=torch.float64)
     ref_mu, ref_sigma = ref.mean(0), torch.cov(ref.T)
     x = torch.randn(n, d, generator=g, dtype=torch.float64) * 1.3 + 0.2

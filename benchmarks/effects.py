@@ -42,7 +42,7 @@ Tensor = torch.Tensor
 METRICS = ("fid", "pr", "saturation", "class_accuracy")
 
 
-def plan() -> list[dict]:
+def plan(steps: int = STEPS) -> list[dict]:
     """Rows in order of decision value: each question gets a first answer before any gets a second."""
     from pipelines.embedded import WEIGHTS_DIR
 
@@ -50,14 +50,14 @@ def plan() -> list[dict]:
         config = None if strategy is None else strategy.to_config()
         return {"key": f"{label}@{scale:g}", "group": group, "label": label, "scale": float(scale), "strategy": config}
 
-    linear_ag = LinearAG(str(WEIGHTS_DIR / "linear_ag" / f"embedded-ddim-{STEPS}.safetensors"))
-    return [
+    coefficients = WEIGHTS_DIR / "linear_ag" / f"embedded-ddim-{steps}.safetensors"  # fitted per step count
+    rows = [
         # (a) APG's claim is at high scales, where CFG oversaturates
         row("a", "CFG", CFG(), 10), row("a", "APG", APG(), 10),
         # (b) adaptive vs static truncation at equal NFE, all at w = 3 (CFG@3 is their full-NFE end)
         row("a", "CFG", CFG(), 3), row("b", "Interval 0-0.25", Interval(CFG(), 0.0, 0.25), 3),
         row("b", "AG x0 0.995", AdaptiveGuidance(threshold=0.995, similarity_space="x0"), 3),
-        row("b", "LinearAG", linear_ag, 3),
+        row("b", "LinearAG", LinearAG(str(coefficients)), 3) if coefficients.is_file() else None,
         # (d) Dynamic CFG against the top of the fixed-scale curve
         row("a", "CFG", CFG(), 15), row("d", "DynamicCFG alignment", DynamicCFG(evaluators=["alignment"]), 3),
         row("d", "DynamicCFG default", DynamicCFG(), 3),
@@ -80,6 +80,7 @@ def plan() -> list[dict]:
         row("a", "APG r=5", APG(norm_threshold=5.0), 10), row("a", "APG r=1", APG(norm_threshold=1.0), 10),
         row("a", "CFG", CFG(), 20), row("d", "DynamicCFG fixed weights", DynamicCFG(weighting="fixed"), 3),
     ]
+    return [r for r in rows if r is not None]
 
 
 def bootstrap(state_path: Path, reference, n: int, replicates: int, real_features: Tensor | None = None,
@@ -116,6 +117,7 @@ def main(argv=None) -> None:
     p.add_argument("--replicates", type=int, default=200, help="bootstrap replicates per row")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=STEPS, help="DDIM steps (20; fewer only for smoke runs)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
@@ -124,11 +126,19 @@ def main(argv=None) -> None:
     if any(n % args.batch_size for n in args.stages) or args.stages != sorted(args.stages):
         raise ValueError(f"--stages {args.stages}: allowed: increasing multiples of --batch-size {args.batch_size}")
     rows_path = args.out / "rows.json"
+    previous = load_rows(rows_path).get("meta", {})
+    for name in ("steps", "seed", "batch_size"):
+        if name in previous and previous[name] != getattr(args, name):
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: {rows_path} holds rows made with "
+                             f"{previous[name]}; allowed: the same, or a new --out and --state")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.state / "state").mkdir(parents=True, exist_ok=True)
-    todo = [r for r in plan() if args.only is None or r["key"] in args.only]
+    todo = [r for r in plan(args.steps) if args.only is None or r["key"] in args.only]
+    unknown = set(args.only or ()) - {r["key"] for r in todo}
+    if unknown:
+        raise ValueError(f"--only: {sorted(unknown)} not in the plan; allowed: {[r['key'] for r in plan(args.steps)]}")
     spec = RunSpec([StrategySpec("CFG", None, [3.0])], num_images=args.stages[0], batch_size=args.batch_size,
-                   seed=args.seed, steps=STEPS, metrics=METRICS, reference="cifar10-train", device=args.device)
+                   seed=args.seed, steps=args.steps, metrics=METRICS, reference="cifar10-train", device=args.device)
     source = load_source(spec)
     reference = source.inputs.reference
     real = reference.features
@@ -149,12 +159,12 @@ def main(argv=None) -> None:
                     print(f"skip {item['key']} at N={n}: its checkpoint already holds {done * args.batch_size} images")
                     continue
             run_spec = RunSpec([StrategySpec(item["label"], item["strategy"], [item["scale"]])], num_images=n,
-                               batch_size=args.batch_size, seed=args.seed, steps=STEPS, metrics=METRICS,
+                               batch_size=args.batch_size, seed=args.seed, steps=args.steps, metrics=METRICS,
                                reference="cifar10-train", device=args.device)
             start = time.time()
             result = run_setting(run_spec, source, item["key"], item["strategy"], item["scale"], state_path,
                                  progress=False, device=args.device)
-            row = {**item, **result["row"], "key": item["key"], "group": item["group"], "steps": STEPS,
+            row = {**item, **result["row"], "key": item["key"], "group": item["group"], "steps": args.steps,
                    "seed": args.seed, "replicates": args.replicates}
             row["num_images"] = n  # the metrics' own count arrives as a float
             row["class_correct"] = round(row["class_accuracy"] * n)
@@ -162,7 +172,7 @@ def main(argv=None) -> None:
             row["boot"] = bootstrap(state_path, reference, n, args.replicates, real, real_radii, args.device)
             row["finished_utc"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
             data = load_rows(rows_path)  # re-read: the report may have been rendered meanwhile
-            data["meta"] = {"steps": STEPS, "scheduler": "DDIM (shipped)", "metrics": list(METRICS),
+            data["meta"] = {"steps": args.steps, "scheduler": "DDIM (shipped)", "metrics": list(METRICS),
                             "reference": "cifar10-train (50k, legacy_tf)", "seed": args.seed,
                             "batch_size": args.batch_size, "device": args.device,
                             "threads": torch.get_num_threads(), "stages": args.stages}

@@ -34,7 +34,7 @@ mkdir -p "$OUT"
 if [ $SMOKE = 1 ]; then
   DEV=cpu; export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   HOOK="--latent-size 8 --steps 1 --repeats 1 --threads 1"
-  METRICS="--devices cpu --images 8 --batch 4 --no-scipy --repeats 1 --samples 256"
+  METRICS="--devices cpu --images 8 --batch 4 --no-scipy --repeats 1 --samples 256 --dim 256"
   EVAL="--stages 20 --batch-size 10 --steps 2 --replicates 10 --threads 1"
   ROWS=("CFG@3" "APG@10")
   LIMITS=(300 600 300 300)  # the SD 1.5-size UNet alone takes minutes to build on a busy CPU

@@ -180,7 +180,8 @@ def main(argv=None) -> None:
             tmp = rows_path.with_suffix(".tmp")
             tmp.write_text(json.dumps(data, indent=1))
             tmp.replace(rows_path)
-            print(f"{time.strftime('%H:%M:%S')} {item['key']} N={n}: fid {row['fid']:.2f} acc {row['class_accuracy']:.3f} "
+            print(f"{time.strftime('%H:%M:%S')} {item['key']} N={n}: fid {row['fid']:.2f} "
+                  f"acc {row['class_accuracy']:.3f} "
                   f"sat {row['saturation_mean']:.4f} nfe {row['nfe_per_image']:.1f} "
                   f"({time.time() - start:.0f} s, {row['seconds_per_image']:.3f} s/img sampling)", flush=True)
 

@@ -185,7 +185,8 @@ def markdown(rows: Rows, found: list[dict], meta: dict) -> str:
              "shipped reference features). Every number: estimate [95% interval]; accuracy Wilson, recall "
              "Wilson over the reference points, FID / saturation / precision +-1.96 bootstrap standard errors "
              "over images (FID of N images: compare rows at equal N only). Same seeds in every row.",
-             "", "Produced by `python benchmarks/effects.py` (resumable) and `python benchmarks/effects_report.py`.", ""]
+             "", "Produced by `python benchmarks/effects.py` (resumable) and "
+             "`python benchmarks/effects_report.py`.", ""]
     lines += ["## Verdicts at 95%", "",
               "| | claim | N | difference (a - b) [95%] | verdict |", "|---|---|---|---|---|"]
     for c in found:
@@ -231,12 +232,14 @@ def plots(rows: Rows, out: Path) -> list[Path]:
                                  (label == "CFG" and s["key"] == "unguided@1")), key=lambda s: s["scale"])
                   for label in ("CFG", "APG")}
 
+        def bars(items, name):  # (2, len) distances to the interval ends; None for exact quantities
+            if f"{name}_ci" not in items[0]:
+                return None
+            return np.array([[s[name] - s[f"{name}_ci"][0], s[f"{name}_ci"][1] - s[name]] for s in items]).T
+
         def errorbar(ax, items, x, y, **kw):
-            xs, ys = [s[x] for s in items], [s[y] for s in items]
-            xerr = np.array([[s[x] - s[f"{x}_ci"][0], s[f"{x}_ci"][1] - s[x]] for s in items]).T if x != "nfe_per_image" \
-                and x != "scale" else None
-            yerr = np.array([[s[y] - s[f"{y}_ci"][0], s[f"{y}_ci"][1] - s[y]] for s in items]).T
-            ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, capsize=2, **kw)
+            ax.errorbar([s[x] for s in items], [s[y] for s in items], xerr=bars(items, x), yerr=bars(items, y),
+                        capsize=2, **kw)
 
         fig, ax = plt.subplots(figsize=(7, 5))
         for label, items in curves.items():
@@ -247,7 +250,8 @@ def plots(rows: Rows, out: Path) -> list[Path]:
         for s in summaries.values():
             if s["label"] not in ("CFG", "APG") and s["key"] != "unguided@1":
                 errorbar(ax, [s], "fid", "class_accuracy", marker="s", linestyle="none", label=s["key"])
-        ax.set(xlabel=f"FID (N = {n}, CIFAR-10 train)", ylabel="class accuracy", title="accuracy vs FID (95% intervals)")
+        ax.set(xlabel=f"FID (N = {n}, CIFAR-10 train)", ylabel="class accuracy",
+               title="accuracy vs FID (95% intervals)")
         ax.legend(fontsize=6)
         written.append(out / f"accuracy_vs_fid_n{n}.png")
         fig.tight_layout(), fig.savefig(written[-1], dpi=110), plt.close(fig)

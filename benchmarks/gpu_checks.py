@@ -65,7 +65,8 @@ def main(argv=None) -> int:
     check("per-image seeds: one batch vs two, max |diff| (x255)", float((split - hooked).abs().max() * 255),
           bool((split - hooked).abs().max() * 255 <= 1.0))
     never, handle = images(pipe, device, idx, steps, strategy=AdaptiveGuidance(threshold=2.0))
-    check("AG that never switches vs CFG, max |diff|", float((never - hooked).abs().max()), bool(torch.equal(never, hooked)))
+    check("AG that never switches vs CFG, max |diff|", float((never - hooked).abs().max()),
+          bool(torch.equal(never, hooked)))
     _, handle = images(pipe, device, idx, steps, strategy=AdaptiveGuidance(threshold=-1.0))
     nfe = handle.nfe.float().mean().item()
     check("AG switching after step 1: NFE per image (expect steps + 1)", nfe, nfe == steps + 1)

@@ -39,9 +39,10 @@ def test_weighted_fid_equals_the_fid_of_the_repeated_features(d):
     def plain(features):
         return float(frechet_distance(ref_mu, ref_sigma, features.mean(0), torch.cov(features.T)))
 
-    assert float(fids[0]) == pytest.approx(plain(x), rel=1e-6)  # sqrt of rounding-level eigenvalues of rank-deficient matrices
+    # rel 1e-6: square roots of rounding-level eigenvalues of the rank-deficient matrices
+    assert float(fids[0]) == pytest.approx(plain(x), rel=1e-6)
     for fid, c in zip(fids[1:], counts):
-        assert float(fid) == pytest.approx(plain(x.repeat_interleave(c.long(), dim=0)), rel=1e-6)  # sqrt of rounding-level eigenvalues of rank-deficient matrices
+        assert float(fid) == pytest.approx(plain(x.repeat_interleave(c.long(), dim=0)), rel=1e-6)
 
 
 def test_bootstrap_counts_are_shared_by_rows_of_the_same_n():

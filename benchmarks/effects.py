@@ -1,0 +1,190 @@
+"""The papers' effects on the embedded model at a sample size that decides them (issue #17), resumable.
+
+    OMP_NUM_THREADS=1 nohup nice -n 5 python benchmarks/effects.py --threads 1 \
+        --state runs/effects --out benchmarks/results/effects >> runs/effects.log 2>&1 &
+
+Rerunning the same command continues where it stopped (the batch runner of `evaluation.runner`
+checkpoints every setting after every batch of 50 images). Every row of `PLAN` runs at each N of
+`--stages` (default 500, then 2,000), stage by stage in the plan's order (decision value first), so
+whatever has finished when the job is stopped answers the most questions it can. A later stage
+continues the same setting's checkpoint: image i keeps seed (seed, i) and class i % 10, so the first
+500 images of the 2,000-image row are the 500-image row's images, and are not generated twice.
+
+All rows: DDIM 20 steps (the shipped scheduler), FID against the 50k CIFAR-10 train statistics
+(legacy_tf), precision / recall (k = 3, the 1,000 reference features shipped), mean HSV saturation,
+class accuracy by the evaluation classifier. When a row finishes, its bootstrap replicates (FID,
+saturation, precision; `effects_stats.py`) are computed from the checkpointed features and appended
+with the row to `<out>/rows.json`; `effects_report.py` turns that file into tables and plots.
+The checkpoints (16 MB per 2,000-image row: the Inception features) stay in --state, not in git.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's packages, not an installed copy
+
+from effects_stats import bootstrap_counts, weighted_fid, weighted_mean  # noqa: E402
+
+from evaluation.runner import RunSpec, StrategySpec, _safe, load_source, run_setting  # noqa: E402
+from guidance import (APG, CFG, GFCG, AdaptiveGuidance, CalibratedClassifierGuidance, DynamicCFG,  # noqa: E402
+                      Interval, LinearAG)
+
+STEPS = 20
+Tensor = torch.Tensor
+METRICS = ("fid", "pr", "saturation", "class_accuracy")
+
+
+def plan(steps: int = STEPS) -> list[dict]:
+    """Rows in order of decision value: each question gets a first answer before any gets a second."""
+    from pipelines.embedded import WEIGHTS_DIR
+
+    def row(group, label, strategy, scale):
+        config = None if strategy is None else strategy.to_config()
+        return {"key": f"{label}@{scale:g}", "group": group, "label": label, "scale": float(scale), "strategy": config}
+
+    coefficients = WEIGHTS_DIR / "linear_ag" / f"embedded-ddim-{steps}.safetensors"  # fitted per step count
+    rows = [
+        # (a) APG's claim is at high scales, where CFG oversaturates
+        row("a", "CFG", CFG(), 10), row("a", "APG", APG(), 10),
+        # (b) adaptive vs static truncation at equal NFE, all at w = 3 (CFG@3 is their full-NFE end)
+        row("a", "CFG", CFG(), 3), row("b", "Interval 0-0.25", Interval(CFG(), 0.0, 0.25), 3),
+        row("b", "AG x0 0.995", AdaptiveGuidance(threshold=0.995, similarity_space="x0"), 3),
+        row("b", "LinearAG", LinearAG(str(coefficients)), 3) if coefficients.is_file() else None,
+        # (d) Dynamic CFG against the top of the fixed-scale curve
+        row("a", "CFG", CFG(), 15), row("d", "DynamicCFG alignment", DynamicCFG(evaluators=["alignment"]), 3),
+        row("d", "DynamicCFG default", DynamicCFG(), 3),
+        row("a", "APG", APG(), 15),
+        # (c) classifier-based methods against the CFG curve
+        row("c", "EluCD 0.05", CalibratedClassifierGuidance("embedded-guidance", scale=0.05), 3),
+        row("c", "GFCG 2 + CFG", GFCG("embedded-guidance", scale=2.0), 3),
+        # the rest of the curves
+        row("a", "CFG", CFG(), 5), row("a", "APG", APG(), 5),
+        row("a", "CFG", CFG(), 7.5), row("a", "APG", APG(), 7.5),
+        row("b", "Interval 0-0.4", Interval(CFG(), 0.0, 0.4), 3),
+        row("b", "Interval 0-0.6", Interval(CFG(), 0.0, 0.6), 3),
+        row("b", "AG x0 0.990", AdaptiveGuidance(threshold=0.990, similarity_space="x0"), 3),
+        row("b", "AG eps 0.995", AdaptiveGuidance(threshold=0.995, similarity_space="eps"), 3),
+        row("a", "unguided", None, 1), row("a", "CFG", CFG(), 1.5), row("a", "APG", APG(), 1.5),
+        row("a", "APG", APG(), 3),
+        row("c", "EluCD 0.02", CalibratedClassifierGuidance("embedded-guidance", scale=0.02), 3),
+        row("c", "GFCG 4 alone", GFCG("embedded-guidance", scale=4.0, inner=None), 3),
+        row("c", "GFCG 4 + CFG", GFCG("embedded-guidance", scale=4.0), 3),
+        row("a", "APG r=5", APG(norm_threshold=5.0), 10), row("a", "APG r=1", APG(norm_threshold=1.0), 10),
+        row("a", "CFG", CFG(), 20), row("d", "DynamicCFG fixed weights", DynamicCFG(weighting="fixed"), 3),
+    ]
+    return [r for r in rows if r is not None]
+
+
+def bootstrap(state_path: Path, reference, n: int, replicates: int, real_features: Tensor | None = None,
+              real_radii=None, device: str = "cpu") -> dict[str, list[float]]:
+    """Bootstrap replicates of FID, mean saturation and precision from a finished row's checkpoint."""
+    from evaluation.precision_recall import _squared_distances
+
+    metrics = torch.load(state_path, map_location="cpu", weights_only=True)["metrics"]
+    inception = metrics["inception"]
+    features = inception["features"][inception["indices"].argsort()][:n]
+    saturation = metrics["saturation"]["saturation"][:n]
+    counts = bootstrap_counts(n, replicates)
+    mu, sigma = reference.on("cpu")
+    out = {"fid": weighted_fid(features.to(device), mu, sigma, counts).tolist(),
+           "saturation_mean": weighted_mean(saturation, counts).tolist()}
+    if real_features is not None:
+        real = real_features.double()
+        inside = (_squared_distances(features.double(), real, real.square().sum(1)) <= real_radii).any(1)
+        out["precision"] = weighted_mean(inside.double(), counts).tolist()
+    return out
+
+
+
+def load_rows(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {"rows": []}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stages", type=int, nargs="+", default=[500, 2000])
+    p.add_argument("--state", type=Path, default=Path("runs/effects"))
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/effects"))
+    p.add_argument("--only", nargs="*", default=None, help="row keys to run (default: the whole plan)")
+    p.add_argument("--replicates", type=int, default=200, help="bootstrap replicates per row")
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=STEPS, help="DDIM steps (20; fewer only for smoke runs)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if any(n % args.batch_size for n in args.stages) or args.stages != sorted(args.stages):
+        raise ValueError(f"--stages {args.stages}: allowed: increasing multiples of --batch-size {args.batch_size}")
+    rows_path = args.out / "rows.json"
+    previous = load_rows(rows_path).get("meta", {})
+    for name in ("steps", "seed", "batch_size"):
+        if name in previous and previous[name] != getattr(args, name):
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: {rows_path} holds rows made with "
+                             f"{previous[name]}; allowed: the same, or a new --out and --state")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.state / "state").mkdir(parents=True, exist_ok=True)
+    todo = [r for r in plan(args.steps) if args.only is None or r["key"] in args.only]
+    unknown = set(args.only or ()) - {r["key"] for r in todo}
+    if unknown:
+        raise ValueError(f"--only: {sorted(unknown)} not in the plan; allowed: {[r['key'] for r in plan(args.steps)]}")
+    spec = RunSpec([StrategySpec("CFG", None, [3.0])], num_images=args.stages[0], batch_size=args.batch_size,
+                   seed=args.seed, steps=args.steps, metrics=METRICS, reference="cifar10-train", device=args.device)
+    source = load_source(spec)
+    reference = source.inputs.reference
+    real = reference.features
+    real_radii = None
+    if real is not None:
+        from evaluation.precision_recall import knn_radii
+
+        real_radii = knn_radii(real, 3)
+    for n in args.stages:
+        for item in todo:
+            data = load_rows(rows_path)
+            if any(r["key"] == item["key"] and r["num_images"] == n for r in data["rows"]):
+                continue
+            state_path = args.state / "state" / f"{_safe(item['key'])}.pt"
+            if state_path.is_file():
+                done = int(torch.load(state_path, map_location="cpu", weights_only=True)["done_batches"])
+                if done * args.batch_size > n:
+                    print(f"skip {item['key']} at N={n}: its checkpoint already holds {done * args.batch_size} images")
+                    continue
+            run_spec = RunSpec([StrategySpec(item["label"], item["strategy"], [item["scale"]])], num_images=n,
+                               batch_size=args.batch_size, seed=args.seed, steps=args.steps, metrics=METRICS,
+                               reference="cifar10-train", device=args.device)
+            start = time.time()
+            result = run_setting(run_spec, source, item["key"], item["strategy"], item["scale"], state_path,
+                                 progress=False, device=args.device)
+            row = {**item, **result["row"], "key": item["key"], "group": item["group"], "steps": args.steps,
+                   "seed": args.seed, "replicates": args.replicates}
+            row["num_images"] = n  # the metrics' own count arrives as a float
+            row["class_correct"] = round(row["class_accuracy"] * n)
+            row["recall_reference_n"] = None if real is None else int(real.shape[0])
+            row["boot"] = bootstrap(state_path, reference, n, args.replicates, real, real_radii, args.device)
+            row["finished_utc"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+            data = load_rows(rows_path)  # re-read: the report may have been rendered meanwhile
+            data["meta"] = {"steps": args.steps, "scheduler": "DDIM (shipped)", "metrics": list(METRICS),
+                            "reference": "cifar10-train (50k, legacy_tf)", "seed": args.seed,
+                            "batch_size": args.batch_size, "device": args.device,
+                            "threads": torch.get_num_threads(), "stages": args.stages}
+            data["rows"].append(row)
+            tmp = rows_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(data, indent=1))
+            tmp.replace(rows_path)
+            print(f"{time.strftime('%H:%M:%S')} {item['key']} N={n}: fid {row['fid']:.2f} "
+                  f"acc {row['class_accuracy']:.3f} "
+                  f"sat {row['saturation_mean']:.4f} nfe {row['nfe_per_image']:.1f} "
+                  f"({time.time() - start:.0f} s, {row['seconds_per_image']:.3f} s/img sampling)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

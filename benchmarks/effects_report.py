@@ -1,0 +1,310 @@
+"""Tables, plots and 95% verdicts from the rows the effects measurement has finished so far.
+
+    python benchmarks/effects_report.py [--rows benchmarks/results/effects/rows.json] [--out benchmarks/results/effects]
+
+Writes <out>/results.md, <out>/summary.json and, per N, <out>/accuracy_vs_fid_n<N>.png,
+saturation_vs_w_n<N>.png and accuracy_vs_nfe_n<N>.png. Runs on any subset of rows: a
+comparison whose rows have not both finished at a common N is left out, not guessed.
+
+Every verdict is about a stated direction of effect: "confirmed" when the 95% interval of the
+difference lies on that side of zero, "refuted" when it lies on the other side, "undecided"
+otherwise (intervals: `effects_stats.py`; accuracy differences by Newcombe's interval, which is
+conservative for these same-seed rows; FID / saturation / precision differences by the paired
+bootstrap). Many comparisons are made, each at 95%: about one in twenty undecided-in-truth
+comparisons may show as decided by chance; the table lists all of them, not a chosen few.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's packages, not an installed copy
+
+from effects_stats import newcombe, normal_interval, verdict, wilson  # noqa: E402
+
+HIGH_SCALES = (10.0, 15.0)
+APG_SCALES = (1.5, 3.0, 5.0, 7.5, 10.0, 15.0)
+ADAPTIVE = ("AG x0 0.995@3", "AG x0 0.990@3", "AG eps 0.995@3", "LinearAG@3")
+STATIC = ("Interval 0-0.25@3", "Interval 0-0.4@3", "Interval 0-0.6@3", "CFG@3")
+AGAINST_CURVE = ("EluCD 0.05@3", "EluCD 0.02@3", "GFCG 2 + CFG@3", "GFCG 4 + CFG@3", "GFCG 4 alone@3",
+                 "DynamicCFG alignment@3", "DynamicCFG default@3", "DynamicCFG fixed weights@3")
+DYNAMIC = ("DynamicCFG alignment@3", "DynamicCFG default@3", "DynamicCFG fixed weights@3")
+
+
+class Rows:
+    """Finished rows indexed by (key, N)."""
+
+    def __init__(self, rows: list[dict]):
+        rows = [{**r, "num_images": int(r["num_images"])} for r in rows]  # early rows stored it as a float
+        self.by = {(r["key"], r["num_images"]): r for r in rows}
+
+    def get(self, key: str, n: int) -> dict | None:
+        return self.by.get((key, n))
+
+    def sizes(self) -> list[int]:
+        return sorted({n for _, n in self.by})
+
+    def keys_at(self, n: int) -> list[str]:
+        return [k for k, m in self.by if m == n]
+
+    def common_n(self, *keys: str) -> int | None:
+        """The largest N at which every key has finished."""
+        common = [n for n in self.sizes() if all((k, n) in self.by for k in keys)]
+        return common[-1] if common else None
+
+    def cfg_curve(self, n: int) -> list[dict]:
+        """CFG at every finished scale (the unguided row is CFG at w = 1), by scale."""
+        rows = [r for (k, m), r in self.by.items() if m == n and (r["label"] == "CFG" or k == "unguided@1")]
+        return sorted(rows, key=lambda r: r["scale"])
+
+
+def summary(row: dict) -> dict:
+    """A row's numbers with their 95% intervals (no replicates)."""
+    n = row["num_images"]
+    out = {k: row[k] for k in ("key", "group", "label", "scale", "num_images", "nfe_per_image", "seconds_per_image",
+                               "class_accuracy", "fid", "saturation_mean", "precision", "recall") if k in row}
+    out["class_accuracy_ci"] = wilson(row["class_correct"], n)
+    for metric in ("fid", "saturation_mean", "precision"):
+        if metric in row.get("boot", {}):
+            out[f"{metric}_ci"] = normal_interval(row[metric], row["boot"][metric])
+    if row.get("recall_reference_n"):  # recall is a share of the reference points
+        m = row["recall_reference_n"]
+        out["recall_ci"] = wilson(round(row["recall"] * m), m)
+    return out
+
+
+def difference(a: dict, b: dict, metric: str) -> tuple[float, tuple[float, float]]:
+    """a - b with its 95% interval; both rows at the same N."""
+    if a["num_images"] != b["num_images"]:
+        raise ValueError(f"rows {a['key']} (N={a['num_images']}) and {b['key']} (N={b['num_images']}) differ in N")
+    if metric == "class_accuracy":
+        n = a["num_images"]
+        return a[metric] - b[metric], newcombe(a["class_correct"], n, b["class_correct"], n)
+    ra, rb = np.asarray(a["boot"][metric]), np.asarray(b["boot"][metric])
+    if len(ra) != len(rb):
+        raise ValueError(f"rows {a['key']} and {b['key']} have different bootstrap replicate counts")
+    estimate = a[metric] - b[metric]
+    return estimate, normal_interval(estimate, ra - rb)
+
+
+def claim(question: str, text: str, a: dict, b: dict, metric: str, sign: int) -> dict:
+    estimate, interval = difference(a, b, metric)
+    return {"question": question, "claim": text, "a": a["key"], "b": b["key"], "metric": metric,
+            "num_images": a["num_images"], "difference": estimate, "interval": list(interval),
+            "verdict": verdict(interval, sign)}
+
+
+def dominates(a: dict, b: dict) -> bool:
+    """a has higher class accuracy and lower FID than b, both at 95%."""
+    return difference(a, b, "class_accuracy")[1][0] > 0 and difference(a, b, "fid")[1][1] < 0
+
+
+def curve_verdict(rows: Rows, key: str, question: str) -> dict | None:
+    """Is the row above the CFG curve? confirmed: it dominates some CFG scale and none dominates it;
+    refuted: some CFG scale dominates it; undecided otherwise. At the largest N with >= 3 CFG scales."""
+    for n in reversed(rows.sizes()):
+        row, curve = rows.get(key, n), rows.cfg_curve(n)
+        if row is None or len(curve) < 3:
+            continue
+        beats = [c["key"] for c in curve if dominates(row, c)]
+        beaten_by = [c["key"] for c in curve if dominates(c, row)]
+        result = "refuted" if beaten_by else "confirmed" if beats else "undecided"
+        return {"question": question, "claim": f"{key} lies above the CFG curve (accuracy vs FID)", "a": key,
+                "b": "CFG curve: " + ", ".join(c["key"] for c in curve), "metric": "class_accuracy & fid",
+                "num_images": n, "dominates": beats, "dominated_by": beaten_by, "verdict": result}
+    return None
+
+
+def conclusions(rows: Rows) -> list[dict]:
+    out = []
+
+    def pair(question, text, key_a, key_b, metric, sign):
+        n = rows.common_n(key_a, key_b)
+        if n is not None:
+            out.append(claim(question, text, rows.get(key_a, n), rows.get(key_b, n), metric, sign))
+
+    # (a) APG (Sadat et al.): at high scales less saturation and better FID, precision kept
+    for w in HIGH_SCALES:
+        pair("a", f"CFG oversaturates: saturation at w={w:g} above w=3", f"CFG@{w:g}", "CFG@3", "saturation_mean", +1)
+    for w in APG_SCALES:
+        a, b = f"APG@{w:g}", f"CFG@{w:g}"
+        pair("a", f"APG lowers saturation against CFG at w={w:g}", a, b, "saturation_mean", -1)
+        pair("a", f"APG lowers FID against CFG at w={w:g}", a, b, "fid", -1)
+        pair("a", f"APG loses class accuracy against CFG at w={w:g}", a, b, "class_accuracy", -1)
+        pair("a", f"APG loses precision against CFG at w={w:g}", a, b, "precision", -1)
+    for label in ("APG r=5", "APG r=1"):
+        pair("a", f"{label} lowers FID against CFG at w=10", f"{label}@10", "CFG@10", "fid", -1)
+        pair("a", f"{label} loses class accuracy against CFG at w=10", f"{label}@10", "CFG@10", "class_accuracy", -1)
+    # (b) adaptive against static truncation that spends no fewer NFEs
+    for key in ADAPTIVE:
+        n = rows.common_n(key)
+        if n is None:
+            continue
+        nfe = rows.get(key, n)["nfe_per_image"]
+        static = [s for s in STATIC if rows.get(s, n) is not None and rows.get(s, n)["nfe_per_image"] >= nfe - 1e-9]
+        if static:
+            s = min(static, key=lambda k: rows.get(k, n)["nfe_per_image"])
+            pair("b", f"{key} ({nfe:.1f} NFE) has higher class accuracy than static {s} "
+                      f"({rows.get(s, n)['nfe_per_image']:.1f} NFE)", key, s, "class_accuracy", +1)
+            pair("b", f"{key} ({nfe:.1f} NFE) has lower FID than static {s}", key, s, "fid", -1)
+        pair("b", f"{key} loses class accuracy against full CFG@3", key, "CFG@3", "class_accuracy", -1)
+    # (c), (d) against the CFG curve
+    for key in AGAINST_CURVE:
+        result = curve_verdict(rows, key, "d" if key in DYNAMIC else "c")
+        if result:
+            out.append(result)
+    # (d) issue #7: Dynamic CFG above the best fixed scale's class accuracy
+    for key in DYNAMIC:
+        for n in reversed(rows.sizes()):
+            curve = rows.cfg_curve(n)
+            if rows.get(key, n) is None or len(curve) < 3:
+                continue
+            best = max(curve, key=lambda r: r["class_accuracy"])
+            out.append(claim("d", f"{key} has higher class accuracy than the best fixed CFG scale ({best['key']})",
+                             rows.get(key, n), best, "class_accuracy", +1))
+            out.append(claim("d", f"{key} has lower FID than the best-accuracy fixed CFG scale ({best['key']})",
+                             rows.get(key, n), best, "fid", -1))
+            break
+    return out
+
+
+def _ci(value: float, interval, fmt: str) -> str:
+    return f"{fmt.format(value)} [{fmt.format(interval[0])}, {fmt.format(interval[1])}]"
+
+
+def markdown(rows: Rows, found: list[dict], meta: dict) -> str:
+    lines = ["# Effects of the guidance methods on the embedded CIFAR-10 model (issue #17)", "",
+             f"DDIM {meta.get('steps', 20)} steps, FID against {meta.get('reference', 'cifar10-train')}, class "
+             "accuracy by the evaluation classifier, mean HSV saturation, precision / recall (k = 3, the 1,000 "
+             "shipped reference features). Every number: estimate [95% interval]; accuracy Wilson, recall "
+             "Wilson over the reference points, FID / saturation / precision +-1.96 bootstrap standard errors "
+             "over images (FID of N images: compare rows at equal N only). Same seeds in every row.",
+             "", "Produced by `python benchmarks/effects.py` (resumable) and "
+             "`python benchmarks/effects_report.py`.", ""]
+    lines += ["## Verdicts at 95%", "",
+              "| | claim | N | difference (a - b) [95%] | verdict |", "|---|---|---|---|---|"]
+    for c in found:
+        if "difference" in c:
+            fmt = "{:+.3f}" if c["metric"] != "fid" else "{:+.2f}"
+            diff = f"{c['metric']}: " + _ci(c["difference"], c["interval"], fmt)
+        else:
+            diff = (f"dominates {', '.join(c['dominates']) or 'none'}; dominated by "
+                    f"{', '.join(c['dominated_by']) or 'none'}")
+        lines.append(f"| {c['question']} | {c['claim']} | {c['num_images']} | {diff} | **{c['verdict']}** |")
+    for n in rows.sizes():
+        lines += ["", f"## Rows at N = {n}", "",
+                  "| group | setting | NFE | class accuracy | FID | saturation | precision | recall | s/img |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for key in sorted(rows.keys_at(n), key=_order):
+            s = summary(rows.get(key, n))
+            cells = [s["group"], key, f"{s['nfe_per_image']:.1f}",
+                     _ci(s["class_accuracy"], s["class_accuracy_ci"], "{:.3f}"),
+                     _ci(s["fid"], s["fid_ci"], "{:.1f}") if "fid_ci" in s else "-",
+                     _ci(s["saturation_mean"], s["saturation_mean_ci"], "{:.4f}") if "saturation_mean_ci" in s else "-",
+                     _ci(s["precision"], s["precision_ci"], "{:.3f}") if "precision_ci" in s else "-",
+                     _ci(s["recall"], s["recall_ci"], "{:.3f}") if "recall_ci" in s else "-",
+                     f"{s['seconds_per_image']:.2f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _order(key: str) -> tuple:
+    label, scale = key.rsplit("@", 1)
+    return (label != "unguided", label != "CFG", label != "APG", label, float(scale))
+
+
+def plots(rows: Rows, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for n in rows.sizes():
+        summaries = {k: summary(rows.get(k, n)) for k in rows.keys_at(n)}
+        curves = {label: sorted((s for s in summaries.values() if s["label"] == label or
+                                 (label == "CFG" and s["key"] == "unguided@1")), key=lambda s: s["scale"])
+                  for label in ("CFG", "APG")}
+
+        def bars(items, name):  # (2, len) distances to the interval ends; None for exact quantities
+            if f"{name}_ci" not in items[0]:
+                return None
+            return np.array([[s[name] - s[f"{name}_ci"][0], s[f"{name}_ci"][1] - s[name]] for s in items]).T
+
+        def errorbar(ax, items, x, y, **kw):
+            ax.errorbar([s[x] for s in items], [s[y] for s in items], xerr=bars(items, x), yerr=bars(items, y),
+                        capsize=2, **kw)
+
+        fig, ax = plt.subplots(figsize=(7, 5))
+        for label, items in curves.items():
+            if items:
+                errorbar(ax, items, "fid", "class_accuracy", marker="o", label=label)
+                for s in items:
+                    ax.annotate(f"w={s['scale']:g}", (s["fid"], s["class_accuracy"]), fontsize=7)
+        for s in summaries.values():
+            if s["label"] not in ("CFG", "APG") and s["key"] != "unguided@1":
+                errorbar(ax, [s], "fid", "class_accuracy", marker="s", linestyle="none", label=s["key"])
+        ax.set(xlabel=f"FID (N = {n}, CIFAR-10 train)", ylabel="class accuracy",
+               title="accuracy vs FID (95% intervals)")
+        ax.legend(fontsize=6)
+        written.append(out / f"accuracy_vs_fid_n{n}.png")
+        fig.tight_layout(), fig.savefig(written[-1], dpi=110), plt.close(fig)
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for label, items in curves.items():
+            if items:
+                errorbar(ax, items, "scale", "saturation_mean", marker="o", label=label)
+        ax.set(xlabel="guidance scale w", ylabel="mean HSV saturation", title=f"saturation vs w (N = {n})")
+        ax.legend()
+        written.append(out / f"saturation_vs_w_n{n}.png")
+        fig.tight_layout(), fig.savefig(written[-1], dpi=110), plt.close(fig)
+
+        nfe_rows = [s for k, s in summaries.items() if k in ADAPTIVE + STATIC or k == "unguided@1"]
+        if nfe_rows:
+            fig, ax = plt.subplots(figsize=(6, 4))
+            static = sorted((s for s in nfe_rows if s["key"] in STATIC or s["key"] == "unguided@1"),
+                            key=lambda s: s["nfe_per_image"])
+            if static:
+                errorbar(ax, static, "nfe_per_image", "class_accuracy", marker="o", label="static truncation / CFG@3")
+            for s in nfe_rows:
+                if s["key"] in ADAPTIVE:
+                    errorbar(ax, [s], "nfe_per_image", "class_accuracy", marker="s", linestyle="none", label=s["key"])
+            ax.set(xlabel="NFE per image", ylabel="class accuracy", title=f"accuracy vs NFE at w = 3 (N = {n})")
+            ax.legend(fontsize=7)
+            written.append(out / f"accuracy_vs_nfe_n{n}.png")
+            fig.tight_layout(), fig.savefig(written[-1], dpi=110), plt.close(fig)
+    return written
+
+
+def report(rows_path: Path, out: Path, draw: bool = True) -> dict:
+    data = json.loads(rows_path.read_text())
+    rows = Rows(data["rows"])
+    found = conclusions(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(markdown(rows, found, data.get("meta", {})))
+    result = {"meta": data.get("meta", {}), "rows": [summary(r) for r in rows.by.values()], "conclusions": found}
+    (out / "summary.json").write_text(json.dumps(result, indent=1))
+    if draw:
+        plots(rows, out)
+    return result
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=Path, default=Path("benchmarks/results/effects/rows.json"))
+    p.add_argument("--out", type=Path, default=None, help="default: the folder of --rows")
+    p.add_argument("--no-plots", action="store_true")
+    args = p.parse_args(argv)
+    result = report(args.rows, args.out or args.rows.parent, draw=not args.no_plots)
+    for c in result["conclusions"]:
+        print(f"[{c['verdict']:>9}] N={c['num_images']}: {c['claim']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""The interval code and verdicts of the effects measurement (benchmarks/effects_stats.py, effects_report.py)."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from effects_report import Rows, conclusions, curve_verdict, report  # noqa: E402
+from effects_stats import (bootstrap_counts, newcombe, normal_interval, verdict, weighted_fid,  # noqa: E402
+                           weighted_mean, wilson)
+
+from evaluation.fid import frechet_distance  # noqa: E402
+
+
+def test_wilson_and_newcombe_match_published_values():
+    # Newcombe (1998), Statist. Med. 17:857, table I and table II (example 56/70 vs 48/80)
+    assert wilson(81, 263) == pytest.approx((0.2553, 0.3662), abs=1e-4)
+    assert wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert newcombe(56, 70, 48, 80) == pytest.approx((0.0524, 0.3339), abs=1e-4)
+    with pytest.raises(ValueError, match="successes=11, n=10"):
+        wilson(11, 10)
+
+
+@pytest.mark.parametrize("d", [8, 16])  # 12 images: the d x d form (d = 8) and the N x N form (d = 16)
+def test_weighted_fid_equals_the_fid_of_the_repeated_features(d):
+    g = torch.Generator().manual_seed(0)
+    n = 12
+    ref = torch.randn(40, d, generator=g, dtype=torch.float64)
+    ref_mu, ref_sigma = ref.mean(0), torch.cov(ref.T)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64) * 1.3 + 0.2
+    counts = bootstrap_counts(n, 4)
+    fids = weighted_fid(x, ref_mu, ref_sigma, torch.cat([torch.ones(1, n, dtype=torch.float64), counts]))
+
+    def plain(features):
+        return float(frechet_distance(ref_mu, ref_sigma, features.mean(0), torch.cov(features.T)))
+
+    # rel 1e-6: square roots of rounding-level eigenvalues of the rank-deficient matrices
+    assert float(fids[0]) == pytest.approx(plain(x), rel=1e-6)
+    for fid, c in zip(fids[1:], counts):
+        assert float(fid) == pytest.approx(plain(x.repeat_interleave(c.long(), dim=0)), rel=1e-6)
+
+
+def test_bootstrap_counts_are_shared_by_rows_of_the_same_n():
+    a, b = bootstrap_counts(30, 5), bootstrap_counts(30, 5)
+    assert torch.equal(a, b) and (a.sum(1) == 30).all()
+    assert not torch.equal(a[0], a[1])
+    assert weighted_mean(torch.arange(30.0), torch.ones(1, 30)).item() == pytest.approx(14.5)
+
+
+def test_normal_interval_and_verdict():
+    low, high = normal_interval(1.0, [0.0, 2.0])  # sd sqrt(2)
+    assert (low, high) == pytest.approx((1 - 1.96 * 2 ** 0.5, 1 + 1.96 * 2 ** 0.5), abs=1e-3)
+    assert verdict((0.1, 0.3), +1) == "confirmed" and verdict((0.1, 0.3), -1) == "refuted"
+    assert verdict((-0.1, 0.3), +1) == "undecided" and verdict((-0.3, -0.1), -1) == "confirmed"
+
+
+def _row(key, n, acc, fid, sat, nfe=40.0, seed=0):
+    """A synthetic finished row whose bootstrap replicates have a small spread around its values."""
+    label, scale = key.rsplit("@", 1)
+    rng = np.random.default_rng(seed)
+    noise = rng.normal(0, 1, 200)  # shared by every row of the call: paired replicates
+    return {"key": key, "label": label, "group": "a", "scale": float(scale), "num_images": n, "class_accuracy": acc,
+            "class_correct": round(acc * n), "fid": fid, "saturation_mean": sat, "precision": 0.6, "recall": 0.5,
+            "recall_reference_n": 1000, "nfe_per_image": nfe, "seconds_per_image": 1.0,
+            "boot": {"fid": list(fid + 2.0 * noise), "saturation_mean": list(sat + 0.002 * noise),
+                     "precision": list(0.6 + 0.01 * noise)}}
+
+
+def test_conclusions_and_curve_verdicts(tmp_path):
+    n = 500
+    rows = [_row("CFG@3", n, 0.65, 30.0, 0.38), _row("CFG@10", n, 0.85, 45.0, 0.40),
+            _row("CFG@15", n, 0.86, 55.0, 0.41),
+            _row("APG@10", n, 0.84, 40.0, 0.35),  # less saturation, lower FID, same accuracy
+            _row("EluCD 0.05@3", n, 0.95, 28.0, 0.38),  # dominates CFG@3
+            _row("GFCG 4 alone@3", n, 0.55, 40.0, 0.37),  # dominated by CFG@3
+            _row("Interval 0-0.25@3", n, 0.50, 33.0, 0.38, nfe=25.0),
+            _row("LinearAG@3", n, 0.51, 33.5, 0.38, nfe=25.0),
+            _row("APG@15", 50, 0.8, 60.0, 0.30)]  # no CFG@15 at N = 50: left out, not guessed
+    found = {c["claim"]: c for c in conclusions(Rows(rows))}
+    assert found["APG lowers saturation against CFG at w=10"]["verdict"] == "confirmed"
+    assert found["APG lowers FID against CFG at w=10"]["verdict"] == "confirmed"
+    assert found["APG loses class accuracy against CFG at w=10"]["verdict"] == "undecided"
+    assert found["CFG oversaturates: saturation at w=15 above w=3"]["verdict"] == "confirmed"
+    assert not any("w=15" in c and "APG" in c for c in found)
+    static = [c for c in found.values() if c["a"] == "LinearAG@3" and c["metric"] == "class_accuracy"
+              and c["b"] == "Interval 0-0.25@3"]
+    assert len(static) == 1 and static[0]["verdict"] == "undecided"
+    assert found["EluCD 0.05@3 lies above the CFG curve (accuracy vs FID)"]["verdict"] == "confirmed"
+    gfcg = curve_verdict(Rows(rows), "GFCG 4 alone@3", "c")
+    assert gfcg["verdict"] == "refuted" and gfcg["dominated_by"] == ["CFG@3"]
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps({"meta": {"steps": 20}, "rows": rows}))
+    result = report(path, tmp_path, draw=False)
+    text = (tmp_path / "results.md").read_text()
+    assert "## Rows at N = 500" in text and "## Rows at N = 50\n" in text
+    assert len(result["conclusions"]) == len(found)

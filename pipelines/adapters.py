@@ -1,60 +1,112 @@
-"""What the hook must know about each pipeline family: a small table, not a fork.
+"""What the hook must know about each pipeline family: a table of rows, not a fork.
 
-- layout "uncond_cond": one batched call on [uncond; cond] (SD, SDXL, SD3, PixArt, our embedded
-  pipeline); the pipeline then computes u + w (c - u) on the two halves.
-- layout "cond_uncond": the same with [cond; null] (DiT).
-- `guide_channels_of_input`: learned-sigma models (DiT, PixArt) output 2x the input channels; only
-  the first `in_channels` are a prediction of the sample, the rest pass through.
-- layout "sequential": cond and uncond are two calls inside `cache_context("cond")` /
-  `cache_context("uncond")` (Flux true CFG), combined by the pipeline as n + s (c - n).
+A row names the denoiser attribute(s), the batch layout (one class each in `pipelines/layouts`),
+the call keyword holding the pipeline's own scale, and the few quirks a family has:
+
+- layout "uncond_cond": one batched call on [uncond; cond] (SD, SDXL, SD3, PixArt and their
+  img2img / inpaint / ControlNet variants, AuraFlow, Sana, ...); "cond_uncond": [cond; null] (DiT);
+- layout "sequential_cache_context": cond and uncond are two calls inside
+  `cache_context("cond")` / `cache_context("uncond")` (Flux true CFG, Qwen-Image, Wan, CogView4);
+- layout "sequential_call_order": two calls without a context (Flux img2img / inpaint / Kontext,
+  Chroma, Lumina 2), told apart by call order and the shared latent tensor;
+- `guide_channels_of_input`: learned-sigma models (DiT, PixArt, HunyuanDiT) output 2x the input
+  channels; only the first `in_channels` are a prediction of the sample, the rest pass through;
+- `extra_input_channels`: inpainting UNets take [latents, mask, masked-image latents] (9 channels);
+  the sample (x0 conversions) is the first `out_channels` of them;
+- `extra_denoisers` / `expert_scale_kws`: Wan 2.2's second expert `transformer_2` with its own
+  `guidance_scale_2`;
+- `negated_output`: Lumina 2's transformer predicts the negated velocity.
+
+Rows are keyed by class name; every row is verified by `tests/test_pipeline_zoo.py` on a tiny
+pipeline (CFG through the hook equals native CFG). `REFUSED` lists classes that cannot be guided
+and why; the README table is generated from both (`support_table_markdown`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import diffusers
+
+LAYOUT_ALIASES = {"sequential": "sequential_cache_context"}
 
 
 @dataclass(frozen=True)
 class Adapter:
     denoiser: str  # attribute of the pipeline holding the denoiser
-    layout: str  # "uncond_cond" | "cond_uncond" | "sequential"
+    layout: str  # a key of pipelines.layouts.LAYOUTS
     scale_kw: str  # the call keyword that holds the pipeline's own guidance scale
     enable_hint: str  # how a user turns the pipeline's own guidance on
     sample_kw: str = "sample"  # keyword of the noisy input when passed by name
-    guide_channels_of_input: bool = False  # DiT: guide out[:, :in_channels], keep the rest
+    guide_channels_of_input: bool = False  # learned sigma: guide out[:, :in_channels], keep the rest
     unbatched: tuple[str, ...] = ()  # tensor kwargs that never carry a batch dimension
     passthrough_kws: tuple[str, ...] = ()  # a call with one of these set is not a guidance call
     class_kw: str | None = None  # class-conditional denoisers: the keyword carrying the class ids
+    extra_denoisers: tuple[str, ...] = ()  # further experts (Wan 2.2 transformer_2), hooked where not None
+    expert_scale_kws: tuple[str, ...] = ()  # their scale keywords (None in the call: the main scale)
+    needs_negative: bool = False  # true-CFG pipelines: no unconditional pass without a negative prompt
+    extra_input_channels: bool = False  # input = [sample, conditioning channels] (9-channel inpainting)
+    negated_output: bool = False  # the denoiser predicts the negated velocity (Lumina 2)
+    note: str = ""  # shown in the README table
+
+    def __post_init__(self) -> None:
+        from .layouts import LAYOUTS  # here, not at import: layouts import nothing from adapters
+
+        layout = LAYOUT_ALIASES.get(self.layout, self.layout)
+        if layout not in LAYOUTS:
+            raise ValueError(f"Adapter: layout={self.layout!r} is unknown; allowed: {', '.join(LAYOUTS)}")
+        object.__setattr__(self, "layout", layout)
+
+    @property
+    def denoisers(self) -> tuple[str, ...]:
+        return (self.denoiser,) + self.extra_denoisers
 
 
 _SD_HINT = "call the pipeline with guidance_scale > 1 (the strategy's own scale, if set, still decides the strength)"
+_TRUE_CFG_HINT = ("call the pipeline with true_cfg_scale > 1 and a negative_prompt (\"\" works): it runs its "
+                  "unconditional branch only then")
+
+_UNET = Adapter("unet", "uncond_cond", "guidance_scale", _SD_HINT)
+_DIT = Adapter("transformer", "uncond_cond", "guidance_scale", _SD_HINT, sample_kw="hidden_states")
+_FLUX = Adapter("transformer", "sequential_call_order", "true_cfg_scale", _TRUE_CFG_HINT, sample_kw="hidden_states",
+                unbatched=("txt_ids", "img_ids"), needs_negative=True)
+
+
+def _rows(base: Adapter, names: str, **changes) -> dict[str, Adapter]:
+    adapter = replace(base, **changes)
+    return {name: adapter for name in names.split()}
+
 
 # Class name in diffusers -> adapter. Names keep the table importable on diffusers versions that
 # lack one of the classes.
 DIFFUSERS_ADAPTERS: dict[str, Adapter] = {
-    "StableDiffusionPipeline": Adapter("unet", "uncond_cond", "guidance_scale", _SD_HINT),
-    "StableDiffusionXLPipeline": Adapter("unet", "uncond_cond", "guidance_scale", _SD_HINT),
-    "StableDiffusion3Pipeline": Adapter(
-        "transformer", "uncond_cond", "guidance_scale", _SD_HINT, sample_kw="hidden_states",
-        passthrough_kws=("skip_layers",),  # SD3's own skip-layer guidance pass on the cond half
-    ),
+    **_rows(_UNET, "StableDiffusionPipeline StableDiffusionImg2ImgPipeline StableDiffusionControlNetPipeline "
+                   "StableDiffusionControlNetImg2ImgPipeline StableDiffusionXLPipeline StableDiffusionXLImg2ImgPipeline "
+                   "StableDiffusionXLControlNetPipeline StableDiffusionXLControlNetImg2ImgPipeline"),
+    **_rows(_UNET, "StableDiffusionInpaintPipeline StableDiffusionControlNetInpaintPipeline "
+                   "StableDiffusionXLInpaintPipeline StableDiffusionXLControlNetInpaintPipeline",
+            extra_input_channels=True, note="9-channel inpainting UNet: x0 from the latent channels"),
+    # SD3's own skip-layer guidance pass on the cond half is not a CFG call.
+    **_rows(_DIT, "StableDiffusion3Pipeline StableDiffusion3Img2ImgPipeline StableDiffusion3InpaintPipeline",
+            passthrough_kws=("skip_layers",)),
     # PixArt's learned-sigma channels are dropped by the pipeline after CFG: guide the eps half only.
-    "PixArtAlphaPipeline": Adapter("transformer", "uncond_cond", "guidance_scale", _SD_HINT, sample_kw="hidden_states",
-                                   guide_channels_of_input=True),
-    "PixArtSigmaPipeline": Adapter("transformer", "uncond_cond", "guidance_scale", _SD_HINT, sample_kw="hidden_states",
-                                   guide_channels_of_input=True),
-    "DiTPipeline": Adapter(
-        "transformer", "cond_uncond", "guidance_scale", _SD_HINT, sample_kw="hidden_states",
-        guide_channels_of_input=True, class_kw="class_labels",
-    ),
-    "FluxPipeline": Adapter(
-        "transformer", "sequential", "true_cfg_scale",
-        "call the pipeline with true_cfg_scale > 1 and a negative_prompt (\"\" works): Flux runs its "
-        "unconditional branch only then",
-        sample_kw="hidden_states", unbatched=("txt_ids", "img_ids"),
-    ),
+    **_rows(_DIT, "PixArtAlphaPipeline PixArtSigmaPipeline", guide_channels_of_input=True),
+    "DiTPipeline": replace(_DIT, layout="cond_uncond", guide_channels_of_input=True, class_kw="class_labels"),
+    "FluxPipeline": replace(_FLUX, layout="sequential_cache_context"),
+    **_rows(_FLUX, "FluxImg2ImgPipeline FluxInpaintPipeline FluxKontextPipeline",
+            note="no cache_context: cond / uncond told apart by call order"),
+}
+
+# Classes that cannot be guided, and why; `adapter_for` raises with this text.
+REFUSED: dict[str, str] = {
+    **{name: ("it has a distilled guidance embedding only (guidance_scale is an input of the model) and runs no "
+              "unconditional pass to guide; use a pipeline that runs CFG (e.g. FluxPipeline / FluxImg2ImgPipeline "
+              "with true_cfg_scale > 1 and a negative prompt)")
+       for name in ("FluxFillPipeline", "FluxControlPipeline", "FluxControlImg2ImgPipeline",
+                    "FluxControlInpaintPipeline", "Flux2Pipeline", "SanaSprintPipeline")},
+    "StableDiffusionInstructPix2PixPipeline": (
+        "it runs a three-way batch [text+image; image; none] with two scales, a layout the hook does not "
+        "split yet; use StableDiffusionImg2ImgPipeline"),
 }
 
 # Our own pipelines register here (see pipelines/embedded/pipeline.py).
@@ -74,11 +126,23 @@ def adapter_for(pipe) -> Adapter:
     for cls, adapter in EXTRA_ADAPTERS.items():
         if isinstance(pipe, cls):
             return adapter
-    for name, adapter in DIFFUSERS_ADAPTERS.items():
-        cls = getattr(diffusers, name, None)
-        if cls is not None and isinstance(pipe, cls):
-            return adapter
+    # Exact class first: many diffusers pipelines subclass another one with a different layout.
+    own = getattr(type(pipe), "_guidance_original_class", type(pipe))  # the class under an applied hook
+    name = own.__name__
+    cls = getattr(diffusers, name, None)
+    if name in REFUSED and cls is own:
+        raise TypeError(f"pipe={name} cannot be guided by apply_guidance: {REFUSED[name]}")
+    if name in DIFFUSERS_ADAPTERS and cls is own:
+        return DIFFUSERS_ADAPTERS[name]
     raise TypeError(
-        f"pipe={type(pipe).__name__} is not supported by apply_guidance; supported pipelines: "
-        f"{', '.join(supported_pipelines())} (or register one with pipelines.register_adapter)"
+        f"pipe={name} is not supported by apply_guidance: its batch layout is not verified, and guiding a "
+        f"layout the hook cannot see would silently change nothing. Supported pipelines: "
+        f"{', '.join(supported_pipelines())}. A custom pipeline following one of the layouts "
+        f"({', '.join(_layout_names())}) can be registered with pipelines.register_adapter"
     )
+
+
+def _layout_names() -> list[str]:
+    from .layouts import LAYOUTS
+
+    return list(LAYOUTS)

@@ -95,6 +95,9 @@ DIFFUSERS_ADAPTERS: dict[str, Adapter] = {
     "FluxPipeline": replace(_FLUX, layout="sequential_cache_context"),
     **_rows(_FLUX, "FluxImg2ImgPipeline FluxInpaintPipeline FluxKontextPipeline",
             note="no cache_context: cond / uncond told apart by call order"),
+    **_rows(_FLUX, "ChromaPipeline ChromaImg2ImgPipeline", scale_kw="guidance_scale", enable_hint=_SD_HINT,
+            needs_negative=False, note="no cache_context: cond / uncond told apart by call order"),
+    **_rows(_DIT, "AuraFlowPipeline"),
 }
 
 # Classes that cannot be guided, and why; `adapter_for` raises with this text.

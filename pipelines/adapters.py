@@ -97,7 +97,19 @@ DIFFUSERS_ADAPTERS: dict[str, Adapter] = {
             note="no cache_context: cond / uncond told apart by call order"),
     **_rows(_FLUX, "ChromaPipeline ChromaImg2ImgPipeline", scale_kw="guidance_scale", enable_hint=_SD_HINT,
             needs_negative=False, note="no cache_context: cond / uncond told apart by call order"),
-    **_rows(_DIT, "AuraFlowPipeline"),
+    **_rows(_DIT, "AuraFlowPipeline SanaPipeline"),
+    **_rows(_DIT, "LTXPipeline", note="packed token latents"),
+    **_rows(_DIT, "CogVideoXPipeline", note="5-D video latents (B, F, C, H, W)"),
+    **_rows(_DIT, "HunyuanDiTPipeline", guide_channels_of_input=True, unbatched=("image_rotary_emb",)),
+    "QwenImagePipeline": replace(_FLUX, layout="sequential_cache_context", unbatched=(),
+                                 note="rescales to the conditional norm after its CFG; packed token latents"),
+    "WanPipeline": replace(_DIT, layout="sequential_cache_context", extra_denoisers=("transformer_2",),
+                           expert_scale_kws=("guidance_scale_2",),
+                           note="5-D video latents; Wan 2.2's second expert transformer_2 with guidance_scale_2"),
+    "CogView4Pipeline": replace(_DIT, layout="sequential_cache_context"),
+    "Lumina2Pipeline": replace(_DIT, layout="sequential_call_order", negated_output=True,
+                               note="no cache_context: call order; predicts the negated velocity; rescales after "
+                                    "CFG; cfg_trunc_ratio < 1 is refused at the step it stops the unconditional call"),
 }
 
 # Classes that cannot be guided, and why; `adapter_for` raises with this text.

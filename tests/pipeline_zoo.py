@@ -14,6 +14,7 @@ checked against it, so every supported class is one case here.
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any, Callable
 
 import torch
@@ -191,6 +192,185 @@ def _auraflow_kwargs() -> dict:
                 max_sequence_length=16, output_type="pt")
 
 
+# --- families fed with prompt embeddings (no tiny offline tokenizer / text encoder needed) ----------------
+def _make(cls_name: str, **parts):
+    """The pipeline class with the given components; every other component None."""
+    cls = getattr(diffusers, cls_name)
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    return _finish(cls(**{p.name: parts[p.name] if p.name in parts else (None if p.default is p.empty else p.default)
+                          for p in params}))
+
+
+def _new(factory: Callable, seed: int):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return factory().eval()
+
+
+def _text(dim: int, seed: int, length: int = 8, mask: str | None = None, prefix: str = "") -> dict:
+    """prompt / negative prompt embeddings (batch 2) and, if named, their attention masks."""
+    kw = {f"{prefix}prompt_embeds": _embeds(BATCH, length, dim, seed=seed),
+          f"negative_{prefix}prompt_embeds": _embeds(BATCH, length, dim, seed=seed + 1)}
+    if mask:
+        ones = torch.ones(BATCH, length, dtype=torch.long)
+        kw[f"{prefix}{mask}"] = ones
+        kw[f"negative_{prefix}{mask}"] = ones.clone()
+    return kw
+
+
+def _latent_call(**kw) -> dict:
+    return dict(num_inference_steps=STEPS, output_type="latent", **kw)
+
+
+@functools.cache
+def _wan_transformer(seed: int) -> torch.nn.Module:
+    return _new(lambda: diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=256, ffn_dim=32, num_layers=1, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32), seed)
+
+
+def _wan(two_experts: bool = False):
+    parts = dict(transformer=_wan_transformer(51), scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=7.0),
+                 vae=_wan_vae())
+    if two_experts:  # Wan 2.2: transformer for high noise, transformer_2 below the boundary
+        parts.update(transformer_2=_wan_transformer(52), boundary_ratio=0.5)
+    return _make("WanPipeline", **parts)
+
+
+@functools.cache
+def _wan_vae() -> torch.nn.Module:
+    return _new(lambda: diffusers.AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                                   temperal_downsample=[False, True, True]), 53)
+
+
+def _wan_kwargs(two_experts: bool = False) -> dict:
+    kw = _latent_call(height=16, width=16, num_frames=5, guidance_scale=5.0, **_text(32, 54))
+    if two_experts:
+        kw["guidance_scale_2"] = 3.0
+    return kw
+
+
+@functools.cache
+def _qwen_parts() -> dict:
+    transformer = _new(lambda: diffusers.QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=16, num_attention_heads=3,
+        joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4)), 61)
+    vae = _new(lambda: diffusers.AutoencoderKLQwenImage(
+        base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[False, True],
+        latents_mean=[0.0] * 4, latents_std=[1.0] * 4), 62)
+    return dict(transformer=transformer, vae=vae, scheduler=diffusers.FlowMatchEulerDiscreteScheduler())
+
+
+def _qwen_kwargs() -> dict:
+    return _latent_call(height=32, width=32, true_cfg_scale=4.0, **_text(16, 63, mask="prompt_embeds_mask"))
+
+
+@functools.cache
+def _ltx_parts() -> dict:
+    transformer = _new(lambda: diffusers.LTXVideoTransformer3DModel(
+        in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=4, attention_head_dim=8,
+        cross_attention_dim=32, num_layers=1, caption_channels=32), 71)
+    vae = _new(lambda: diffusers.AutoencoderKLLTXVideo(
+        in_channels=3, out_channels=3, latent_channels=8, block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1, 1, 1), spatio_temporal_scaling=(True, True, False, False),
+        decoder_spatio_temporal_scaling=(True, True, False, False), decoder_inject_noise=(False,) * 5,
+        upsample_residual=(False,) * 4, upsample_factor=(1,) * 4, timestep_conditioning=False, patch_size=1,
+        patch_size_t=1, encoder_causal=True, decoder_causal=False), 72)
+    return dict(transformer=transformer, vae=vae, scheduler=diffusers.FlowMatchEulerDiscreteScheduler())
+
+
+def _ltx_kwargs() -> dict:
+    return _latent_call(height=32, width=32, num_frames=9, guidance_scale=3.0,
+                        **_text(32, 73, mask="prompt_attention_mask"))
+
+
+@functools.cache
+def _cogvideox_parts() -> dict:
+    transformer = _new(lambda: diffusers.CogVideoXTransformer3DModel(
+        num_attention_heads=4, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=2,
+        text_embed_dim=32, num_layers=1, sample_width=2, sample_height=2, sample_frames=9, patch_size=2,
+        temporal_compression_ratio=4, max_text_seq_length=8), 81)
+    vae = _new(lambda: diffusers.AutoencoderKLCogVideoX(
+        in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), latent_channels=4,
+        layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4), 82)
+    return dict(transformer=transformer, vae=vae, scheduler=diffusers.CogVideoXDDIMScheduler())
+
+
+def _cogvideox_kwargs() -> dict:
+    return _latent_call(height=16, width=16, num_frames=9, guidance_scale=6.0, **_text(32, 83))
+
+
+@functools.cache
+def _sana_parts() -> dict:
+    transformer = _new(lambda: diffusers.SanaTransformer2DModel(
+        patch_size=1, in_channels=4, out_channels=4, num_layers=1, num_attention_heads=2, attention_head_dim=4,
+        num_cross_attention_heads=2, cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=8,
+        sample_size=32), 91)
+    vae = _new(lambda: diffusers.AutoencoderDC(
+        in_channels=3, latent_channels=4, attention_head_dim=2, encoder_block_types=("ResBlock", "EfficientViTBlock"),
+        decoder_block_types=("ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 8),
+        decoder_block_out_channels=(8, 8), encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)),
+        encoder_layers_per_block=(1, 1), decoder_layers_per_block=[1, 1], downsample_block_type="conv",
+        upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu",
+        scaling_factor=0.41407), 92)
+    return dict(transformer=transformer, vae=vae, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=7.0))
+
+
+def _sana_kwargs() -> dict:
+    return _latent_call(height=32, width=32, guidance_scale=4.5, use_resolution_binning=False,
+                        complex_human_instruction=None, negative_prompt=None, **_text(8, 93, mask="prompt_attention_mask"))
+
+
+@functools.cache
+def _hunyuandit_parts() -> dict:
+    transformer = _new(lambda: diffusers.HunyuanDiT2DModel(
+        sample_size=16, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3, in_channels=4,
+        cross_attention_dim=32, cross_attention_dim_t5=32, pooled_projection_dim=16, hidden_size=24,
+        activation_fn="gelu-approximate"), 101)
+    # No VAE (latent output): the pipeline's rotary grid assumes its default VAE factor 8.
+    return dict(transformer=transformer, scheduler=diffusers.DDPMScheduler())
+
+
+def _hunyuandit_kwargs() -> dict:
+    kw = _latent_call(height=32, width=32, guidance_scale=5.0, use_resolution_binning=False,
+                      **_text(32, 103, length=77, mask="prompt_attention_mask"))
+    second = _text(32, 105, length=256, mask="prompt_attention_mask_2")  # the lengths its text embedder expects
+    kw.update(prompt_embeds_2=second["prompt_embeds"], negative_prompt_embeds_2=second["negative_prompt_embeds"],
+              prompt_attention_mask_2=second["prompt_attention_mask_2"],
+              negative_prompt_attention_mask_2=second["negative_prompt_attention_mask_2"])
+    return kw
+
+
+@functools.cache
+def _lumina2_parts() -> dict:
+    transformer = _new(lambda: diffusers.Lumina2Transformer2DModel(
+        sample_size=4, patch_size=2, in_channels=4, hidden_size=8, num_layers=2, num_attention_heads=1,
+        num_kv_heads=1, multiple_of=16, ffn_dim_multiplier=None, norm_eps=1e-5, scaling_factor=1.0,
+        axes_dim_rope=[4, 2, 2], cap_feat_dim=8), 111)
+    return dict(transformer=transformer, vae=_sd_parts()["vae"], scheduler=diffusers.FlowMatchEulerDiscreteScheduler())
+
+
+def _lumina2_kwargs() -> dict:
+    return _latent_call(height=32, width=32, guidance_scale=4.0, **_text(8, 113, mask="prompt_attention_mask"))
+
+
+@functools.cache
+def _cogview4_parts() -> dict:
+    transformer = _new(lambda: diffusers.CogView4Transformer2DModel(
+        patch_size=2, in_channels=4, num_layers=2, attention_head_dim=4, num_attention_heads=4, out_channels=4,
+        text_embed_dim=32, time_embed_dim=8, condition_dim=4), 121)
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(base_shift=0.25, max_shift=0.75, base_image_seq_len=256,
+                                                          use_dynamic_shifting=True, time_shift_type="linear")
+    return dict(transformer=transformer, vae=_sd_parts()["vae"], scheduler=scheduler)
+
+
+def _cogview4_kwargs() -> dict:
+    return _latent_call(height=32, width=32, guidance_scale=4.0, **_text(32, 123))
+
+
 # --- the cases --------------------------------------------------------------------------------------------
 Case = tuple[Callable[[], Any], Callable[[], dict]]
 
@@ -251,16 +431,30 @@ CASES: dict[str, Case] = {
     "ChromaImg2ImgPipeline": _case(lambda: _finish(diffusers.ChromaImg2ImgPipeline(**_chroma_parts())),
                                    lambda: _chroma_kwargs(image=True)),
     "AuraFlowPipeline": _case(lambda: _finish(diffusers.AuraFlowPipeline(**_auraflow_parts())), _auraflow_kwargs),
+    "WanPipeline": _case(_wan, _wan_kwargs),
+    "QwenImagePipeline": _case(lambda: _make("QwenImagePipeline", **_qwen_parts()), _qwen_kwargs),
+    "LTXPipeline": _case(lambda: _make("LTXPipeline", **_ltx_parts()), _ltx_kwargs),
+    "CogVideoXPipeline": _case(lambda: _make("CogVideoXPipeline", **_cogvideox_parts()), _cogvideox_kwargs),
+    "SanaPipeline": _case(lambda: _make("SanaPipeline", **_sana_parts()), _sana_kwargs),
+    "HunyuanDiTPipeline": _case(lambda: _make("HunyuanDiTPipeline", **_hunyuandit_parts()), _hunyuandit_kwargs),
+    "Lumina2Pipeline": _case(lambda: _make("Lumina2Pipeline", **_lumina2_parts()), _lumina2_kwargs),
+    "CogView4Pipeline": _case(lambda: _make("CogView4Pipeline", **_cogview4_parts()), _cogview4_kwargs),
 }
+
+# Wan 2.2 (two experts, guidance_scale_2) is the same class as Wan 2.1: an extra case, not an extra row.
+EXTRA_CASES: dict[str, Case] = {"WanPipeline[2.2 two experts]": _case(lambda: _wan(True), lambda: _wan_kwargs(True))}
+
+
+ALL_CASES = {**CASES, **EXTRA_CASES}
 
 
 def build(name: str):
     with torch.random.fork_rng(devices=[]):
-        return CASES[name][0]()
+        return ALL_CASES[name][0]()
 
 
 def call_kwargs(name: str) -> dict:
-    return CASES[name][1]()
+    return ALL_CASES[name][1]()
 
 
 def denoisers(pipe) -> list[torch.nn.Module]:

@@ -3,7 +3,7 @@ and leaves no trace. One parametrised test per class (a few pipeline calls each)
 
 import pytest
 import torch
-from pipeline_zoo import CASES, build, call_kwargs, denoisers
+from pipeline_zoo import ALL_CASES, CASES, build, call_kwargs, denoisers
 
 from guidance import APG, CFG, Interval
 from pipelines import apply_guidance
@@ -48,10 +48,10 @@ def test_every_adapter_row_has_a_tiny_pipeline():
     assert sorted(DIFFUSERS_ADAPTERS) == sorted(CASES)
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("name", sorted(ALL_CASES))
 def test_hook_is_exact_counts_rows_and_leaves_no_trace(name):
     pipe, kwargs = build(name), call_kwargs(name)
-    assert type(pipe).__name__ == name
+    assert type(pipe).__name__ == name.split("[")[0]
     native = run(pipe, kwargs)
     counter = count_rows(pipe)
     with apply_guidance(pipe, CFG()) as handle:
@@ -72,5 +72,23 @@ def test_hook_is_exact_counts_rows_and_leaves_no_trace(name):
     assert torch.isfinite(interval).all() and not torch.equal(interval, native)
 
     assert torch.equal(run(pipe, kwargs), native), "removal must restore bit-identical behaviour"
-    assert type(pipe).__name__ == name and all("guidance_kit" not in str(m._diffusers_hook.hooks)
+    assert type(pipe).__name__ == name.split("[")[0] and all("guidance_kit" not in str(m._diffusers_hook.hooks)
                                               for m in denoisers(pipe) if hasattr(m, "_diffusers_hook"))
+
+
+def test_wan22_both_experts_are_guided_with_their_own_scale():
+    name = "WanPipeline[2.2 two experts]"
+    pipe, kwargs = build(name), call_kwargs(name)
+    rows = []
+    for module in denoisers(pipe):
+        rows.append(0)
+        module.register_forward_pre_hook(lambda m, a, kw, i=len(rows) - 1: rows.__setitem__(i, rows[i] + 1),
+                                         with_kwargs=True)
+    native = run(pipe, kwargs)
+    assert len(rows) == 2 and min(rows) > 0, rows  # both experts ran
+    assert not torch.equal(run(pipe, {**kwargs, "guidance_scale_2": 2.0}), native)
+    with apply_guidance(pipe, CFG()):
+        assert relative_error(run(pipe, kwargs), native) <= 1e-5
+    with apply_guidance(pipe, CFG(scale=2.0)):  # one scale for both experts overrides the call's two
+        both = run(pipe, kwargs)
+    assert relative_error(both, run(pipe, {**kwargs, "guidance_scale": 2.0, "guidance_scale_2": 2.0})) <= 1e-5

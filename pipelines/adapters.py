@@ -85,18 +85,18 @@ DIFFUSERS_ADAPTERS: dict[str, Adapter] = {
                    "StableDiffusionXLControlNetPipeline StableDiffusionXLControlNetImg2ImgPipeline"),
     **_rows(_UNET, "StableDiffusionInpaintPipeline StableDiffusionControlNetInpaintPipeline "
                    "StableDiffusionXLInpaintPipeline StableDiffusionXLControlNetInpaintPipeline",
-            extra_input_channels=True, note="9-channel inpainting UNet: x0 from the latent channels"),
+            extra_input_channels=True),
     # SD3's own skip-layer guidance pass on the cond half is not a CFG call.
     **_rows(_DIT, "StableDiffusion3Pipeline StableDiffusion3Img2ImgPipeline StableDiffusion3InpaintPipeline",
             passthrough_kws=("skip_layers",)),
     # PixArt's learned-sigma channels are dropped by the pipeline after CFG: guide the eps half only.
     **_rows(_DIT, "PixArtAlphaPipeline PixArtSigmaPipeline", guide_channels_of_input=True),
     "DiTPipeline": replace(_DIT, layout="cond_uncond", guide_channels_of_input=True, class_kw="class_labels"),
-    "FluxPipeline": replace(_FLUX, layout="sequential_cache_context"),
+    "FluxPipeline": replace(_FLUX, layout="sequential_cache_context", note="packed token latents"),
     **_rows(_FLUX, "FluxImg2ImgPipeline FluxInpaintPipeline FluxKontextPipeline",
-            note="no cache_context: cond / uncond told apart by call order"),
+            note="packed token latents"),
     **_rows(_FLUX, "ChromaPipeline ChromaImg2ImgPipeline", scale_kw="guidance_scale", enable_hint=_SD_HINT,
-            needs_negative=False, note="no cache_context: cond / uncond told apart by call order"),
+            needs_negative=False, note="packed token latents"),
     **_rows(_DIT, "AuraFlowPipeline SanaPipeline"),
     **_rows(_DIT, "LTXPipeline", note="packed token latents"),
     **_rows(_DIT, "CogVideoXPipeline", note="5-D video latents (B, F, C, H, W)"),
@@ -108,8 +108,8 @@ DIFFUSERS_ADAPTERS: dict[str, Adapter] = {
                            note="5-D video latents; Wan 2.2's second expert transformer_2 with guidance_scale_2"),
     "CogView4Pipeline": replace(_DIT, layout="sequential_cache_context"),
     "Lumina2Pipeline": replace(_DIT, layout="sequential_call_order", negated_output=True,
-                               note="no cache_context: call order; predicts the negated velocity; rescales after "
-                                    "CFG; cfg_trunc_ratio < 1 is refused at the step it stops the unconditional call"),
+                               note="rescales to the conditional norm after its CFG; cfg_trunc_ratio < 1 is "
+                                    "refused at the step where it stops the unconditional call"),
 }
 
 # Classes that cannot be guided, and why; `adapter_for` raises with this text.

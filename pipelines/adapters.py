@@ -47,6 +47,7 @@ class Adapter:
     needs_negative: bool = False  # true-CFG pipelines: no unconditional pass without a negative prompt
     extra_input_channels: bool = False  # input = [sample, conditioning channels] (9-channel inpainting)
     negated_output: bool = False  # the denoiser predicts the negated velocity (Lumina 2)
+    off_kws: tuple[str, ...] = ()  # call keywords that must be 0 / None (PAG's extra branch): refused otherwise
     note: str = ""  # shown in the README table
 
     def __post_init__(self) -> None:
@@ -111,6 +112,19 @@ DIFFUSERS_ADAPTERS: dict[str, Adapter] = {
                                note="rescales to the conditional norm after its CFG; cfg_trunc_ratio < 1 is "
                                     "refused at the step where it stops the unconditional call"),
 }
+
+# PAG pipelines run plain CFG when pag_scale=0; with PAG on they append a third (perturbed) chunk.
+_PAG_OFF = dict(off_kws=("pag_scale",))
+DIFFUSERS_ADAPTERS.update({
+    **_rows(_UNET, "StableDiffusionPAGPipeline StableDiffusionPAGImg2ImgPipeline StableDiffusionControlNetPAGPipeline "
+                   "StableDiffusionXLPAGPipeline StableDiffusionXLPAGImg2ImgPipeline "
+                   "StableDiffusionXLControlNetPAGPipeline StableDiffusionXLControlNetPAGImg2ImgPipeline", **_PAG_OFF),
+    **_rows(_UNET, "StableDiffusionPAGInpaintPipeline StableDiffusionControlNetPAGInpaintPipeline "
+                   "StableDiffusionXLPAGInpaintPipeline", extra_input_channels=True, **_PAG_OFF),
+    **_rows(_DIT, "StableDiffusion3PAGPipeline StableDiffusion3PAGImg2ImgPipeline SanaPAGPipeline", **_PAG_OFF),
+    "PixArtSigmaPAGPipeline": replace(DIFFUSERS_ADAPTERS["PixArtSigmaPipeline"], **_PAG_OFF),
+    "HunyuanDiTPAGPipeline": replace(DIFFUSERS_ADAPTERS["HunyuanDiTPipeline"], **_PAG_OFF),
+})
 
 # Classes that cannot be guided, and why; `adapter_for` raises with this text.
 REFUSED: dict[str, str] = {

@@ -192,6 +192,13 @@ class GuidanceHandle:
                 if on and s is not None and float(s) == 1.0:
                     raise ValueError(f"{self.pipe_name}: {kw}=1.0 makes the pipeline ignore its unconditional "
                                      f"branch, so {name} cannot guide; use {kw} > 1")
+        for kw in a.off_kws:
+            if call.get(kw):
+                raise ValueError(
+                    f"{self.pipe_name} was called with {kw}={call[kw]!r}: that adds a branch to the denoiser batch "
+                    f"(perturbed-attention guidance) which the hook does not split, so {name} cannot guide it "
+                    f"exactly; call with {kw}=0 (the strategy replaces the pipeline's guidance)"
+                )
         if a.class_kw is None and _needs_reference(self.strategy):
             raise NotImplementedError(
                 f"{name} needs a reference-class branch, which only class-conditional pipelines provide (the "
@@ -238,16 +245,19 @@ class GuidanceHandle:
 
         Learned-sigma models (DiT, PixArt) guide only the first `channels` (= input) channels and keep
         the conditional rest; Lumina 2 outputs the negated velocity, so the strategy sees it un-negated."""
-        sign = -1.0 if self.adapter.negated_output else 1.0
+        a = self.adapter
         cond = preds[COND]
-        if not self.adapter.guide_channels_of_input:
-            channels = cond.shape[1]
         ctx.evaluated = masks
-        guided = self.strategy.combine(ctx, {k: sign * v[:, :channels] for k, v in preds.items()})
-        guided = (sign * guided).to(cond.dtype)
-        rest = cond[:, channels:]  # DiT's learned-sigma channels; empty elsewhere
+        if a.guide_channels_of_input:
+            preds = {k: v[:, :channels] for k, v in preds.items()}
+        if a.negated_output:
+            preds = {k: -v for k, v in preds.items()}
+        guided = self.strategy.combine(ctx, preds)
+        guided = (-guided if a.negated_output else guided).to(cond.dtype)
         self._finish_step(masks)
-        return torch.cat([guided, rest], dim=1) if rest.shape[1] else guided
+        if a.guide_channels_of_input and cond.shape[1] > channels:
+            return torch.cat([guided, cond[:, channels:]], dim=1)  # DiT's learned-sigma channels, kept
+        return guided
 
     def _finish_step(self, masks: dict[str, torch.Tensor]) -> None:
         evaluated = sum(m.long() for m in masks.values())

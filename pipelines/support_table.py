@@ -24,6 +24,8 @@ def _notes(a: Adapter) -> str:
         notes.append("9-channel inpainting UNet: x0 from the latent channels")
     if a.negated_output:
         notes.append("predicts the negated velocity")
+    for kw in a.off_kws:
+        notes.append(f"with {kw}=0 (PAG on is refused)")
     if a.needs_negative:
         notes.append("true CFG: needs a negative prompt")
     return "; ".join(notes)

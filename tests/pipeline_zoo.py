@@ -441,6 +441,47 @@ CASES: dict[str, Case] = {
     "CogView4Pipeline": _case(lambda: _make("CogView4Pipeline", **_cogview4_parts()), _cogview4_kwargs),
 }
 
+# PAG variants: the same components; called with pag_scale=0 (PAG's third branch is refused, tested apart).
+_PAG = {
+    "StableDiffusionPAGPipeline": ("StableDiffusionPipeline", "sd", {}),
+    "StableDiffusionPAGImg2ImgPipeline": ("StableDiffusionImg2ImgPipeline", "sd", {}),
+    "StableDiffusionPAGInpaintPipeline": ("StableDiffusionInpaintPipeline", "sd", dict(inpaint=True)),
+    "StableDiffusionControlNetPAGPipeline": ("StableDiffusionControlNetPipeline", "sd", dict(controlnet=True)),
+    "StableDiffusionControlNetPAGInpaintPipeline": ("StableDiffusionControlNetInpaintPipeline", "sd",
+                                                    dict(inpaint=True, controlnet=True)),
+    "StableDiffusionXLPAGPipeline": ("StableDiffusionXLPipeline", "sdxl", {}),
+    "StableDiffusionXLPAGImg2ImgPipeline": ("StableDiffusionXLImg2ImgPipeline", "sdxl", {}),
+    "StableDiffusionXLPAGInpaintPipeline": ("StableDiffusionXLInpaintPipeline", "sdxl", dict(inpaint=True)),
+    "StableDiffusionXLControlNetPAGPipeline": ("StableDiffusionXLControlNetPipeline", "sdxl", dict(controlnet=True)),
+    "StableDiffusionXLControlNetPAGImg2ImgPipeline": ("StableDiffusionXLControlNetImg2ImgPipeline", "sdxl",
+                                                      dict(controlnet=True)),
+}
+
+
+def _pag_kwargs(name: str, base: str) -> dict:
+    accepted = inspect.signature(getattr(diffusers, name).__call__).parameters
+    return {k: v for k, v in {**CASES[base][1](), "pag_scale": 0.0}.items() if k in accepted}
+
+
+def _pag_case(name: str, base: str, family: str, options: dict) -> Case:
+    return _case(lambda: _sd_like(name, family, **options), lambda: _pag_kwargs(name, base))
+
+
+def _pag_make(name: str, base: str, parts: Callable) -> Case:
+    return _case(lambda: _make(name, **parts()), lambda: _pag_kwargs(name, base))
+
+
+CASES.update({name: _pag_case(name, *spec) for name, spec in _PAG.items()})
+CASES.update({
+    "StableDiffusion3PAGPipeline": _pag_make("StableDiffusion3PAGPipeline", "StableDiffusion3Pipeline", _sd3_parts),
+    "StableDiffusion3PAGImg2ImgPipeline": _pag_make("StableDiffusion3PAGImg2ImgPipeline",
+                                                    "StableDiffusion3Img2ImgPipeline", _sd3_parts),
+    "PixArtSigmaPAGPipeline": _pag_make("PixArtSigmaPAGPipeline", "PixArtSigmaPipeline",
+                                        lambda: tp.build("pixart_sigma").components),
+    "SanaPAGPipeline": _pag_make("SanaPAGPipeline", "SanaPipeline", _sana_parts),
+    "HunyuanDiTPAGPipeline": _pag_make("HunyuanDiTPAGPipeline", "HunyuanDiTPipeline", _hunyuandit_parts),
+})
+
 # Wan 2.2 (two experts, guidance_scale_2) is the same class as Wan 2.1: an extra case, not an extra row.
 EXTRA_CASES: dict[str, Case] = {"WanPipeline[2.2 two experts]": _case(lambda: _wan(True), lambda: _wan_kwargs(True))}
 

@@ -124,3 +124,11 @@ def test_call_order_layout_is_exact_and_refuses_calls_it_cannot_pair(two_call_pi
         assert handle.nfe.tolist() == [6, 6]
         with pytest.raises(RuntimeError, match="no unconditional call followed the conditional one"):
             pipe(copy_latents=True)
+
+
+def test_pag_on_is_refused_with_the_keyword_to_change():
+    name = "StableDiffusionPAGPipeline"
+    pipe = build(name)
+    with apply_guidance(pipe, CFG()):
+        with pytest.raises(ValueError, match=r"pag_scale=3.0.*call with pag_scale=0"):
+            pipe(**{**call_kwargs(name), "pag_scale": 3.0})

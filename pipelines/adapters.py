@@ -113,6 +113,13 @@ DIFFUSERS_ADAPTERS: dict[str, Adapter] = {
                                     "refused at the step where it stops the unconditional call"),
 }
 
+# Kandinsky 2.2 decoders: image embeddings from the prior; learned-sigma UNet (9 channels in inpainting).
+_KANDINSKY = replace(_UNET, guide_channels_of_input=True)
+DIFFUSERS_ADAPTERS.update({
+    **_rows(_KANDINSKY, "KandinskyV22Pipeline KandinskyV22Img2ImgPipeline"),
+    "KandinskyV22InpaintPipeline": replace(_KANDINSKY, extra_input_channels=True),
+})
+
 # PAG pipelines run plain CFG when pag_scale=0; with PAG on they append a third (perturbed) chunk.
 _PAG_OFF = dict(off_kws=("pag_scale",))
 DIFFUSERS_ADAPTERS.update({

@@ -219,7 +219,8 @@ class GuidanceHandle:
         """The noisy sample inside the denoiser input: inpainting UNets append mask and masked-image
         channels after it, so only the first `out_channels` channels are the sample."""
         if self.adapter.extra_input_channels:
-            return x[:, : self.denoiser.config.out_channels]
+            channels = self.denoiser.config.out_channels
+            return x[:, : channels // 2 if self.adapter.guide_channels_of_input else channels]  # learned sigma
         return x
 
     def masks(self, ctx: StepContext) -> dict[str, torch.Tensor]:

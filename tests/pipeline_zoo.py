@@ -371,6 +371,43 @@ def _cogview4_kwargs() -> dict:
     return _latent_call(height=32, width=32, guidance_scale=4.0, **_text(32, 123))
 
 
+# --- Kandinsky 2.2 decoders (image embeddings from the prior, passed in) ------------------------------
+@functools.cache
+def _kandinsky_unet(in_channels: int) -> torch.nn.Module:
+    return _new(lambda: diffusers.UNet2DConditionModel(
+        in_channels=in_channels, out_channels=8, addition_embed_type="image",
+        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn", block_out_channels=(32, 64), layers_per_block=1,
+        encoder_hid_dim=32, encoder_hid_dim_type="image_proj", cross_attention_dim=32, attention_head_dim=4,
+        resnet_time_scale_shift="scale_shift", class_embed_type=None), 131 + in_channels)
+
+
+@functools.cache
+def _movq() -> torch.nn.Module:
+    return _new(lambda: diffusers.VQModel(
+        block_out_channels=[32, 64], down_block_types=["DownEncoderBlock2D", "AttnDownEncoderBlock2D"],
+        in_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8, norm_type="spatial",
+        num_vq_embeddings=12, out_channels=3, up_block_types=["AttnUpDecoderBlock2D", "UpDecoderBlock2D"],
+        vq_embed_dim=4), 139)
+
+
+def _kandinsky(cls_name: str, in_channels: int = 4):
+    scheduler = diffusers.DDIMScheduler(beta_schedule="linear", beta_start=0.00085, beta_end=0.012,
+                                        clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    return _make(cls_name, unet=_kandinsky_unet(in_channels), movq=_movq(), scheduler=scheduler)
+
+
+def _kandinsky_kwargs(image: bool = False, mask: bool = False) -> dict:
+    kw = dict(image_embeds=_embeds(BATCH, 32, seed=141), negative_image_embeds=_embeds(BATCH, 32, seed=142),
+              height=32, width=32, guidance_scale=4.0, num_inference_steps=STEPS, output_type="pt")
+    if image:
+        kw.update(image=_image(), strength=0.75, num_inference_steps=4)
+    if mask:
+        kw.update(mask_image=_mask()[:, 0], strength=1.0, num_inference_steps=STEPS)
+    return kw
+
+
 # --- the cases --------------------------------------------------------------------------------------------
 Case = tuple[Callable[[], Any], Callable[[], dict]]
 
@@ -440,6 +477,14 @@ CASES: dict[str, Case] = {
     "Lumina2Pipeline": _case(lambda: _make("Lumina2Pipeline", **_lumina2_parts()), _lumina2_kwargs),
     "CogView4Pipeline": _case(lambda: _make("CogView4Pipeline", **_cogview4_parts()), _cogview4_kwargs),
 }
+
+CASES.update({
+    "KandinskyV22Pipeline": _case(lambda: _kandinsky("KandinskyV22Pipeline"), _kandinsky_kwargs),
+    "KandinskyV22Img2ImgPipeline": _case(lambda: _kandinsky("KandinskyV22Img2ImgPipeline"),
+                                         lambda: _kandinsky_kwargs(image=True)),
+    "KandinskyV22InpaintPipeline": _case(lambda: _kandinsky("KandinskyV22InpaintPipeline", in_channels=9),
+                                         lambda: _kandinsky_kwargs(image=True, mask=True)),
+})
 
 # PAG variants: the same components; called with pag_scale=0 (PAG's third branch is refused, tested apart).
 _PAG = {

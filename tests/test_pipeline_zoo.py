@@ -61,8 +61,10 @@ def test_hook_is_exact_counts_rows_and_leaves_no_trace(name):
     assert steps >= 2 and handle.nfe.tolist() == [2 * steps] * native.shape[0]
     assert counter["rows"] == int(handle.nfe.sum())
 
+    # APG works in x0: eps -> x0 -> eps divides by sigma, so float32 rounding grows ~1/sigma at the last
+    # step (sigma 0.04 at t=1 with linear betas: 6e-5 per step on Kandinsky inpainting, 4e-4 at the end).
     with apply_guidance(pipe, APG(eta=1.0, norm_threshold=0.0, momentum=0.0)):
-        assert relative_error(run(pipe, kwargs), native) <= 1e-5
+        assert relative_error(run(pipe, kwargs), native) <= 1e-3
 
     counter["rows"] = 0
     with apply_guidance(pipe, Interval(CFG(), start=0.0, stop=0.34)) as handle:  # unconditional rows on step 0 only

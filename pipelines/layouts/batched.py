@@ -53,7 +53,7 @@ class UncondCond(Layout):
             preds = {COND: full[cond_rows.to(full.device)], UNCOND: full[uncond_rows.to(full.device)]}
         else:
             out, preds = self._evaluate_rows(call, ctx, masks, cond_rows, uncond_rows)
-        g = h.combine(ctx, masks, preds, x.shape[1])
+        g = h.combine(ctx, masks, preds, ctx.x.shape[1])
         return replace_first(out, torch.cat([g, g]))
 
     def _evaluate_rows(self, call: DenoiserCall, ctx, masks: dict, cond_rows: torch.Tensor,

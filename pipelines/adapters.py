@@ -113,6 +113,13 @@ DIFFUSERS_ADAPTERS: dict[str, Adapter] = {
                                     "refused at the step where it stops the unconditional call"),
 }
 
+DIFFUSERS_ADAPTERS.update({
+    **_rows(DIFFUSERS_ADAPTERS["QwenImagePipeline"], "QwenImageImg2ImgPipeline QwenImageInpaintPipeline"),
+    "FluxKontextInpaintPipeline": DIFFUSERS_ADAPTERS["FluxKontextPipeline"],
+    "LTXImageToVideoPipeline": replace(DIFFUSERS_ADAPTERS["LTXPipeline"],
+                                       note="packed token latents; per-token timesteps (the first frame is clean)"),
+})
+
 # Kandinsky 2.2 decoders: image embeddings from the prior; learned-sigma UNet (9 channels in inpainting).
 _KANDINSKY = replace(_UNET, guide_channels_of_input=True)
 DIFFUSERS_ADAPTERS.update({

@@ -262,8 +262,13 @@ def _qwen_parts() -> dict:
     return dict(transformer=transformer, vae=vae, scheduler=diffusers.FlowMatchEulerDiscreteScheduler())
 
 
-def _qwen_kwargs() -> dict:
-    return _latent_call(height=32, width=32, true_cfg_scale=4.0, **_text(16, 63, mask="prompt_embeds_mask"))
+def _qwen_kwargs(image: bool = False, mask: bool = False) -> dict:
+    kw = _latent_call(height=32, width=32, true_cfg_scale=4.0, **_text(16, 63, mask="prompt_embeds_mask"))
+    if image:
+        kw.update(image=_image(), strength=0.75, num_inference_steps=4)
+    if mask:
+        kw["mask_image"] = _mask()
+    return kw
 
 
 @functools.cache
@@ -281,9 +286,12 @@ def _ltx_parts() -> dict:
     return dict(transformer=transformer, vae=vae, scheduler=diffusers.FlowMatchEulerDiscreteScheduler())
 
 
-def _ltx_kwargs() -> dict:
-    return _latent_call(height=32, width=32, num_frames=9, guidance_scale=3.0,
-                        **_text(32, 73, mask="prompt_attention_mask"))
+def _ltx_kwargs(image: bool = False) -> dict:
+    kw = _latent_call(height=32, width=32, num_frames=9, guidance_scale=3.0,
+                      **_text(32, 73, mask="prompt_attention_mask"))
+    if image:
+        kw["image"] = _image()
+    return kw
 
 
 @functools.cache
@@ -479,6 +487,15 @@ CASES: dict[str, Case] = {
 }
 
 CASES.update({
+    "QwenImageImg2ImgPipeline": _case(lambda: _make("QwenImageImg2ImgPipeline", **_qwen_parts()),
+                                      lambda: _qwen_kwargs(image=True)),
+    "QwenImageInpaintPipeline": _case(lambda: _make("QwenImageInpaintPipeline", **_qwen_parts()),
+                                      lambda: _qwen_kwargs(image=True, mask=True)),
+    "FluxKontextInpaintPipeline": _case(lambda: _finish(diffusers.FluxKontextInpaintPipeline(**_flux_parts())),
+                                        lambda: {**_flux_kwargs(kontext=True), "mask_image": _mask(),
+                                                 "image_reference": _image(seed=3)}),
+    "LTXImageToVideoPipeline": _case(lambda: _make("LTXImageToVideoPipeline", **_ltx_parts()),
+                                     lambda: _ltx_kwargs(image=True)),
     "KandinskyV22Pipeline": _case(lambda: _kandinsky("KandinskyV22Pipeline"), _kandinsky_kwargs),
     "KandinskyV22Img2ImgPipeline": _case(lambda: _kandinsky("KandinskyV22Img2ImgPipeline"),
                                          lambda: _kandinsky_kwargs(image=True)),

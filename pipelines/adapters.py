@@ -40,6 +40,7 @@ class Adapter:
     sample_kw: str = "sample"  # keyword of the noisy input when passed by name
     guide_channels_of_input: bool = False  # learned sigma: guide out[:, :in_channels], keep the rest
     unbatched: tuple[str, ...] = ()  # tensor kwargs that never carry a batch dimension
+    per_frame_kws: tuple[str, ...] = ()  # tensor kwargs with batch x frames rows (AnimateDiff's prompt embeddings)
     passthrough_kws: tuple[str, ...] = ()  # a call with one of these set is not a guidance call
     class_kw: str | None = None  # class-conditional denoisers: the keyword carrying the class ids
     extra_denoisers: tuple[str, ...] = ()  # further experts (Wan 2.2 transformer_2), hooked where not None
@@ -116,6 +117,8 @@ DIFFUSERS_ADAPTERS: dict[str, Adapter] = {
 DIFFUSERS_ADAPTERS.update({
     **_rows(DIFFUSERS_ADAPTERS["QwenImagePipeline"], "QwenImageImg2ImgPipeline QwenImageInpaintPipeline"),
     "FluxKontextInpaintPipeline": DIFFUSERS_ADAPTERS["FluxKontextPipeline"],
+    **_rows(_UNET, "AnimateDiffPipeline AnimateDiffVideoToVideoPipeline", per_frame_kws=("encoder_hidden_states",),
+            note="UNetMotionModel, 5-D video latents (B, C, F, H, W)"),
     "LTXImageToVideoPipeline": replace(DIFFUSERS_ADAPTERS["LTXPipeline"],
                                        note="packed token latents; per-token timesteps (the first frame is clean)"),
 })

@@ -379,6 +379,28 @@ def _cogview4_kwargs() -> dict:
     return _latent_call(height=32, width=32, guidance_scale=4.0, **_text(32, 123))
 
 
+# --- AnimateDiff: the SD components plus a motion adapter (5-D latents (B, C, F, H, W)) ------------------
+@functools.cache
+def _motion_adapter() -> torch.nn.Module:
+    return _init(diffusers.MotionAdapter(block_out_channels=(8, 16), motion_layers_per_block=1,
+                                         motion_norm_num_groups=4, motion_num_attention_heads=2), 151)
+
+
+def _animatediff(cls_name: str):
+    parts = dict(_sd_parts(), motion_adapter=_motion_adapter())
+    return _make(cls_name, **{k: v for k, v in parts.items() if k not in ("safety_checker",)})
+
+
+def _animatediff_kwargs(video: bool = False) -> dict:
+    kw = dict(prompt=tp.PROMPTS, guidance_scale=7.5, height=32, width=32, num_frames=4,
+              num_inference_steps=STEPS, output_type="latent")
+    if video:
+        del kw["num_frames"]
+        frames = list(_image(32, seed=152))  # two (3, H, W) frames
+        kw.update(video=[frames * 2, frames[::-1] * 2], strength=0.75, num_inference_steps=4)  # one video per prompt
+    return kw
+
+
 # --- Kandinsky 2.2 decoders (image embeddings from the prior, passed in) ------------------------------
 @functools.cache
 def _kandinsky_unet(in_channels: int) -> torch.nn.Module:
@@ -487,6 +509,9 @@ CASES: dict[str, Case] = {
 }
 
 CASES.update({
+    "AnimateDiffPipeline": _case(lambda: _animatediff("AnimateDiffPipeline"), _animatediff_kwargs),
+    "AnimateDiffVideoToVideoPipeline": _case(lambda: _animatediff("AnimateDiffVideoToVideoPipeline"),
+                                             lambda: _animatediff_kwargs(video=True)),
     "QwenImageImg2ImgPipeline": _case(lambda: _make("QwenImageImg2ImgPipeline", **_qwen_parts()),
                                       lambda: _qwen_kwargs(image=True)),
     "QwenImageInpaintPipeline": _case(lambda: _make("QwenImageInpaintPipeline", **_qwen_parts()),

@@ -73,9 +73,9 @@ class UncondCond(Layout):
             ref_ids = call.kwargs[key].clone()
             ref_ids[cond_rows.to(ref_ids.device)] = labels.to(ref_ids)
             ref_kwargs = {**call.kwargs, key: ref_ids}
-        skip = h.adapter.unbatched
+        skip, per_frame = h.adapter.unbatched, h.adapter.per_frame_kws
         out = call.run(gather_rows(call.args, call.args, rows, ref_rows, n, skip),
-                       gather_rows(call.kwargs, ref_kwargs, rows, ref_rows, n, skip))
+                       gather_rows(call.kwargs, ref_kwargs, rows, ref_rows, n, skip, per_frame))
         result = first(out)
         full = nan_rows(result, n)
         full[rows.to(full.device)] = result[: len(rows)]

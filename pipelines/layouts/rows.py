@@ -21,9 +21,24 @@ def select_rows(obj: Any, rows: torch.Tensor, batch: int, unbatched: tuple[str, 
     return obj
 
 
+def block_rows(rows: torch.Tensor, block: int) -> torch.Tensor:
+    """Rows of a tensor that repeats each sample `block` times in a row (AnimateDiff's per-frame prompts)."""
+    return (rows[:, None] * block + torch.arange(block)).flatten()
+
+
 def gather_rows(obj: Any, ref_obj: Any, rows: torch.Tensor, ref_rows: torch.Tensor, batch: int,
-                unbatched: tuple[str, ...] = ()) -> Any:
-    """`obj` at `rows` followed by `ref_obj` (same structure) at `ref_rows`, for every batched tensor."""
+                unbatched: tuple[str, ...] = (), per_frame: tuple[str, ...] = ()) -> Any:
+    """`obj` at `rows` followed by `ref_obj` (same structure) at `ref_rows`, for every batched tensor.
+
+    Keyword tensors named in `per_frame` hold `batch * frames` rows, each sample's frames together."""
+    if isinstance(obj, dict) and per_frame:
+        out = gather_rows(obj, ref_obj, rows, ref_rows, batch, unbatched + per_frame)
+        for k in per_frame:
+            v = obj.get(k)
+            if torch.is_tensor(v) and v.shape[0] % batch == 0 and v.shape[0] > batch:
+                f = v.shape[0] // batch
+                out[k] = gather_rows(v, ref_obj[k], block_rows(rows, f), block_rows(ref_rows, f), batch * f)
+        return out
     if isinstance(obj, torch.Tensor):
         if obj.ndim >= 1 and obj.shape[0] == batch:
             return torch.cat([obj[rows.to(obj.device)], ref_obj[ref_rows.to(obj.device)]])

@@ -48,6 +48,7 @@ class Adapter:
     needs_negative: bool = False  # true-CFG pipelines: no unconditional pass without a negative prompt
     extra_input_channels: bool = False  # input = [sample, conditioning channels] (9-channel inpainting)
     negated_output: bool = False  # the denoiser predicts the negated velocity (Lumina 2)
+    guided_channels: int | None = None  # the pipeline guides only these leading channels (Lumina v1: 3 of 4)
     off_kws: tuple[str, ...] = ()  # call keywords that must be 0 / None (PAG's extra branch): refused otherwise
     note: str = ""  # shown in the README table
 
@@ -122,6 +123,11 @@ DIFFUSERS_ADAPTERS.update({
     "LTXImageToVideoPipeline": replace(DIFFUSERS_ADAPTERS["LTXPipeline"],
                                        note="packed token latents; per-token timesteps (the first frame is clean)"),
 })
+
+# Lumina-Next guides 3 of its 4 latent channels ("for exact reproducibility" of the original code).
+DIFFUSERS_ADAPTERS["LuminaPipeline"] = replace(_DIT, layout="cond_uncond", guide_channels_of_input=True,
+                                               guided_channels=3, negated_output=True,
+                                               note="guides latent channels 0-2 only, as the pipeline does")
 
 # Kandinsky 2.2 decoders: image embeddings from the prior; learned-sigma UNet (9 channels in inpainting).
 _KANDINSKY = replace(_UNET, guide_channels_of_input=True)

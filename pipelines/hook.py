@@ -218,6 +218,8 @@ class GuidanceHandle:
     def sample_of(self, x: torch.Tensor) -> torch.Tensor:
         """The noisy sample inside the denoiser input: inpainting UNets append mask and masked-image
         channels after it, so only the first `out_channels` channels are the sample."""
+        if self.adapter.guided_channels is not None:
+            return x[:, : self.adapter.guided_channels]
         if self.adapter.extra_input_channels:
             channels = self.denoiser.config.out_channels
             return x[:, : channels // 2 if self.adapter.guide_channels_of_input else channels]  # learned sigma
@@ -249,7 +251,7 @@ class GuidanceHandle:
         a = self.adapter
         cond = preds[COND]
         ctx.evaluated = masks
-        if a.guide_channels_of_input:
+        if a.guide_channels_of_input:  # channels: those of the sample (ctx.x)
             preds = {k: v[:, :channels] for k, v in preds.items()}
         if a.negated_output:
             preds = {k: -v for k, v in preds.items()}

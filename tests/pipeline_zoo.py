@@ -438,6 +438,19 @@ def _kandinsky_kwargs(image: bool = False, mask: bool = False) -> dict:
     return kw
 
 
+@functools.cache
+def _lumina_parts() -> dict:
+    transformer = _new(lambda: diffusers.LuminaNextDiT2DModel(
+        sample_size=4, patch_size=2, in_channels=4, hidden_size=4, num_layers=2, num_attention_heads=1,
+        num_kv_heads=1, multiple_of=16, ffn_dim_multiplier=None, norm_eps=1e-5, learn_sigma=True, qk_norm=True,
+        cross_attention_dim=8, scaling_factor=1.0), 161)
+    return dict(transformer=transformer, vae=_sd_parts()["vae"], scheduler=diffusers.FlowMatchEulerDiscreteScheduler())
+
+
+def _lumina_kwargs() -> dict:
+    return _latent_call(height=32, width=32, guidance_scale=4.0, **_text(8, 163, mask="prompt_attention_mask"))
+
+
 # --- the cases --------------------------------------------------------------------------------------------
 Case = tuple[Callable[[], Any], Callable[[], dict]]
 
@@ -509,6 +522,7 @@ CASES: dict[str, Case] = {
 }
 
 CASES.update({
+    "LuminaPipeline": _case(lambda: _make("LuminaPipeline", **_lumina_parts()), _lumina_kwargs),
     "AnimateDiffPipeline": _case(lambda: _animatediff("AnimateDiffPipeline"), _animatediff_kwargs),
     "AnimateDiffVideoToVideoPipeline": _case(lambda: _animatediff("AnimateDiffVideoToVideoPipeline"),
                                              lambda: _animatediff_kwargs(video=True)),

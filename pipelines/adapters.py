@@ -118,6 +118,10 @@ DIFFUSERS_ADAPTERS: dict[str, Adapter] = {
 DIFFUSERS_ADAPTERS.update({
     **_rows(DIFFUSERS_ADAPTERS["QwenImagePipeline"], "QwenImageImg2ImgPipeline QwenImageInpaintPipeline"),
     "FluxKontextInpaintPipeline": DIFFUSERS_ADAPTERS["FluxKontextPipeline"],
+    "FluxControlNetPipeline": DIFFUSERS_ADAPTERS["FluxImg2ImgPipeline"],
+    "StableDiffusion3ControlNetPipeline": DIFFUSERS_ADAPTERS["StableDiffusion3Pipeline"],
+    "StableDiffusionDepth2ImgPipeline": replace(_UNET, extra_input_channels=True,
+                                                note="5-channel UNet (latents + depth)"),
     **_rows(_UNET, "AnimateDiffPipeline AnimateDiffVideoToVideoPipeline", per_frame_kws=("encoder_hidden_states",),
             note="UNetMotionModel, 5-D video latents (B, C, F, H, W)"),
     "LTXImageToVideoPipeline": replace(DIFFUSERS_ADAPTERS["LTXPipeline"],
@@ -155,7 +159,8 @@ REFUSED: dict[str, str] = {
               "unconditional pass to guide; use a pipeline that runs CFG (e.g. FluxPipeline / FluxImg2ImgPipeline "
               "with true_cfg_scale > 1 and a negative prompt)")
        for name in ("FluxFillPipeline", "FluxControlPipeline", "FluxControlImg2ImgPipeline",
-                    "FluxControlInpaintPipeline", "Flux2Pipeline", "SanaSprintPipeline")},
+                    "FluxControlInpaintPipeline", "FluxControlNetImg2ImgPipeline", "FluxControlNetInpaintPipeline",
+                    "Flux2Pipeline", "SanaSprintPipeline")},
     "StableDiffusionInstructPix2PixPipeline": (
         "it runs a three-way batch [text+image; image; none] with two scales, a layout the hook does not "
         "split yet; use StableDiffusionImg2ImgPipeline"),

@@ -21,7 +21,7 @@ def _notes(a: Adapter) -> str:
     if a.guide_channels_of_input:
         notes.append("learned sigma: guides the first in_channels output channels")
     if a.extra_input_channels:
-        notes.append("9-channel inpainting UNet: x0 from the latent channels")
+        notes.append("conditioning channels appended to the input: x0 from the latent channels only")
     if a.negated_output:
         notes.append("predicts the negated velocity")
     for kw in a.off_kws:

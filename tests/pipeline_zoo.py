@@ -153,6 +153,21 @@ def _flux_kwargs(image: bool = False, mask: bool = False, kontext: bool = False)
 
 
 @functools.cache
+def _flux_controlnet() -> torch.nn.Module:
+    return _init(diffusers.FluxControlNetModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6)), 171)
+
+
+@functools.cache
+def _sd3_controlnet() -> torch.nn.Module:
+    return _init(diffusers.SD3ControlNetModel(
+        sample_size=16, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=4,
+        joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64, out_channels=4,
+        pos_embed_max_size=32), 172)
+
+
+@functools.cache
 def _chroma_parts() -> dict:
     flux = _flux_parts()
     with torch.random.fork_rng(devices=[]):
@@ -522,6 +537,16 @@ CASES: dict[str, Case] = {
 }
 
 CASES.update({
+    "FluxControlNetPipeline": _case(
+        lambda: _finish(diffusers.FluxControlNetPipeline(**_flux_parts(), controlnet=_flux_controlnet())),
+        lambda: {**_flux_kwargs(), "control_image": _image(seed=4)}),
+    "StableDiffusion3ControlNetPipeline": _case(
+        lambda: _make("StableDiffusion3ControlNetPipeline", **_sd3_parts(), controlnet=_sd3_controlnet()),
+        lambda: {**_sd3_kwargs(), "control_image": _image(seed=5)}),
+    "StableDiffusionDepth2ImgPipeline": _case(
+        lambda: _make("StableDiffusionDepth2ImgPipeline", **{**_sd_parts(), "unet": _unet_variant("sd", 5)}),
+        lambda: {k: v for k, v in _sd_kwargs("sd", image=True).items() if k not in ("height", "width")}
+        | {"depth_map": _image(16, seed=6)[:, 0]}),
     "LuminaPipeline": _case(lambda: _make("LuminaPipeline", **_lumina_parts()), _lumina_kwargs),
     "AnimateDiffPipeline": _case(lambda: _animatediff("AnimateDiffPipeline"), _animatediff_kwargs),
     "AnimateDiffVideoToVideoPipeline": _case(lambda: _animatediff("AnimateDiffVideoToVideoPipeline"),

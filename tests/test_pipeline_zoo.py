@@ -1,6 +1,8 @@
 """Every class in the adapter table, on a tiny pipeline: the hook is exact, counts what it evaluates,
 and leaves no trace. One parametrised test per class (a few pipeline calls each)."""
 
+import inspect
+
 import pytest
 import torch
 from pipeline_zoo import ALL_CASES, CASES, build, call_kwargs, denoisers
@@ -94,3 +96,20 @@ def test_wan22_both_experts_are_guided_with_their_own_scale():
     with apply_guidance(pipe, CFG(scale=2.0)):  # one scale for both experts overrides the call's two
         both = run(pipe, kwargs)
     assert relative_error(both, run(pipe, {**kwargs, "guidance_scale": 2.0, "guidance_scale_2": 2.0})) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["StableDiffusionXLInpaintPipeline", "FluxImg2ImgPipeline", "QwenImagePipeline",
+                                  "FluxPipeline"])
+def test_several_images_per_prompt_stay_exact(name):
+    """num_images_per_prompt=2 on two prompts (and their negative prompts / embeddings): batch 4 per branch."""
+    pipe = build(name)
+    key = "num_videos_per_prompt" if "num_videos_per_prompt" in inspect.signature(type(pipe).__call__).parameters \
+        else "num_images_per_prompt"
+    kwargs = {**call_kwargs(name), key: 2}
+    if "prompt" in kwargs:
+        kwargs["negative_prompt"] = ["blurry", "a drawing"]
+    native = run(pipe, kwargs)
+    with apply_guidance(pipe, CFG()) as handle:
+        hooked = run(pipe, kwargs)
+    assert native.shape[0] == 4 and handle.nfe.shape == (4,)
+    assert relative_error(hooked, native) <= 1e-5

@@ -132,3 +132,21 @@ def test_pag_on_is_refused_with_the_keyword_to_change():
     with apply_guidance(pipe, CFG()):
         with pytest.raises(ValueError, match=r"pag_scale=3.0.*call with pag_scale=0"):
             pipe(**{**call_kwargs(name), "pag_scale": 3.0})
+
+
+@pytest.mark.parametrize("name", ["FluxPipeline"])  # the cache needs the pipeline's own cache_context
+def test_composes_with_first_block_cache(name):
+    """diffusers' FirstBlockCache (a stateful hook keyed by cache_context) under the guidance hook: CFG through
+    the hook equals native CFG with the same cache, and removing both leaves the pipeline as it was."""
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    pipe, kwargs = build(name), call_kwargs(name)
+    kwargs["num_inference_steps"] = 6  # enough steps for the cache to skip some blocks
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.5))
+    native = pipe(**kwargs, generator=torch.Generator().manual_seed(0))[0]
+    with apply_guidance(pipe, CFG()):
+        hooked = pipe(**kwargs, generator=torch.Generator().manual_seed(0))[0]
+    assert ((hooked - native).abs().max() / native.abs().max()).item() <= 1e-5
+    pipe.transformer.disable_cache()
+    uncached = pipe(**kwargs, generator=torch.Generator().manual_seed(0))[0]
+    assert not torch.equal(uncached, native)  # the cache did skip work

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DConditionModel
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, not an installed copy
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from tiny_pipelines import build  # noqa: E402
 

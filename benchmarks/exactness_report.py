@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, not an installed copy
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_hook import run, variants  # noqa: E402
 from test_strategies import apg_reference, make_ctx, random_preds  # noqa: E402

@@ -3,8 +3,10 @@
     python benchmarks/exactness_report.py
 
 Per tiny offline pipeline: max |CFG through the hook - native CFG| over batch 2, 2 images per prompt and
-negative prompts, and max |APG(eta=1, r=0, beta=0) - native CFG|; then APG against diffusers'
-guider and against an independent float64 implementation of the paper, on random tensors.
+negative prompts, and max |APG(eta=1, r=0, beta=0) - native CFG|; then, for every class of the
+adapter table (tests/pipeline_zoo.py), the same two as relative errors (max |diff| / max |native|);
+then APG against diffusers' guider and against an independent float64 implementation of the paper,
+on random tensors.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, not an installed copy
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_hook import run, variants  # noqa: E402
 from test_strategies import apg_reference, make_ctx, random_preds  # noqa: E402
 from tiny_pipelines import PIPELINE_NAMES, build  # noqa: E402
+import pipeline_zoo  # noqa: E402
 
 from guidance import APG, CFG, COND, UNCOND  # noqa: E402
 from pipelines import apply_guidance  # noqa: E402
@@ -37,6 +41,19 @@ def main() -> None:
         cfg = max(max_diff(pipe, name, CFG(), **kw) for kw in variants(name))
         apg = max_diff(pipe, name, APG(eta=1.0, norm_threshold=0.0, momentum=0.0))
         print(f"{name:<14} {cfg:20.2e} {apg:22.2e}")
+
+    print(f"\n{'class (tiny pipeline)':<48} {'layout':<26} {'CFG rel. err':>12} {'APG(1,0,0) rel. err':>20}")
+    for name in sorted(pipeline_zoo.ALL_CASES):
+        pipe, kw = pipeline_zoo.build(name), pipeline_zoo.call_kwargs(name)
+        errors = []
+        for strategy in (CFG(), APG(eta=1.0, norm_threshold=0.0, momentum=0.0)):
+            torch.manual_seed(0)
+            native = pipe(**kw, generator=torch.Generator().manual_seed(0))[0]
+            with apply_guidance(pipe, strategy) as handle:
+                torch.manual_seed(0)
+                hooked = pipe(**kw, generator=torch.Generator().manual_seed(0))[0]
+            errors.append(((hooked - native).abs().max() / native.abs().max()).item())
+        print(f"{name:<48} {handle.adapter.layout:<26} {errors[0]:12.2e} {errors[1]:20.2e}")
 
     from diffusers.guiders import AdaptiveProjectedGuidance
     from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer

@@ -1,12 +1,15 @@
-"""diffusers integration: the guidance hook, per-pipeline adapters, scheduler parametrization,
-and the embedded default model (`load_embedded`)."""
+"""diffusers integration: the guidance hook, its batch layouts (`pipelines.layouts`), the per-class
+adapter table, scheduler parametrization, and the embedded default model (`load_embedded`)."""
 
-from .adapters import Adapter, adapter_for, register_adapter, supported_pipelines
+from .adapters import REFUSED, Adapter, adapter_for, register_adapter, supported_pipelines
 from .hook import GuidanceHandle, apply_guidance
+from .layouts import LAYOUTS
 from .parametrization import scheduler_parametrization
 
 __all__ = [
     "Adapter",
+    "LAYOUTS",
+    "REFUSED",
     "ClassConditionalPipeline",
     "EmbeddedModel",
     "load_embedded",

@@ -1,60 +1,169 @@
-"""What the hook must know about each pipeline family: a small table, not a fork.
+"""What the hook must know about each pipeline family: a table of rows, not a fork.
 
-- layout "uncond_cond": one batched call on [uncond; cond] (SD, SDXL, SD3, PixArt, our embedded
-  pipeline); the pipeline then computes u + w (c - u) on the two halves.
-- layout "cond_uncond": the same with [cond; null] (DiT).
-- `guide_channels_of_input`: learned-sigma models (DiT, PixArt) output 2x the input channels; only
-  the first `in_channels` are a prediction of the sample, the rest pass through.
-- layout "sequential": cond and uncond are two calls inside `cache_context("cond")` /
-  `cache_context("uncond")` (Flux true CFG), combined by the pipeline as n + s (c - n).
+A row names the denoiser attribute(s), the batch layout (one class each in `pipelines/layouts`),
+the call keyword holding the pipeline's own scale, and the few quirks a family has:
+
+- layout "uncond_cond": one batched call on [uncond; cond] (SD, SDXL, SD3, PixArt and their
+  img2img / inpaint / ControlNet variants, AuraFlow, Sana, ...); "cond_uncond": [cond; null] (DiT);
+- layout "sequential_cache_context": cond and uncond are two calls inside
+  `cache_context("cond")` / `cache_context("uncond")` (Flux true CFG, Qwen-Image, Wan, CogView4);
+- layout "sequential_call_order": two calls without a context (Flux img2img / inpaint / Kontext,
+  Chroma, Lumina 2), told apart by call order and the shared latent tensor;
+- `guide_channels_of_input`: learned-sigma models (DiT, PixArt, HunyuanDiT) output 2x the input
+  channels; only the first `in_channels` are a prediction of the sample, the rest pass through;
+- `extra_input_channels`: inpainting UNets take [latents, mask, masked-image latents] (9 channels);
+  the sample (x0 conversions) is the first `out_channels` of them;
+- `extra_denoisers` / `expert_scale_kws`: Wan 2.2's second expert `transformer_2` with its own
+  `guidance_scale_2`;
+- `negated_output`: Lumina 2's transformer predicts the negated velocity.
+
+Rows are keyed by class name; every row is verified by `tests/test_pipeline_zoo.py` on a tiny
+pipeline (CFG through the hook equals native CFG). `REFUSED` lists classes that cannot be guided
+and why; the README table is generated from both (`support_table_markdown`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import diffusers
+
+LAYOUT_ALIASES = {"sequential": "sequential_cache_context"}
 
 
 @dataclass(frozen=True)
 class Adapter:
     denoiser: str  # attribute of the pipeline holding the denoiser
-    layout: str  # "uncond_cond" | "cond_uncond" | "sequential"
+    layout: str  # a key of pipelines.layouts.LAYOUTS
     scale_kw: str  # the call keyword that holds the pipeline's own guidance scale
     enable_hint: str  # how a user turns the pipeline's own guidance on
     sample_kw: str = "sample"  # keyword of the noisy input when passed by name
-    guide_channels_of_input: bool = False  # DiT: guide out[:, :in_channels], keep the rest
+    guide_channels_of_input: bool = False  # learned sigma: guide out[:, :in_channels], keep the rest
     unbatched: tuple[str, ...] = ()  # tensor kwargs that never carry a batch dimension
+    per_frame_kws: tuple[str, ...] = ()  # tensor kwargs with batch x frames rows (AnimateDiff's prompt embeddings)
     passthrough_kws: tuple[str, ...] = ()  # a call with one of these set is not a guidance call
     class_kw: str | None = None  # class-conditional denoisers: the keyword carrying the class ids
+    extra_denoisers: tuple[str, ...] = ()  # further experts (Wan 2.2 transformer_2), hooked where not None
+    expert_scale_kws: tuple[str, ...] = ()  # their scale keywords (None in the call: the main scale)
+    needs_negative: bool = False  # true-CFG pipelines: no unconditional pass without a negative prompt
+    extra_input_channels: bool = False  # input = [sample, conditioning channels] (9-channel inpainting)
+    negated_output: bool = False  # the denoiser predicts the negated velocity (Lumina 2)
+    guided_channels: int | None = None  # the pipeline guides only these leading channels (Lumina v1: 3 of 4)
+    off_kws: tuple[str, ...] = ()  # call keywords that must be 0 / None (PAG's extra branch): refused otherwise
+    note: str = ""  # shown in the README table
+
+    def __post_init__(self) -> None:
+        from .layouts import LAYOUTS  # here, not at import: layouts import nothing from adapters
+
+        layout = LAYOUT_ALIASES.get(self.layout, self.layout)
+        if layout not in LAYOUTS:
+            raise ValueError(f"Adapter: layout={self.layout!r} is unknown; allowed: {', '.join(LAYOUTS)}")
+        object.__setattr__(self, "layout", layout)
+
+    @property
+    def denoisers(self) -> tuple[str, ...]:
+        return (self.denoiser,) + self.extra_denoisers
 
 
 _SD_HINT = "call the pipeline with guidance_scale > 1 (the strategy's own scale, if set, still decides the strength)"
+_TRUE_CFG_HINT = ("call the pipeline with true_cfg_scale > 1 and a negative_prompt (\"\" works): it runs its "
+                  "unconditional branch only then")
+
+_UNET = Adapter("unet", "uncond_cond", "guidance_scale", _SD_HINT)
+_DIT = Adapter("transformer", "uncond_cond", "guidance_scale", _SD_HINT, sample_kw="hidden_states")
+_FLUX = Adapter("transformer", "sequential_call_order", "true_cfg_scale", _TRUE_CFG_HINT, sample_kw="hidden_states",
+                unbatched=("txt_ids", "img_ids"), needs_negative=True)
+
+
+def _rows(base: Adapter, names: str, **changes) -> dict[str, Adapter]:
+    adapter = replace(base, **changes)
+    return {name: adapter for name in names.split()}
+
 
 # Class name in diffusers -> adapter. Names keep the table importable on diffusers versions that
 # lack one of the classes.
 DIFFUSERS_ADAPTERS: dict[str, Adapter] = {
-    "StableDiffusionPipeline": Adapter("unet", "uncond_cond", "guidance_scale", _SD_HINT),
-    "StableDiffusionXLPipeline": Adapter("unet", "uncond_cond", "guidance_scale", _SD_HINT),
-    "StableDiffusion3Pipeline": Adapter(
-        "transformer", "uncond_cond", "guidance_scale", _SD_HINT, sample_kw="hidden_states",
-        passthrough_kws=("skip_layers",),  # SD3's own skip-layer guidance pass on the cond half
-    ),
+    **_rows(_UNET, "StableDiffusionPipeline StableDiffusionImg2ImgPipeline StableDiffusionControlNetPipeline "
+                   "StableDiffusionControlNetImg2ImgPipeline StableDiffusionXLPipeline StableDiffusionXLImg2ImgPipeline "
+                   "StableDiffusionXLControlNetPipeline StableDiffusionXLControlNetImg2ImgPipeline"),
+    **_rows(_UNET, "StableDiffusionInpaintPipeline StableDiffusionControlNetInpaintPipeline "
+                   "StableDiffusionXLInpaintPipeline StableDiffusionXLControlNetInpaintPipeline",
+            extra_input_channels=True),
+    # SD3's own skip-layer guidance pass on the cond half is not a CFG call.
+    **_rows(_DIT, "StableDiffusion3Pipeline StableDiffusion3Img2ImgPipeline StableDiffusion3InpaintPipeline",
+            passthrough_kws=("skip_layers",)),
     # PixArt's learned-sigma channels are dropped by the pipeline after CFG: guide the eps half only.
-    "PixArtAlphaPipeline": Adapter("transformer", "uncond_cond", "guidance_scale", _SD_HINT, sample_kw="hidden_states",
-                                   guide_channels_of_input=True),
-    "PixArtSigmaPipeline": Adapter("transformer", "uncond_cond", "guidance_scale", _SD_HINT, sample_kw="hidden_states",
-                                   guide_channels_of_input=True),
-    "DiTPipeline": Adapter(
-        "transformer", "cond_uncond", "guidance_scale", _SD_HINT, sample_kw="hidden_states",
-        guide_channels_of_input=True, class_kw="class_labels",
-    ),
-    "FluxPipeline": Adapter(
-        "transformer", "sequential", "true_cfg_scale",
-        "call the pipeline with true_cfg_scale > 1 and a negative_prompt (\"\" works): Flux runs its "
-        "unconditional branch only then",
-        sample_kw="hidden_states", unbatched=("txt_ids", "img_ids"),
-    ),
+    **_rows(_DIT, "PixArtAlphaPipeline PixArtSigmaPipeline", guide_channels_of_input=True),
+    "DiTPipeline": replace(_DIT, layout="cond_uncond", guide_channels_of_input=True, class_kw="class_labels"),
+    "FluxPipeline": replace(_FLUX, layout="sequential_cache_context", note="packed token latents"),
+    **_rows(_FLUX, "FluxImg2ImgPipeline FluxInpaintPipeline FluxKontextPipeline",
+            note="packed token latents"),
+    **_rows(_FLUX, "ChromaPipeline ChromaImg2ImgPipeline", scale_kw="guidance_scale", enable_hint=_SD_HINT,
+            needs_negative=False, note="packed token latents"),
+    **_rows(_DIT, "AuraFlowPipeline SanaPipeline"),
+    **_rows(_DIT, "LTXPipeline", note="packed token latents"),
+    **_rows(_DIT, "CogVideoXPipeline", note="5-D video latents (B, F, C, H, W)"),
+    **_rows(_DIT, "HunyuanDiTPipeline", guide_channels_of_input=True, unbatched=("image_rotary_emb",)),
+    "QwenImagePipeline": replace(_FLUX, layout="sequential_cache_context", unbatched=(),
+                                 note="rescales to the conditional norm after its CFG; packed token latents"),
+    "WanPipeline": replace(_DIT, layout="sequential_cache_context", extra_denoisers=("transformer_2",),
+                           expert_scale_kws=("guidance_scale_2",),
+                           note="5-D video latents; Wan 2.2's second expert transformer_2 with guidance_scale_2"),
+    "CogView4Pipeline": replace(_DIT, layout="sequential_cache_context"),
+    "Lumina2Pipeline": replace(_DIT, layout="sequential_call_order", negated_output=True,
+                               note="rescales to the conditional norm after its CFG; cfg_trunc_ratio < 1 is "
+                                    "refused at the step where it stops the unconditional call"),
+}
+
+DIFFUSERS_ADAPTERS.update({
+    **_rows(DIFFUSERS_ADAPTERS["QwenImagePipeline"], "QwenImageImg2ImgPipeline QwenImageInpaintPipeline"),
+    "FluxKontextInpaintPipeline": DIFFUSERS_ADAPTERS["FluxKontextPipeline"],
+    "FluxControlNetPipeline": DIFFUSERS_ADAPTERS["FluxImg2ImgPipeline"],
+    "StableDiffusion3ControlNetPipeline": DIFFUSERS_ADAPTERS["StableDiffusion3Pipeline"],
+    "StableDiffusionDepth2ImgPipeline": replace(_UNET, extra_input_channels=True,
+                                                note="5-channel UNet (latents + depth)"),
+    **_rows(_UNET, "AnimateDiffPipeline AnimateDiffVideoToVideoPipeline", per_frame_kws=("encoder_hidden_states",),
+            note="UNetMotionModel, 5-D video latents (B, C, F, H, W)"),
+    "LTXImageToVideoPipeline": replace(DIFFUSERS_ADAPTERS["LTXPipeline"],
+                                       note="packed token latents; per-token timesteps (the first frame is clean)"),
+})
+
+# Lumina-Next guides 3 of its 4 latent channels ("for exact reproducibility" of the original code).
+DIFFUSERS_ADAPTERS["LuminaPipeline"] = replace(_DIT, layout="cond_uncond", guide_channels_of_input=True,
+                                               guided_channels=3, negated_output=True,
+                                               note="guides latent channels 0-2 only, as the pipeline does")
+
+# Kandinsky 2.2 decoders: image embeddings from the prior; learned-sigma UNet (9 channels in inpainting).
+_KANDINSKY = replace(_UNET, guide_channels_of_input=True)
+DIFFUSERS_ADAPTERS.update({
+    **_rows(_KANDINSKY, "KandinskyV22Pipeline KandinskyV22Img2ImgPipeline"),
+    "KandinskyV22InpaintPipeline": replace(_KANDINSKY, extra_input_channels=True),
+})
+
+# PAG pipelines run plain CFG when pag_scale=0; with PAG on they append a third (perturbed) chunk.
+_PAG_OFF = dict(off_kws=("pag_scale",))
+DIFFUSERS_ADAPTERS.update({
+    **_rows(_UNET, "StableDiffusionPAGPipeline StableDiffusionPAGImg2ImgPipeline StableDiffusionControlNetPAGPipeline "
+                   "StableDiffusionXLPAGPipeline StableDiffusionXLPAGImg2ImgPipeline "
+                   "StableDiffusionXLControlNetPAGPipeline StableDiffusionXLControlNetPAGImg2ImgPipeline", **_PAG_OFF),
+    **_rows(_UNET, "StableDiffusionPAGInpaintPipeline StableDiffusionControlNetPAGInpaintPipeline "
+                   "StableDiffusionXLPAGInpaintPipeline", extra_input_channels=True, **_PAG_OFF),
+    **_rows(_DIT, "StableDiffusion3PAGPipeline StableDiffusion3PAGImg2ImgPipeline SanaPAGPipeline", **_PAG_OFF),
+    "PixArtSigmaPAGPipeline": replace(DIFFUSERS_ADAPTERS["PixArtSigmaPipeline"], **_PAG_OFF),
+    "HunyuanDiTPAGPipeline": replace(DIFFUSERS_ADAPTERS["HunyuanDiTPipeline"], **_PAG_OFF),
+})
+
+# Classes that cannot be guided, and why; `adapter_for` raises with this text.
+REFUSED: dict[str, str] = {
+    **{name: ("it has a distilled guidance embedding only (guidance_scale is an input of the model) and runs no "
+              "unconditional pass to guide; use a pipeline that runs CFG (e.g. FluxPipeline / FluxImg2ImgPipeline "
+              "with true_cfg_scale > 1 and a negative prompt)")
+       for name in ("FluxFillPipeline", "FluxControlPipeline", "FluxControlImg2ImgPipeline",
+                    "FluxControlInpaintPipeline", "FluxControlNetImg2ImgPipeline", "FluxControlNetInpaintPipeline",
+                    "Flux2Pipeline", "SanaSprintPipeline")},
+    "StableDiffusionInstructPix2PixPipeline": (
+        "it runs a three-way batch [text+image; image; none] with two scales, a layout the hook does not "
+        "split yet; use StableDiffusionImg2ImgPipeline"),
 }
 
 # Our own pipelines register here (see pipelines/embedded/pipeline.py).
@@ -74,11 +183,23 @@ def adapter_for(pipe) -> Adapter:
     for cls, adapter in EXTRA_ADAPTERS.items():
         if isinstance(pipe, cls):
             return adapter
-    for name, adapter in DIFFUSERS_ADAPTERS.items():
-        cls = getattr(diffusers, name, None)
-        if cls is not None and isinstance(pipe, cls):
-            return adapter
+    # Exact class first: many diffusers pipelines subclass another one with a different layout.
+    own = getattr(type(pipe), "_guidance_original_class", type(pipe))  # the class under an applied hook
+    name = own.__name__
+    cls = getattr(diffusers, name, None)
+    if name in REFUSED and cls is own:
+        raise TypeError(f"pipe={name} cannot be guided by apply_guidance: {REFUSED[name]}")
+    if name in DIFFUSERS_ADAPTERS and cls is own:
+        return DIFFUSERS_ADAPTERS[name]
     raise TypeError(
-        f"pipe={type(pipe).__name__} is not supported by apply_guidance; supported pipelines: "
-        f"{', '.join(supported_pipelines())} (or register one with pipelines.register_adapter)"
+        f"pipe={name} is not supported by apply_guidance: its batch layout is not verified, and guiding a "
+        f"layout the hook cannot see would silently change nothing. Supported pipelines: "
+        f"{', '.join(supported_pipelines())}. A custom pipeline following one of the layouts "
+        f"({', '.join(_layout_names())}) can be registered with pipelines.register_adapter"
     )
+
+
+def _layout_names() -> list[str]:
+    from .layouts import LAYOUTS
+
+    return list(LAYOUTS)

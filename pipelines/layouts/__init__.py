@@ -1,0 +1,12 @@
+"""One small class per batch layout in which diffusers pipelines run classifier-free guidance."""
+
+from .base import DenoiserCall, Layout
+from .batched import CondUncond, UncondCond
+from .sequential import SequentialCacheContext, SequentialCallOrder
+
+LAYOUTS: dict[str, type[Layout]] = {
+    cls.name: cls for cls in (UncondCond, CondUncond, SequentialCacheContext, SequentialCallOrder)
+}
+
+__all__ = ["LAYOUTS", "CondUncond", "DenoiserCall", "Layout", "SequentialCacheContext", "SequentialCallOrder",
+           "UncondCond"]

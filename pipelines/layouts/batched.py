@@ -1,0 +1,93 @@
+"""One denoiser call per step on the concatenated batch [uncond; cond] (or [cond; uncond]).
+
+The pipeline computes u + w (c - u) on the two halves afterwards; the layout returns [g; g], which
+that formula maps to g for any w (u + w (g - g) = g)."""
+
+from __future__ import annotations
+
+import torch
+
+from guidance.base import COND, REF, UNCOND
+
+from .base import DenoiserCall, Layout
+from .rows import first, gather_rows, nan_rows, replace_first
+
+
+class UncondCond(Layout):
+    name = "uncond_cond"
+    description = "one batched call on [uncond; cond]"
+    cond_first = False
+
+    def start_call(self) -> None:
+        self._checked = False
+
+    def _check(self, x: torch.Tensor) -> None:
+        """The batch must hold an unconditional half. The content check reads the device (a sync),
+        so it runs once per pipeline call; later steps only check the (free) batch size."""
+        n = x.shape[0]
+        if n % 2 == 0 and (self._checked or torch.equal(x[: n // 2], x[n // 2:])):
+            self._checked = True
+            return
+        h = self.handle
+        raise ValueError(
+            f"{h.pipe_name}: the denoiser received a batch of {n} without an unconditional half, so "
+            f"{type(h.strategy).__name__} cannot guide; {h.adapter.enable_hint}"
+        )
+
+    def forward(self, call: DenoiserCall):
+        h, a = self.handle, self.handle.adapter
+        x = call.x
+        self._check(x)
+        n = x.shape[0]
+        b = n // 2
+        cond_rows = torch.arange(b) if self.cond_first else torch.arange(b, n)
+        uncond_rows = torch.arange(b, n) if self.cond_first else torch.arange(b)
+        ctx = h._context(h.sample_of(x[:b]), call.timestep, call.expert)
+        class_ids = call.kwargs.get(a.class_kw) if a.class_kw else None
+        if torch.is_tensor(class_ids) and class_ids.ndim == 1 and class_ids.shape[0] == n:
+            ctx.labels = class_ids[cond_rows.to(class_ids.device)]
+        masks = h.masks(ctx)
+        if REF not in masks and bool(masks[COND].all() and masks[UNCOND].all()):
+            out = call.run()  # the pipeline's own call, untouched
+            full = first(out)
+            preds = {COND: full[cond_rows.to(full.device)], UNCOND: full[uncond_rows.to(full.device)]}
+        else:
+            out, preds = self._evaluate_rows(call, ctx, masks, cond_rows, uncond_rows)
+        g = h.combine(ctx, masks, preds, ctx.x.shape[1])
+        return replace_first(out, torch.cat([g, g]))
+
+    def _evaluate_rows(self, call: DenoiserCall, ctx, masks: dict, cond_rows: torch.Tensor,
+                       uncond_rows: torch.Tensor):
+        """One denoiser call on only the rows the strategy asked for, REF rows appended.
+
+        REF rows are copies of the conditional rows with the class ids the strategy chose, so the
+        reference prediction shares the batch with the other branches (one call, not two)."""
+        h = self.handle
+        n = call.x.shape[0]
+        rows = torch.cat([uncond_rows[masks[UNCOND].cpu()], cond_rows[masks[COND].cpu()]]).sort().values
+        ref_rows = cond_rows[masks[REF].cpu()] if REF in masks else rows[:0]
+        ref_kwargs = call.kwargs
+        if len(ref_rows):
+            labels = h.strategy.reference_labels(ctx)
+            key = h.adapter.class_kw
+            ref_ids = call.kwargs[key].clone()
+            ref_ids[cond_rows.to(ref_ids.device)] = labels.to(ref_ids)
+            ref_kwargs = {**call.kwargs, key: ref_ids}
+        skip, per_frame = h.adapter.unbatched, h.adapter.per_frame_kws
+        out = call.run(gather_rows(call.args, call.args, rows, ref_rows, n, skip),
+                       gather_rows(call.kwargs, ref_kwargs, rows, ref_rows, n, skip, per_frame))
+        result = first(out)
+        full = nan_rows(result, n)
+        full[rows.to(full.device)] = result[: len(rows)]
+        preds = {COND: full[cond_rows.to(full.device)], UNCOND: full[uncond_rows.to(full.device)]}
+        if REF in masks:
+            ref = nan_rows(result, n // 2)
+            ref[masks[REF].to(ref.device)] = result[len(rows):]
+            preds[REF] = ref
+        return out, preds
+
+
+class CondUncond(UncondCond):
+    name = "cond_uncond"
+    description = "one batched call on [cond; uncond]"
+    cond_first = True

@@ -1,0 +1,115 @@
+"""Every class in the adapter table, on a tiny pipeline: the hook is exact, counts what it evaluates,
+and leaves no trace. One parametrised test per class (a few pipeline calls each)."""
+
+import inspect
+
+import pytest
+import torch
+from pipeline_zoo import ALL_CASES, CASES, build, call_kwargs, denoisers
+
+from guidance import APG, CFG, Interval
+from pipelines import apply_guidance
+from pipelines.adapters import DIFFUSERS_ADAPTERS, adapter_for
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run(pipe, kwargs) -> torch.Tensor:
+    torch.manual_seed(0)
+    return pipe(**kwargs, generator=torch.Generator().manual_seed(0))[0]
+
+
+def count_rows(pipe) -> dict:
+    """Wrap each denoiser's forward (below the hook) to count the rows it really evaluates."""
+    counter = {"rows": 0}
+    sample_kw = adapter_for(pipe).sample_kw
+    for module in denoisers(pipe):
+        original = module.forward
+
+        def counting_forward(*args, _original=original, **kwargs):
+            counter["rows"] += (args[0] if args else kwargs[sample_kw]).shape[0]
+            return _original(*args, **kwargs)
+
+        module.forward = counting_forward
+    return counter
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def test_every_adapter_row_has_a_tiny_pipeline():
+    assert sorted(DIFFUSERS_ADAPTERS) == sorted(CASES)
+
+
+@pytest.mark.parametrize("name", sorted(ALL_CASES))
+def test_hook_is_exact_counts_rows_and_leaves_no_trace(name):
+    pipe, kwargs = build(name), call_kwargs(name)
+    assert type(pipe).__name__ == name.split("[")[0]
+    native = run(pipe, kwargs)
+    counter = count_rows(pipe)
+    with apply_guidance(pipe, CFG()) as handle:
+        hooked = run(pipe, kwargs)
+    assert relative_error(hooked, native) <= 1e-5
+    steps = int(handle.nfe[0]) // 2
+    assert steps >= 2 and handle.nfe.tolist() == [2 * steps] * native.shape[0]
+    assert counter["rows"] == int(handle.nfe.sum())
+
+    # APG works in x0: eps -> x0 -> eps divides by sigma, so float32 rounding grows ~1/sigma at the last
+    # step (sigma 0.04 at t=1 with linear betas: 6e-5 per step on Kandinsky inpainting, 4e-4 at the end).
+    with apply_guidance(pipe, APG(eta=1.0, norm_threshold=0.0, momentum=0.0)):
+        assert relative_error(run(pipe, kwargs), native) <= 1e-3
+
+    counter["rows"] = 0
+    with apply_guidance(pipe, Interval(CFG(), start=0.0, stop=0.34)) as handle:  # unconditional rows on step 0 only
+        interval = run(pipe, kwargs)
+    assert handle.nfe.tolist() == [steps + 1] * native.shape[0]
+    assert counter["rows"] == int(handle.nfe.sum())
+    assert torch.isfinite(interval).all() and not torch.equal(interval, native)
+
+    assert torch.equal(run(pipe, kwargs), native), "removal must restore bit-identical behaviour"
+    assert type(pipe).__name__ == name.split("[")[0] and all("guidance_kit" not in str(m._diffusers_hook.hooks)
+                                              for m in denoisers(pipe) if hasattr(m, "_diffusers_hook"))
+
+
+def test_wan22_both_experts_are_guided_with_their_own_scale():
+    name = "WanPipeline[2.2 two experts]"
+    pipe, kwargs = build(name), call_kwargs(name)
+    rows = []
+    for module in denoisers(pipe):
+        rows.append(0)
+        module.register_forward_pre_hook(lambda m, a, kw, i=len(rows) - 1: rows.__setitem__(i, rows[i] + 1),
+                                         with_kwargs=True)
+    native = run(pipe, kwargs)
+    assert len(rows) == 2 and min(rows) > 0, rows  # both experts ran
+    assert not torch.equal(run(pipe, {**kwargs, "guidance_scale_2": 2.0}), native)
+    with apply_guidance(pipe, CFG()):
+        assert relative_error(run(pipe, kwargs), native) <= 1e-5
+    with apply_guidance(pipe, CFG(scale=2.0)):  # one scale for both experts overrides the call's two
+        both = run(pipe, kwargs)
+    assert relative_error(both, run(pipe, {**kwargs, "guidance_scale": 2.0, "guidance_scale_2": 2.0})) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["StableDiffusionXLInpaintPipeline", "FluxImg2ImgPipeline", "QwenImagePipeline",
+                                  "FluxPipeline"])
+def test_several_images_per_prompt_stay_exact(name):
+    """num_images_per_prompt=2 on two prompts (and their negative prompts / embeddings): batch 4 per branch."""
+    pipe = build(name)
+    key = "num_videos_per_prompt" if "num_videos_per_prompt" in inspect.signature(type(pipe).__call__).parameters \
+        else "num_images_per_prompt"
+    kwargs = {**call_kwargs(name), key: 2}
+    if "prompt" in kwargs:
+        kwargs["negative_prompt"] = ["blurry", "a drawing"]
+    native = run(pipe, kwargs)
+    with apply_guidance(pipe, CFG()) as handle:
+        hooked = run(pipe, kwargs)
+    assert native.shape[0] == 4 and handle.nfe.shape == (4,)
+    assert relative_error(hooked, native) <= 1e-5

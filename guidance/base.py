@@ -169,11 +169,13 @@ class GuidanceStrategy:
         """Guided prediction in the model's output space, (B, ...).
 
         `preds[name]` holds the model output of each branch for all B samples; rows of samples
-        that did not need that branch (see `ctx.evaluated`) are NaN so that misuse is loud.
+        that did not need that branch (see `ctx.evaluated`) are NaN so that misuse is loud. The
+        result has the dtype of `preds[COND]`; x0-space rules compute in float32 before that cast.
         """
         if self.space == "x0":
+            # x0 in float32 (see guidance.parametrization); only the returned prediction is cast.
             x0 = {name: ctx.to_x0(p) for name, p in preds.items()}
-            return ctx.from_x0(self.guide(ctx, x0))
+            return ctx.from_x0(self.guide(ctx, x0)).to(preds[COND].dtype)
         return self.guide(ctx, preds)
 
     def guide(self, ctx: StepContext, preds: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -184,7 +184,7 @@ class DynamicCFG(GuidanceStrategy):
             x_next, t_next = self.candidate_latents(ctx, guided)
             inputs["latent"] = (x_next.flatten(0, 1), torch.full((k * b,), t_next, device=ctx.x.device))
         if any(getattr(e, "space", "latent") == "x0" for e in evaluators):
-            x0 = torch.stack([ctx.to_x0(g) for g in guided]).to(guided.dtype)
+            x0 = torch.stack([ctx.to_x0(g) for g in guided])  # float32: evaluators judge the exact x0
             inputs["x0"] = (x0.flatten(0, 1), torch.full((k * b,), float(ctx.timestep), device=ctx.x.device))
         columns = []
         for e in evaluators:

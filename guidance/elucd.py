@@ -133,7 +133,7 @@ class CalibratedClassifierGuidance(ClassifierInput, GuidanceStrategy):
         g = self.gradient(x0, self.targets_of(ctx))
         if self.normalize:
             g = g / _rms(g).clamp_min(1e-12)
-        return ctx.from_x0((x0 + self.step_weight(ctx) * g).to(x0.dtype))
+        return ctx.from_x0(x0 + self.step_weight(ctx) * g).to(base.dtype)  # float32 math, cast once
 
 
 class ClassifierGuidance(CalibratedClassifierGuidance):

@@ -440,6 +440,10 @@ class LinearAG(GuidanceStrategy):
                     raise ValueError(f"LinearAG: step {k} is an estimate step at alpha=0 (flow matching at s=1), where "
                                      "eps does not determine the prediction; fit with space='model'")
                 estimate = ctx.param.from_eps(estimate)
-            uncond = estimate.to(cond.dtype)
+            # The estimate stays float32 and the inner rule runs on float32 inputs: a half-precision
+            # estimate would add its rounding (amplified by 1/alpha in from_eps) times the scale.
+            wide = estimate.dtype
+            preds = {name: p.to(wide) for name, p in preds.items()}
+            uncond = estimate
         inner_ctx = dataclasses.replace(ctx, evaluated={**ctx.evaluated, UNCOND: ctx.all()})
-        return self.inner.combine(inner_ctx, {**preds, UNCOND: uncond})
+        return self.inner.combine(inner_ctx, {**preds, UNCOND: uncond}).to(cond.dtype)

@@ -39,6 +39,18 @@ class StepContext:
     guidance_rescale: float = 0.0  # the pipeline call's own guidance_rescale, where it has one
     evaluated: dict[str, torch.Tensor] = field(default_factory=dict)  # branch -> bool (B,)
     labels: torch.Tensor | None = None  # target class id per sample (B,), on class-conditional pipelines
+    # Multi-evaluation solvers (Heun, KDPM2, ...) make several evaluations per scheduler step; rules
+    # with per-step state (momentum, switches, histories) decide once per scheduler step. None: one
+    # evaluation per step (scheduler_step = step, num_scheduler_steps = num_steps).
+    scheduler_step: int | None = None  # index of the scheduler step this evaluation belongs to
+    num_scheduler_steps: int | None = None  # scheduler steps the call plans
+    starts_step: bool = True  # this evaluation is the first (predictor) one of its scheduler step
+
+    def __post_init__(self) -> None:
+        if self.scheduler_step is None:
+            self.scheduler_step = self.step
+        if self.num_scheduler_steps is None:
+            self.num_scheduler_steps = self.num_steps
 
     @property
     def batch_size(self) -> int:

@@ -30,13 +30,16 @@ class Parametrization:
     """How a model output relates to x0 at one evaluation: x = alpha * x0 + sigma * eps.
 
     `alpha` and `sigma` are per-sample tensors shaped (B, 1, ..., 1) so they broadcast over the
-    prediction; `x` is the model input of those B samples.
+    prediction; `x` is the model input of those B samples. `unavailable`: why the noise level of
+    this evaluation is unknown (an unsupported scheduler); every conversion then raises it, so
+    rules that never convert (CFG) still run.
     """
 
     prediction_type: str
     x: torch.Tensor
     alpha: torch.Tensor
     sigma: torch.Tensor
+    unavailable: str | None = None
 
     def __post_init__(self) -> None:
         if self.prediction_type not in PREDICTION_TYPES:
@@ -48,12 +51,13 @@ class Parametrization:
     def noise_level(self) -> torch.Tensor:
         """The scheduler-facing sigma, shape (B,): sigma/alpha (VE / Karras sigma) for VP models,
         the flow time s in [0, 1] for flow matching."""
+        self._check_available()
         sigma, alpha = self.sigma.flatten(), self.alpha.flatten()
         return sigma if self.prediction_type == "flow" else sigma / alpha
 
     def select(self, rows: torch.Tensor) -> "Parametrization":
         """The same parametrization restricted to some samples (a sub-batch)."""
-        return Parametrization(self.prediction_type, self.x[rows], self.alpha[rows], self.sigma[rows])
+        return Parametrization(self.prediction_type, self.x[rows], self.alpha[rows], self.sigma[rows], self.unavailable)
 
     def to_x0(self, pred: torch.Tensor) -> torch.Tensor:
         """x0 of a prediction, in at least float32 (never cast back to a half-precision input)."""
@@ -100,5 +104,10 @@ class Parametrization:
 
     def _promote(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # At least float32 (float64 stays float64): see the module docstring.
+        self._check_available()
         dtype = torch.promote_types(like.dtype, torch.float32)
         return self.x.to(dtype), self.alpha.to(dtype), self.sigma.to(dtype)
+
+    def _check_available(self) -> None:
+        if self.unavailable is not None:
+            raise ValueError(self.unavailable)

@@ -195,12 +195,9 @@ class GuidanceHandle:
             )
 
     def _context(self, x_half: torch.Tensor, timestep) -> StepContext:
-        call = self._call
-        if call["num_steps"] is None:
-            call["num_steps"] = len(self.pipe.scheduler.timesteps)
-        t = torch.as_tensor(timestep).flatten()[0].item() if timestep is not None else float("nan")
-        param = scheduler_parametrization(self.pipe.scheduler, timestep, x_half)
-        return StepContext(call["step"], call["num_steps"], t, param, call["scale"], call["rescale"])
+        from .parametrization import build_step_context
+
+        return build_step_context(self.pipe.scheduler, self._call, x_half, timestep)
 
     def _count(self, mask: torch.Tensor) -> None:
         if self._call["nfe"] is None:

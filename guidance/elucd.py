@@ -127,8 +127,8 @@ class CalibratedClassifierGuidance(ClassifierInput, GuidanceStrategy):
 
     def combine(self, ctx: StepContext, preds: Mapping[str, torch.Tensor]) -> torch.Tensor:
         base = self.base_prediction(ctx, preds)
-        if self.scale == 0:
-            return base
+        if self.scale == 0 or not ctx.starts_step:
+            return base  # the authors guide the first-order evaluation of each step only
         x0 = ctx.to_x0(base)
         g = self.gradient(x0, self.targets_of(ctx))
         if self.normalize:

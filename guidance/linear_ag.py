@@ -51,10 +51,18 @@ FILE_VERSION = 1
 _TENSORS = ("cond_coef", "uncond_coef", "intercept")
 
 
-def default_plan(num_steps: int, guided_fraction: float = 0.5) -> list[str]:
-    """First ceil(guided_fraction * K) evaluations alternate cfg / estimate, the rest are cond."""
-    guided = math.ceil(num_steps * check_range("default_plan", "guided_fraction", guided_fraction, 0.0, 1.0))
-    return [(CFG_STEP if k % 2 == 0 else ESTIMATE) if k < guided else COND_ONLY for k in range(num_steps)]
+def default_plan(num_steps: int, guided_fraction: float = 0.5, evaluations_per_step: int = 1) -> list[str]:
+    """First ceil(guided_fraction * S) scheduler steps alternate cfg / estimate, the rest are cond;
+    one entry per model evaluation (K of them). S = K for single-evaluation solvers; a two-stage
+    solver (evaluations_per_step=2: Heun, KDPM2) makes 2S - 1 evaluations and both of a step get
+    the step's kind (one guidance decision per scheduler step)."""
+    fraction = check_range("default_plan", "guided_fraction", guided_fraction, 0.0, 1.0)
+    if evaluations_per_step not in (1, 2):
+        raise ValueError(f"default_plan: evaluations_per_step={evaluations_per_step!r} is invalid; allowed: 1 or 2")
+    steps = math.ceil(num_steps / evaluations_per_step)
+    guided = math.ceil(steps * fraction)
+    kinds = [(CFG_STEP if k % 2 == 0 else ESTIMATE) if k < guided else COND_ONLY for k in range(steps)]
+    return [kinds[k // evaluations_per_step] for k in range(num_steps)]
 
 
 def _check_history(owner: str, history: Any, low: int) -> int:
@@ -350,8 +358,10 @@ class LinearAG(GuidanceStrategy):
 
     @classmethod
     def unfitted(cls, num_steps: int, inner: GuidanceStrategy | None = None,
-                 plan: Sequence[str] | None = None) -> "LinearAG":
-        """No fit needed: see `LinearAGCoefficients.unfitted` (default plan; plan=["cfg"] * K is CFG)."""
+                 plan: Sequence[str] | None = None, evaluations_per_step: int = 1) -> "LinearAG":
+        """No fit needed: see `LinearAGCoefficients.unfitted` (default plan; plan=["cfg"] * K is CFG).
+        num_steps counts model evaluations; evaluations_per_step=2 for Heun / KDPM2 (see default_plan)."""
+        plan = default_plan(num_steps, evaluations_per_step=evaluations_per_step) if plan is None else plan
         return cls(LinearAGCoefficients.unfitted(num_steps, plan), inner)
 
     def reset(self) -> None:
@@ -397,6 +407,13 @@ class LinearAG(GuidanceStrategy):
         if c.prediction_type is not None and ctx.param.prediction_type != c.prediction_type:
             raise ValueError(f"LinearAG: the coefficients were fitted for prediction_type={c.prediction_type!r} but "
                              f"this model predicts {ctx.param.prediction_type!r}")
+        if not ctx.starts_step and ctx.step > 0 and c.plan[ctx.step] != c.plan[ctx.step - 1]:
+            raise ValueError(
+                f"LinearAG: evaluation {ctx.step} is the second evaluation of scheduler step {ctx.scheduler_step} but "
+                f"its plan entry {c.plan[ctx.step]!r} differs from the step's first one {c.plan[ctx.step - 1]!r}; "
+                "allowed: one kind per scheduler step (fit with default_plan(K, evaluations_per_step=2) on "
+                "two-stage solvers such as Heun and KDPM2)"
+            )
         if c.timesteps is not None and math.isfinite(ctx.timestep):
             fitted = c.timesteps[ctx.step]
             if abs(ctx.timestep - fitted) > 1e-3 * max(1.0, abs(fitted)):

@@ -10,8 +10,8 @@ from guidance import APG, CFG, COND, UNCOND, AdaptiveGuidance
 from pipelines import apply_guidance
 
 
-def test_threshold_above_one_is_the_inner_strategy_exactly():
-    ag = AdaptiveGuidance(CFG(), threshold=1.01)
+def test_threshold_one_on_distinct_predictions_is_the_inner_strategy_exactly():
+    ag = AdaptiveGuidance(CFG(), threshold=1.0)
     for step in range(3):
         ctx, p = make_ctx(step=step), random_preds(seed=step)
         assert bool(ag.branches(ctx)[UNCOND].all())
@@ -23,12 +23,13 @@ def test_switch_is_per_sample_and_sticky():
     p = random_preds(batch=3)
     p[UNCOND][1] = p[COND][1] * 1.001  # sample 1 agrees (cos ~ 1), the others do not
     for switch, first_uses_cond in (("next", False), ("same", True)):
-        ctx.evaluated = {}
+        ctx = make_ctx(batch=3)
         ag = AdaptiveGuidance(CFG(), threshold=0.99, similarity_space="model", switch=switch)
         assert ag.branches(ctx)[UNCOND].tolist() == [True, True, True]
         out = ag.combine(ctx, p)
         assert torch.equal(out[1], p[COND][1]) == first_uses_cond
         torch.testing.assert_close(out[0], CFG().combine(ctx, p)[0])
+        ctx = make_ctx(batch=3, step=1)  # the switch takes effect from the next scheduler step
         assert ag.branches(ctx)[UNCOND].tolist() == [True, False, True]
         ctx.evaluated = {COND: ctx.all(), UNCOND: torch.tensor([True, False, True])}
         q = {COND: p[COND], UNCOND: p[UNCOND].clone()}
@@ -61,6 +62,8 @@ def test_batch_equals_samples_alone_in_a_pipeline():
     (lambda: AdaptiveGuidance(similarity_space="v"), "similarity_space='v' is unknown"),
     (lambda: AdaptiveGuidance(switch="later"), "switch='later' is unknown"),
     (lambda: AdaptiveGuidance(threshold=float("inf")), "threshold=inf is invalid"),
+    (lambda: AdaptiveGuidance(threshold=2), r"threshold=2 is out of range; allowed: a finite number in \[-1, 1\]"),
+    (lambda: AdaptiveGuidance(threshold=-1.5), r"threshold=-1.5 is out of range"),
 ])
 def test_invalid_parameters(make, match):
     with pytest.raises(ValueError, match=match):

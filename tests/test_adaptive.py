@@ -75,3 +75,32 @@ def test_every_pipeline_runs(tmp_path):
         pipe = build(name)
         with apply_guidance(pipe, AdaptiveGuidance(threshold=0.5)):
             assert torch.isfinite(run(pipe, name)).all()
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_flow_models_measure_similarity_where_it_carries_information(name):
+    """At a flow model's first step (s = 1) x = eps, so eps_c = eps_u = x and the eps-space cosine is
+    1 whatever the model says: every sample would stop guidance at step 0. "auto" measures the
+    velocities instead; the tiny random models' branches differ little, hence the high threshold."""
+    pipe = build(name)
+    steps = 4
+    kw = call_kwargs(name, num_inference_steps=steps)
+    eps = AdaptiveGuidance(threshold=0.9999, similarity_space="eps")
+    with apply_guidance(pipe, eps):
+        pipe(**kw, generator=torch.Generator().manual_seed(0))
+    assert bool((eps.similarity_history[0] >= 1 - 1e-6).all())  # no information at s = 1
+    auto = AdaptiveGuidance(threshold=0.9999)
+    with apply_guidance(pipe, auto) as handle:
+        pipe(**kw, generator=torch.Generator().manual_seed(0))
+    first = auto.similarity_history[0]
+    assert bool((first < 1 - 1e-5).all()) and first[0] != first[1]
+    assert auto.switch_step.tolist() != [0, 0] and all(n > steps + 1 for n in handle.nfe.tolist())
+
+
+def test_auto_is_the_papers_eps_on_epsilon_models():
+    ctx, p = make_ctx(kind="epsilon"), random_preds()
+    auto, eps = AdaptiveGuidance(), AdaptiveGuidance(similarity_space="eps")
+    torch.testing.assert_close(auto.similarity(ctx, p[COND], p[UNCOND]), eps.similarity(ctx, p[COND], p[UNCOND]))
+    ctx = make_ctx(kind="flow")
+    model = AdaptiveGuidance(similarity_space="model")
+    torch.testing.assert_close(auto.similarity(ctx, p[COND], p[UNCOND]), model.similarity(ctx, p[COND], p[UNCOND]))

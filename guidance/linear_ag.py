@@ -41,6 +41,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .base import COND, UNCOND, GuidanceStrategy, StepContext, check_range
+from .call import CallDescription
 from .cfg import CFG
 
 CFG_STEP, ESTIMATE, COND_ONLY = "cfg", "estimate", "cond"
@@ -369,11 +370,11 @@ class LinearAG(GuidanceStrategy):
         self._cond, self._uncond = {}, {}
 
     # --- compatibility -----------------------------------------------------------------------------
-    def check_compatible(self, pipe: Any, num_inference_steps: int | None = None) -> None:
+    def check_compatible(self, call: CallDescription) -> None:
         """ValueError naming what differs from the fit: pipeline class, scheduler class, step count."""
         c = self.coefficients
-        found = {"pipeline": type(pipe).__name__, "scheduler": type(getattr(pipe, "scheduler", None)).__name__,
-                 "num_inference_steps": num_inference_steps}
+        found = {"pipeline": call.pipeline, "scheduler": call.scheduler_class,
+                 "num_inference_steps": call.num_inference_steps}
         diffs = [f"{key}={getattr(c, key)!r} but this call has {key}={value!r}" for key, value in found.items()
                  if getattr(c, key) is not None and value is not None and value != getattr(c, key)]
         if diffs:
@@ -382,18 +383,18 @@ class LinearAG(GuidanceStrategy):
                 "pipeline, scheduler and step count they were fitted on: refit with python -m pipelines.linear_ag_fit"
             )
 
-    def on_call(self, pipe: Any, call_arguments: Mapping[str, Any]) -> None:
-        steps = call_arguments.get("num_inference_steps")
-        self.check_compatible(pipe, steps if isinstance(steps, int) else None)
-        for key, value in call_arguments.items():
-            if key.startswith("negative_") and not _is_empty_prompt(value):
-                shown = value if isinstance(value, (str, list, tuple)) else type(value).__name__
-                raise ValueError(
-                    f"LinearAG: {key}={shown!r} is not supported: the coefficients estimate the unconditional branch "
-                    "of the empty negative prompt they were fitted with; allowed: no negative prompt (or \"\"). Use "
-                    "CFG or AdaptiveGuidance with negative prompts"
-                )
-        super().on_call(pipe, call_arguments)
+    def on_call(self, call: CallDescription) -> None:
+        self.check_compatible(call)
+        if call.negative_prompt:
+            given = {k: v for k, v in call.arguments.items() if k.startswith("negative_") and not _is_empty_prompt(v)}
+            key, value = next(iter(given.items()), ("negative_prompt", "?"))
+            shown = value if isinstance(value, (str, list, tuple)) else type(value).__name__
+            raise ValueError(
+                f"LinearAG: {key}={shown!r} is not supported: the coefficients estimate the unconditional branch "
+                "of the empty negative prompt they were fitted with; allowed: no negative prompt (or \"\"). Use "
+                "CFG or AdaptiveGuidance with negative prompts"
+            )
+        super().on_call(call)
 
     def _check_step(self, ctx: StepContext) -> str:
         c = self.coefficients

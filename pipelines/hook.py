@@ -30,6 +30,7 @@ from diffusers.hooks.hooks import BaseState, StateManager
 from guidance.base import COND, REF, UNCOND, GuidanceStrategy, StepContext
 
 from .adapters import Adapter, adapter_for
+from .call import describe_call
 from .parametrization import scheduler_parametrization
 
 HOOK_NAME = "guidance_kit"
@@ -168,7 +169,7 @@ class GuidanceHandle:
         call = bound.arguments
         scale = call.get(self.adapter.scale_kw)
         self._check_guidance_on(call, scale)
-        self.strategy.on_call(pipe_self, MappingProxyType(call))
+        self.strategy.on_call(describe_call(pipe_self, MappingProxyType(call), self.adapter))
         self.strategy.reset()
         self._call = {
             "scale": None if scale is None else float(scale),

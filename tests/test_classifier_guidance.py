@@ -182,10 +182,16 @@ def test_elucd_no_gradient_leaks_and_no_growth(embedded):
 
 def test_elucd_is_per_sample_and_changes_the_images(embedded):
     s = CalibratedClassifierGuidance(embedded.guidance_classifier, scale=0.1)
+    # The gradient of each sample is its own (batched convolutions differ from single ones by ~1e-6).
+    x0, target = torch.rand(2, 3, 32, 32) * 2 - 1, torch.tensor([0, 1])
+    alone_g = torch.cat([s.gradient(x0[i:i + 1], target[i:i + 1]) for i in range(2)])
+    torch.testing.assert_close(s.gradient(x0, target), alone_g, atol=1e-6, rtol=1e-4)
+    # Through sampling: near convergence the gradient is small and its normalisation g / rms(g)
+    # amplifies those float differences (5e-4 after 4 steps), so images agree to 1e-3, not 1e-5.
     both, _ = sample(embedded.pipe, s)
     alone = torch.cat([sample(embedded.pipe, s, labels=(lab,), seeds=(seed,))[0] for lab, seed in ((0, 3), (1, 4))])
-    torch.testing.assert_close(both, alone, atol=1e-5, rtol=0)
-    assert (both - sample(embedded.pipe)[0]).abs().max() > 1e-3
+    torch.testing.assert_close(both, alone, atol=1e-3, rtol=0)
+    assert (both - sample(embedded.pipe)[0]).abs().max() > 1e-2
 
 
 def test_elucd_on_a_latent_pipeline_decodes_with_the_vae_and_needs_a_target_for_text():

@@ -47,6 +47,8 @@ class StepContext:
     scheduler_step: int | None = None  # index of the scheduler step this evaluation belongs to
     num_scheduler_steps: int | None = None  # scheduler steps the call plans
     starts_step: bool = True  # this evaluation is the first (predictor) one of its scheduler step
+    # The VE noise level (sigma / alpha) this scheduler step moves to, 0 at the end; None if unknown.
+    next_sigma: float | None = None
 
     def __post_init__(self) -> None:
         if self.scheduler_step is None:

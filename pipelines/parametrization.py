@@ -160,6 +160,32 @@ def num_scheduler_steps(scheduler) -> int:
     return math.ceil(len(scheduler.timesteps) / evaluations_per_step(scheduler))
 
 
+def next_sigma(scheduler, timestep) -> float | None:
+    """The VE noise level sigma / alpha the coming scheduler step moves to (0 at the end), or None
+    where it cannot be read. Predictor evaluations only (what EluCD's x_t rule needs)."""
+    try:
+        how = rule(scheduler)
+    except UnsupportedScheduler:
+        return None
+    if how == "sigmas":
+        i = current_sigma_index(scheduler)
+        if i + 1 >= len(scheduler.sigmas):
+            return 0.0
+        s = float(scheduler.sigmas[i + 1])
+        if prediction_type(scheduler) == "flow":
+            return s / (1.0 - s) if s < 1.0 else float("inf")
+        return s
+    timesteps = scheduler.timesteps.cpu()
+    t = float(torch.as_tensor(timestep).flatten()[0])
+    i = int((timesteps.float() - t).abs().argmin())
+    if i + 1 < len(timesteps):
+        abar = float(scheduler.alphas_cumprod.cpu()[int(timesteps[i + 1])])
+    else:  # DDIM/LCM step to their final alphabar (1 with set_alpha_to_one), others to x0
+        final = getattr(scheduler, "final_alpha_cumprod", None)
+        abar = 1.0 if final is None else float(final)
+    return ((1.0 - abar) / max(abar, ZERO_SNR_FLOOR)) ** 0.5
+
+
 def build_step_context(scheduler, call: dict, model_input: torch.Tensor, timestep) -> StepContext:
     """The StepContext of the coming evaluation, from the hook's per-call state `call` (keys step,
     num_steps, scale, rescale; this function keeps its scheduler-step counter there too)."""
@@ -173,4 +199,4 @@ def build_step_context(scheduler, call: dict, model_input: torch.Tensor, timeste
     param = step_parametrization(scheduler, timestep, model_input)
     return StepContext(call["step"], call["num_steps"], t, param, call["scale"], call["rescale"],
                        scheduler_step=call["scheduler_step"], num_scheduler_steps=call["num_scheduler_steps"],
-                       starts_step=first)
+                       starts_step=first, next_sigma=next_sigma(scheduler, timestep) if first else None)

@@ -7,7 +7,8 @@ inside diffusers pipelines; any custom sampling loop can call them directly.
 
 from .adaptive import AdaptiveGuidance
 from .apg import APG
-from .base import COND, REF, REGISTRY, UNCOND, GuidanceStrategy, StepContext, from_config
+from .base import COND, REF, REGISTRY, UNCOND, GuidanceStrategy, StepContext, from_config, register_strategy
+from .call import CallDescription
 from .cfg import CFG, rescale_to_cond_std
 from .classifier import ImageClassifier, class_prompts, register_classifier, smooth_relu
 from .compose import Interval, Rescale
@@ -19,6 +20,8 @@ from .schedules import Schedule
 
 __all__ = [
     "APG",
+    "CallDescription",
+    "register_strategy",
     "AdaptiveGuidance",
     "CFG",
     "CalibratedClassifierGuidance",
@@ -49,3 +52,8 @@ __all__ = [
 from .dynamic_cfg import DynamicCFG, plot_schedules  # noqa: E402
 
 __all__ += ["DynamicCFG", "plot_schedules"]
+
+# The strategies configs may name (explicit: a user's class with one of these names cannot replace it).
+for _cls in (CFG, APG, AdaptiveGuidance, Interval, Rescale, LinearAG, CalibratedClassifierGuidance,
+             ClassifierGuidance, GFCG, DynamicCFG):
+    register_strategy(_cls)

@@ -13,6 +13,17 @@ Open choice (methods.md 2.1, unverified in the paper): whether the step on which
 crosses the threshold already uses the conditional prediction. Default `switch="next"`: that step
 keeps its guided prediction (both passes were paid for), the next one is conditional-only, as one
 secondary note and the reference ComfyUI node do. `switch="same"` uses eps_c at once.
+
+Where similarity is measured (`similarity_space="auto"`, the default): in eps for epsilon models,
+the paper's choice. Flow-matching and v-prediction models are not eps models, and their eps is
+degenerate where the noise dominates: at s = 1 (a flow model's first step) and at zero terminal
+SNR, x = eps exactly, so eps_c = eps_u = x, gamma = 1 and every sample would stop guidance at step
+0. There "auto" measures in the model's own output (velocity, v), whose branches differ by the
+x0 difference the guidance acts on.
+
+Multi-evaluation solvers (Heun, KDPM2): the decision is made once per scheduler step, on its
+first evaluation; the corrector evaluation of that step follows it (a guided predictor is never
+followed by an unguided corrector).
 """
 
 from __future__ import annotations
@@ -24,7 +35,7 @@ import torch
 from .base import COND, UNCOND, GuidanceStrategy, StepContext, check_range
 from .cfg import CFG
 
-SPACES = ("eps", "x0", "model")
+SPACES = ("auto", "eps", "x0", "model")
 SWITCHES = ("next", "same")
 
 
@@ -35,32 +46,41 @@ def cosine_per_sample(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class AdaptiveGuidance(GuidanceStrategy):
     """Guide with `inner` (default CFG) until cond and uncond agree, then run the conditional model only.
 
-    threshold: gamma_bar; the paper studies 0.991-0.996 on 20-step LDMs. > 1 never switches (= inner).
-    similarity_space: "eps" (the paper's noise predictions, default), "x0", or "model" (raw output).
+    threshold: gamma_bar, a cosine in [-1, 1]; the paper studies 0.991-0.996 on 20-step LDMs.
+    similarity_space: "auto" (default: eps for epsilon models, the raw output for flow and
+    v-prediction models; see the module docstring), "eps", "x0", or "model" (raw output).
     switch: "next" (default) or "same", see the module docstring.
+
+    After a call, `switch_step` (B,) holds the scheduler step at which each sample switched (-1:
+    never) and `similarity_history` the measured gamma per scheduler step, (steps, B) (NaN where
+    not measured).
     """
 
     config_fields = ("inner", "threshold", "similarity_space", "switch")
 
     def __init__(self, inner: GuidanceStrategy | None = None, threshold: float = 0.991,
-                 similarity_space: str = "eps", switch: str = "next"):
+                 similarity_space: str = "auto", switch: str = "next"):
         self.inner = CFG() if inner is None else inner
         if not isinstance(self.inner, GuidanceStrategy):
             raise ValueError(f"AdaptiveGuidance: inner={inner!r} is not a guidance strategy")
-        self.threshold = check_range("AdaptiveGuidance", "threshold", threshold, -1.0)
+        self.threshold = check_range("AdaptiveGuidance", "threshold", threshold, -1.0, 1.0)
         if similarity_space not in SPACES:
             raise ValueError(f"AdaptiveGuidance: similarity_space={similarity_space!r} is unknown; allowed: {', '.join(SPACES)}")
         if switch not in SWITCHES:
             raise ValueError(f"AdaptiveGuidance: switch={switch!r} is unknown; allowed: {', '.join(SWITCHES)}")
         self.similarity_space = similarity_space
         self.switch = switch
-        self.switched: torch.Tensor | None = None  # (B,) bool, per sample, reset per call
-        self.switch_step: torch.Tensor | None = None  # (B,) step at which each sample switched (-1: never)
+        self.reset()
 
     def reset(self) -> None:
         self.inner.reset()
-        self.switched = None
-        self.switch_step = None
+        self.switched: torch.Tensor | None = None  # (B,) bool, per sample, reset per call
+        self.switch_step: torch.Tensor | None = None  # (B,) scheduler step at which each sample switched (-1: never)
+        self._gammas: list[torch.Tensor] = []
+
+    @property
+    def similarity_history(self) -> torch.Tensor | None:
+        return torch.stack(self._gammas) if self._gammas else None
 
     def _state(self, ctx: StepContext) -> torch.Tensor:
         if self.switched is None or self.switched.shape[0] != ctx.batch_size:
@@ -68,28 +88,48 @@ class AdaptiveGuidance(GuidanceStrategy):
             self.switch_step = torch.full((ctx.batch_size,), -1, dtype=torch.long, device=ctx.x.device)
         return self.switched
 
-    def branches(self, ctx: StepContext) -> dict[str, torch.Tensor]:
+    def unguided(self, ctx: StepContext) -> torch.Tensor:
+        """Samples that run the conditional model alone at this evaluation: switched at an earlier
+        scheduler step, or (switch="same") at this one."""
         switched = self._state(ctx)
+        before = self.switch_step < ctx.scheduler_step
+        now = self.switch_step == ctx.scheduler_step
+        return switched & (before | (now if self.switch == "same" else torch.zeros_like(now)))
+
+    def branches(self, ctx: StepContext) -> dict[str, torch.Tensor]:
+        off = self.unguided(ctx)
         inner = self.inner.branches(ctx)
-        return {**inner, COND: ctx.all(), UNCOND: inner.get(UNCOND, ctx.all()) & ~switched}
+        return {**inner, COND: ctx.all(), UNCOND: inner.get(UNCOND, ctx.all()) & ~off}
+
+    def space_for(self, ctx: StepContext) -> str:
+        if self.similarity_space != "auto":
+            return self.similarity_space
+        return "eps" if ctx.param.prediction_type == "epsilon" else "model"
 
     def similarity(self, ctx: StepContext, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
-        if self.similarity_space == "eps":
+        space = self.space_for(ctx)
+        if space == "eps":
             cond, uncond = ctx.param.to_eps(cond), ctx.param.to_eps(uncond)
-        elif self.similarity_space == "x0":
+        elif space == "x0":
             cond, uncond = ctx.to_x0(cond), ctx.to_x0(uncond)
         return cosine_per_sample(cond, uncond)
 
     def combine(self, ctx: StepContext, preds: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        switched = self._state(ctx)
+        off = self.unguided(ctx)
         cond = preds[COND]
-        active = ctx.evaluated.get(UNCOND, ~switched) if ctx.evaluated else ~switched
+        active = ~off & ctx.evaluated.get(UNCOND, ctx.all()) if ctx.evaluated else ~off
         if not bool(active.any()):
+            if ctx.starts_step:
+                self._gammas.append(torch.full((ctx.batch_size,), float("nan")))
             return cond
         guided = self.inner.combine(ctx, preds)
-        gamma = self.similarity(ctx, cond, preds[UNCOND])
-        hit = active & (gamma >= self.threshold)
-        use_cond = ~active | (hit if self.switch == "same" else torch.zeros_like(hit))
-        self.switch_step = torch.where(hit & ~switched, torch.full_like(self.switch_step, ctx.step), self.switch_step)
-        self.switched = switched | hit
-        return torch.where(use_cond.view(-1, *[1] * (cond.ndim - 1)), cond, guided)
+        use_cond = off
+        if ctx.starts_step:  # one decision per scheduler step
+            gamma = self.similarity(ctx, cond, preds[UNCOND])
+            self._gammas.append(torch.where(active, gamma, torch.full_like(gamma, float("nan"))).cpu())
+            hit = active & ~self.switched & (gamma >= self.threshold)
+            self.switch_step = torch.where(hit, torch.full_like(self.switch_step, ctx.scheduler_step), self.switch_step)
+            self.switched = self.switched | hit
+            if self.switch == "same":
+                use_cond = use_cond | hit
+        return torch.where(use_cond.view(-1, *[1] * (cond.ndim - 1)), cond, guided.to(cond.dtype))

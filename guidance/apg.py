@@ -75,7 +75,8 @@ class APG(GuidanceStrategy):
         self.mode = mode
         self.use_original_formulation = bool(use_original_formulation)
         self.space = "x0" if mode == "paper" else "model"
-        self._average: torch.Tensor | None = None  # momentum buffer A_{t-1}, one row per sample
+        self._average: torch.Tensor | None = None  # momentum buffer A_t of the last scheduler step, per sample
+        self._before: torch.Tensor | None = None  # A_{t-1}: the buffer before the current scheduler step
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "APG":
@@ -85,9 +86,14 @@ class APG(GuidanceStrategy):
 
     def reset(self) -> None:
         self._average = None
+        self._before = None
 
-    def update_direction(self, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
-        """Momentum, norm threshold and projection: the (dD_perp + eta * dD_par) of the paper."""
+    def update_direction(self, cond: torch.Tensor, uncond: torch.Tensor, starts_step: bool = True) -> torch.Tensor:
+        """Momentum, norm threshold and projection: the (dD_perp + eta * dD_par) of the paper.
+
+        The momentum buffer advances once per scheduler step (`starts_step`); the further evaluations
+        of a multi-evaluation solver's step (Heun's corrector) use the buffer of the step before, as
+        the predictor did, and leave it unchanged."""
         diff = cond - uncond
         if self.momentum != 0.0:
             if self._average is not None and self._average.shape != diff.shape:
@@ -95,8 +101,11 @@ class APG(GuidanceStrategy):
                     f"APG: batch shape changed from {tuple(self._average.shape)} to {tuple(diff.shape)} within "
                     "one generation; momentum is kept per sample, call reset() between generations"
                 )
-            diff = diff if self._average is None else diff + self.momentum * self._average
-            self._average = diff
+            if starts_step:
+                self._before = self._average
+            diff = diff if self._before is None else diff + self.momentum * self._before
+            if starts_step:
+                self._average = diff
         if self.norm_threshold > 0:
             # Clip in at least float32: fp16 norms of whole latents overflow.
             d32 = diff.float()
@@ -107,7 +116,7 @@ class APG(GuidanceStrategy):
     def guide(self, ctx: StepContext, preds: Mapping[str, torch.Tensor]) -> torch.Tensor:
         w = resolve_scale("APG", "scale", self.scale, ctx)
         cond, uncond = preds[COND], preds[UNCOND]
-        update = self.update_direction(cond, uncond)
+        update = self.update_direction(cond, uncond, ctx.starts_step)
         if self.mode == "paper":
             return cond + (w - 1.0) * update
         return (cond if self.use_original_formulation else uncond) + w * update

@@ -19,11 +19,13 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
 
+from .call import CallDescription
 from .parametrization import Parametrization
 
 COND, UNCOND, REF = "cond", "uncond", "ref"  # REF: the condition of another class (GFCG)
 
-# Name -> class of every strategy, filled by GuidanceStrategy.__init_subclass__ (for from_config).
+# Name -> class of the strategies that configs may name, filled explicitly by `register_strategy`
+# (guidance/__init__ registers ours), so that a user's subclass called e.g. `CFG` cannot replace ours.
 REGISTRY: dict[str, type["GuidanceStrategy"]] = {}
 
 
@@ -39,6 +41,20 @@ class StepContext:
     guidance_rescale: float = 0.0  # the pipeline call's own guidance_rescale, where it has one
     evaluated: dict[str, torch.Tensor] = field(default_factory=dict)  # branch -> bool (B,)
     labels: torch.Tensor | None = None  # target class id per sample (B,), on class-conditional pipelines
+    # Multi-evaluation solvers (Heun, KDPM2, ...) make several evaluations per scheduler step; rules
+    # with per-step state (momentum, switches, histories) decide once per scheduler step. None: one
+    # evaluation per step (scheduler_step = step, num_scheduler_steps = num_steps).
+    scheduler_step: int | None = None  # index of the scheduler step this evaluation belongs to
+    num_scheduler_steps: int | None = None  # scheduler steps the call plans
+    starts_step: bool = True  # this evaluation is the first (predictor) one of its scheduler step
+    # The VE noise level (sigma / alpha) this scheduler step moves to, 0 at the end; None if unknown.
+    next_sigma: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.scheduler_step is None:
+            self.scheduler_step = self.step
+        if self.num_scheduler_steps is None:
+            self.num_scheduler_steps = self.num_steps
 
     @property
     def batch_size(self) -> int:
@@ -133,25 +149,22 @@ class GuidanceStrategy:
     space: ClassVar[str] = "model"
     config_fields: ClassVar[tuple[str, ...]] = ()
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        REGISTRY[cls.__name__] = cls
-
     # --- per-call protocol -------------------------------------------------------------------
-    def on_call(self, pipe: Any, call_arguments: Mapping[str, Any]) -> None:
+    def on_call(self, call: "CallDescription") -> None:
         """Optional check at the start of every pipeline call, before `reset()`.
 
-        The diffusers hook passes the pipeline object (opaque here: guidance/ never imports
-        diffusers) and the call's bound arguments with defaults applied, read-only. A strategy
-        that depends on the pipeline, such as LinearAG with coefficients fitted for one pipeline,
-        scheduler and step count, validates here and raises ValueError to refuse the call. The
-        default forwards to wrapped strategies (`config_fields` holding a GuidanceStrategy), so
-        wrappers such as Interval need no override. Custom loops may skip it.
+        The diffusers hook passes a plain `guidance.call.CallDescription` (pipeline and scheduler
+        class names, step count, batch layout, negative prompt, dtype, a decode function, ...):
+        guidance/ never reads the pipeline object. A strategy that depends on the call, such as
+        LinearAG with coefficients fitted for one pipeline, scheduler and step count, validates here
+        and raises ValueError to refuse it. The default forwards to wrapped strategies
+        (`config_fields` holding a GuidanceStrategy), so wrappers such as Interval need no override.
+        Custom loops may skip it or build a CallDescription themselves.
         """
         for f in self.config_fields:
             child = getattr(self, f, None)
             if isinstance(child, GuidanceStrategy):
-                child.on_call(pipe, call_arguments)
+                child.on_call(call)
 
     # --- per-step protocol -------------------------------------------------------------------
     def reset(self) -> None:
@@ -169,11 +182,13 @@ class GuidanceStrategy:
         """Guided prediction in the model's output space, (B, ...).
 
         `preds[name]` holds the model output of each branch for all B samples; rows of samples
-        that did not need that branch (see `ctx.evaluated`) are NaN so that misuse is loud.
+        that did not need that branch (see `ctx.evaluated`) are NaN so that misuse is loud. The
+        result has the dtype of `preds[COND]`; x0-space rules compute in float32 before that cast.
         """
         if self.space == "x0":
+            # x0 in float32 (see guidance.parametrization); only the returned prediction is cast.
             x0 = {name: ctx.to_x0(p) for name, p in preds.items()}
-            return ctx.from_x0(self.guide(ctx, x0))
+            return ctx.from_x0(self.guide(ctx, x0)).to(preds[COND].dtype)
         return self.guide(ctx, preds)
 
     def guide(self, ctx: StepContext, preds: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -198,6 +213,19 @@ class GuidanceStrategy:
     def __repr__(self) -> str:
         args = ", ".join(f"{f}={getattr(self, f)!r}" for f in self.config_fields)
         return f"{type(self).__name__}({args})"
+
+
+def register_strategy(cls: type[GuidanceStrategy], name: str | None = None) -> type[GuidanceStrategy]:
+    """Let configs name `cls` (by `name`, default its class name). A name already taken by another
+    class is an error, so registering never silently replaces a strategy. Usable as a decorator."""
+    if not (isinstance(cls, type) and issubclass(cls, GuidanceStrategy)):
+        raise ValueError(f"register_strategy: cls={cls!r} is not a GuidanceStrategy subclass")
+    name = cls.__name__ if name is None else name
+    if REGISTRY.get(name, cls) is not cls:
+        raise ValueError(f"register_strategy: name={name!r} is already registered for {REGISTRY[name].__module__}."
+                         f"{REGISTRY[name].__qualname__}; allowed: a name not in {sorted(REGISTRY)}")
+    REGISTRY[name] = cls
+    return cls
 
 
 def from_config(config: Mapping | str) -> GuidanceStrategy:

@@ -3,8 +3,9 @@
 Both methods judge the denoised estimate x0 with an off-the-shelf image classifier. A
 `ImageClassifier` wraps any `nn.Module` from images to logits with what the strategy must know to
 feed it: the input range and size it was trained on, an optional mean/std normalisation, and the
-class names. For latent pipelines the strategy decodes x0 with the pipeline's VAE first
-(`vae_decoder`), which costs one decoder forward per step (and, for EluCD, its backward too).
+class names. For latent pipelines the strategy decodes x0 with the call's decode function first
+(`CallDescription.decode`: the pipeline's VAE, built by pipelines/), which costs one decoder
+forward per step (and, for EluCD, its backward too).
 """
 
 from __future__ import annotations
@@ -105,26 +106,6 @@ class ImageClassifier:
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
-def vae_decoder(pipe: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """x0 latents -> images in [-1, 1] through the pipeline's VAE; None for pixel-space pipelines.
-
-    Uses the VAE's own `scaling_factor` / `shift_factor` as the pipelines do. Differentiable (EluCD
-    back-propagates through it), so its cost is one decoder forward per step, plus a backward for
-    EluCD.
-    """
-    vae = getattr(pipe, "vae", None)
-    if vae is None:
-        return None
-    scaling = getattr(vae.config, "scaling_factor", 1.0) or 1.0
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-
-    def decode(latents: torch.Tensor) -> torch.Tensor:
-        z = latents.to(vae.dtype) / scaling + shift
-        return vae.decode(z, return_dict=False)[0]
-
-    return decode
-
-
 def expand_targets(owner: str, target: Sequence[int] | torch.Tensor, batch: int) -> torch.Tensor:
     """User-given class ids (one per prompt, or per sample) as a (batch,) tensor."""
     ids = torch.as_tensor(target, dtype=torch.long).flatten()
@@ -150,7 +131,7 @@ def class_prompts(targets: Sequence[int], class_names: Sequence[str], template: 
 
 
 # Classifiers that strategy configs may name (JSON cannot hold a module): name -> loader. The
-# embedded model registers "embedded-guidance" and "embedded-eval" (pipelines/embedded).
+# embedded model registers "embedded-guidance" and "embedded-eval" (in its pipelines package).
 NAMED_CLASSIFIERS: dict[str, Callable[[], Any]] = {}
 
 
@@ -183,9 +164,9 @@ class ClassifierInput:
     def requires_uncond(self) -> bool:
         return self.inner is not None and getattr(self.inner, "requires_uncond", True)
 
-    def on_call(self, pipe: Any, call_arguments: Any) -> None:
-        super().on_call(pipe, call_arguments)  # forwards to `inner`
-        self._decode = vae_decoder(pipe)
+    def on_call(self, call: Any) -> None:
+        super().on_call(call)  # forwards to `inner`
+        self._decode = call.decode  # the call's VAE decode for latent pipelines, None in pixel space
 
     def base_branches(self, ctx) -> dict[str, torch.Tensor]:
         return dict(self.inner.branches(ctx)) if self.inner is not None else {"cond": ctx.all()}

@@ -43,6 +43,7 @@ class Interval(GuidanceStrategy):
         self.sigma_max = None if sigma_max is None else check_range("Interval", "sigma_max", sigma_max, 0.0)
         if self.sigma_min is not None and self.sigma_max is not None and self.sigma_max < self.sigma_min:
             raise ValueError(f"Interval: sigma_max={sigma_max!r} is below sigma_min={sigma_min!r}")
+        self._on: torch.Tensor | None = None  # this scheduler step's decision
 
     @property
     def space(self) -> str:  # type: ignore[override]
@@ -50,16 +51,24 @@ class Interval(GuidanceStrategy):
 
     def reset(self) -> None:
         self.inner.reset()
+        self._on: torch.Tensor | None = None
 
     def active(self, ctx: StepContext) -> torch.Tensor:
-        """Per-sample bool (B,): is guidance on at this step."""
-        n = ctx.num_steps
-        on = ctx.all() if int(self.start * n) <= ctx.step < int(self.stop * n) else ctx.none()
-        sigma = ctx.sigma.to(ctx.x.device)
-        if self.sigma_min is not None:
-            on = on & (sigma > self.sigma_min)
-        if self.sigma_max is not None:
-            on = on & (sigma <= self.sigma_max)
+        """Per-sample bool (B,): is guidance on at this step.
+
+        Decided once per scheduler step, at its first evaluation (step fractions of the scheduler
+        steps, the sigma of that evaluation); a multi-evaluation solver's corrector follows it."""
+        if not ctx.starts_step and self._on is not None and self._on.shape[0] == ctx.batch_size:
+            return self._on
+        n = ctx.num_scheduler_steps
+        on = ctx.all() if int(self.start * n) <= ctx.scheduler_step < int(self.stop * n) else ctx.none()
+        if self.sigma_min is not None or self.sigma_max is not None:
+            sigma = ctx.sigma.to(ctx.x.device)
+            if self.sigma_min is not None:
+                on = on & (sigma > self.sigma_min)
+            if self.sigma_max is not None:
+                on = on & (sigma <= self.sigma_max)
+        self._on = on
         return on
 
     def branches(self, ctx: StepContext) -> dict[str, torch.Tensor]:

@@ -13,8 +13,8 @@ Correctness of the candidates (see methods.md §4.4):
   saved before and restored after each candidate step, so the pipeline's real step draws the very
   noise the winning candidate was scored with.
 
-No diffusers import: the scheduler and the call's generator come from `on_call` (the hook passes
-the pipeline), or from `bind(scheduler, generator, eta)` in a custom loop.
+No diffusers import: the scheduler (an opaque object stepped on copies) and the call's generator come
+from `on_call` (the hook's `CallDescription`), or from `bind(scheduler, generator, eta)` in a custom loop.
 """
 
 from __future__ import annotations
@@ -26,10 +26,11 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from .base import COND, UNCOND, GuidanceStrategy, StepContext, check_range
-from .evaluators import EMBEDDED_EVALUATORS, SPACES, load_embedded_evaluator
+from .call import CallDescription
+from .evaluators import DEFAULT_EVALUATORS, NAMED_EVALUATORS, SPACES, resolve_evaluator
 
 PAPER_SCALES = (1.0, 3.0, 7.5, 11.0, 15.0)  # the paper's LDM candidate set [S]
-WEIGHTINGS = ("adaptive", "fixed")
+WEIGHTINGS = ("adaptive", "signed", "fixed")
 NORMALIZATIONS = ("none", "candidates")
 
 EvaluatorLike = str | Callable
@@ -39,11 +40,15 @@ class DynamicCFG(GuidanceStrategy):
     """Per-sample, per-step CFG scale chosen by evaluators scoring candidate next latents.
 
     scales: candidate Ho-Salimans scales (default the paper's LDM set 1, 3, 7.5, 11, 15 [S]).
-    evaluators: names of the embedded model's shipped evaluators ("alignment": noise-aware
-        classifier, "quality": noise-aware real-vs-generated discriminator; loaded on first use)
-        and/or evaluator objects or callables `f(x, timestep, condition) -> (B,)` with a `space`
-        attribute ("latent", the default, or "x0"); see `guidance.evaluators`. Only names survive
-        `to_config()`; a strategy holding objects refuses to serialise.
+    evaluators: names of registered evaluators (the embedded model's, registered by `pipelines`:
+        "alignment": noise-aware classifier, "quality": noise-aware real-vs-generated
+        discriminator; loaded on first use) and/or evaluator objects or callables
+        `f(x, timestep, condition) -> (B,)` with a `space` attribute ("latent", the default, or
+        "x0"); see `guidance.evaluators`. None (default): chosen per call from the pipeline kind:
+        the evaluators registered for that pipeline class (the embedded class-conditional model:
+        alignment + quality), on text-to-image pipelines a registered "clip" evaluator (CLIP on the
+        decoded x0; no CLIP weights ship offline, so register one), else a clear error. Only names
+        survive `to_config()`; a strategy holding objects refuses to serialise.
     weights: base weight of each evaluator (default 1 each). With weighting="fixed" the score is
         sum_e weights[e] * score_e (the paper's "linear weights").
     weighting: "adaptive" (default, the paper's best row) weights each evaluator by the relative
@@ -52,6 +57,9 @@ class DynamicCFG(GuidanceStrategy):
         the score of the candidate chosen at the previous step, e_t the mean score over this step's
         candidates; the absolute value keeps the weights non-negative (a falling score should not
         turn an evaluator into one to minimise); the first step uses the base weights.
+        "signed" is the paper's Eq. 7 as written, alpha_e = (e_t - e_{t+1}) / e_{t+1} (denominator
+        guarded by eps, sign kept), times the base weight, not normalised: an evaluator whose score
+        fell relative to its own size gets a negative weight.
     eps: floor of |e_{t+1}| in the relative change, the guard against division by ~0.
     normalize: "none" (default, scores used as they are) or "candidates" (z-score each evaluator's
         scores over the candidates of each sample before weighting, so that evaluators on
@@ -68,7 +76,7 @@ class DynamicCFG(GuidanceStrategy):
     config_fields = ("scales", "evaluators", "weights", "weighting", "eps", "normalize")
 
     def __init__(self, scales: Sequence[float] = PAPER_SCALES,
-                 evaluators: Sequence[EvaluatorLike] = ("alignment", "quality"),
+                 evaluators: Sequence[EvaluatorLike] | None = None,
                  weights: Sequence[float] | None = None, weighting: str = "adaptive", eps: float = 0.1,
                  normalize: str = "none"):
         if isinstance(scales, (int, float)) or not len(scales):
@@ -76,22 +84,13 @@ class DynamicCFG(GuidanceStrategy):
         self.scales = [check_range("DynamicCFG", f"scales[{i}]", s) for i, s in enumerate(scales)]
         if isinstance(evaluators, (str, bytes)) or callable(evaluators):
             evaluators = [evaluators]
-        self.evaluators = list(evaluators)
-        if not self.evaluators:
-            raise ValueError("DynamicCFG: evaluators=[] is empty; allowed: one or more of "
-                             f"{', '.join(EMBEDDED_EVALUATORS)}, or evaluator objects / callables")
-        for i, e in enumerate(self.evaluators):
-            if isinstance(e, str) and e not in EMBEDDED_EVALUATORS:
-                raise ValueError(f"DynamicCFG: evaluators[{i}]={e!r} is not a shipped evaluator; allowed: "
-                                 f"{', '.join(EMBEDDED_EVALUATORS)}, or an evaluator object / callable")
-            if not isinstance(e, str) and not callable(e):
-                raise ValueError(f"DynamicCFG: evaluators[{i}]={e!r} is neither a name nor callable")
-            if getattr(e, "space", "latent") not in SPACES:
-                raise ValueError(f"DynamicCFG: evaluators[{i}].space={e.space!r}; allowed: {', '.join(SPACES)}")
+        self.evaluators = None if evaluators is None else list(evaluators)
+        if self.evaluators is not None:
+            self._check_evaluators(self.evaluators)
         if weights is None:
             self.weights = None
         else:
-            if len(weights) != len(self.evaluators):
+            if self.evaluators is not None and len(weights) != len(self.evaluators):
                 raise ValueError(f"DynamicCFG: weights has {len(weights)} entries for {len(self.evaluators)} "
                                  "evaluators; allowed: one non-negative weight per evaluator")
             self.weights = [check_range("DynamicCFG", f"weights[{i}]", w, 0) for i, w in enumerate(weights)]
@@ -104,20 +103,59 @@ class DynamicCFG(GuidanceStrategy):
         self.weighting, self.normalize = weighting, normalize
         self.eps = check_range("DynamicCFG", "eps", eps, 0, low_open=True)
         self._loaded: list[Callable] | None = None
+        self._names: list | None = self.evaluators  # what _loaded holds (evaluators=None: chosen per call)
+        self._decode: Callable | None = None  # the call's x0 -> image decode, for x0 evaluators without one
         self._scheduler = None
         self._step_kwargs: dict = {}
         self._prompts: list[str] | None = None
         self.reset()
 
+    @staticmethod
+    def _check_evaluators(evaluators: list) -> None:
+        if not evaluators:
+            raise ValueError("DynamicCFG: evaluators=[] is empty; allowed: None (per pipeline), names of registered "
+                             f"evaluators ({', '.join(sorted(NAMED_EVALUATORS)) or 'none: import pipelines'}), or "
+                             "evaluator objects / callables")
+        for i, e in enumerate(evaluators):
+            if isinstance(e, str) and e not in NAMED_EVALUATORS:
+                raise ValueError(f"DynamicCFG: evaluators[{i}]={e!r} is not a registered evaluator; allowed: "
+                                 f"{', '.join(sorted(NAMED_EVALUATORS)) or '(none registered: import pipelines)'}, "
+                                 "or an evaluator object / callable")
+            if not isinstance(e, str) and not callable(e):
+                raise ValueError(f"DynamicCFG: evaluators[{i}]={e!r} is neither a name nor callable")
+            if getattr(e, "space", "latent") not in SPACES:
+                raise ValueError(f"DynamicCFG: evaluators[{i}].space={e.space!r}; allowed: {', '.join(SPACES)}")
+
     # --- per call ------------------------------------------------------------------------------------
-    def on_call(self, pipe: Any, call_arguments: Mapping[str, Any]) -> None:
-        prompts = call_arguments.get("prompt")
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if prompts is not None:
-            per = int(call_arguments.get("num_images_per_prompt") or 1)
-            prompts = [p for p in prompts for _ in range(per)]
-        self.bind(pipe.scheduler, call_arguments.get("generator"), call_arguments.get("eta"), prompts)
+    def default_evaluators(self, call: CallDescription) -> list[str]:
+        """The evaluators for this pipeline kind when none were given (see the class docstring)."""
+        if call.pipeline in DEFAULT_EVALUATORS:
+            return list(DEFAULT_EVALUATORS[call.pipeline])
+        if call.conditioning == "text":
+            if "clip" in NAMED_EVALUATORS:
+                return ["clip"]
+            raise ValueError(
+                f"DynamicCFG: evaluators=None on the text-to-image pipeline {call.pipeline} uses a CLIP evaluator, "
+                "but none is registered (no CLIP weights ship offline); register one with "
+                "guidance.evaluators.register_evaluator('clip', lambda device: CLIPEvaluator(model, tokenizer)) or "
+                "pass evaluators=[CLIPEvaluator(model, tokenizer)]"
+            )
+        raise ValueError(
+            f"DynamicCFG: evaluators=None, and no evaluators are registered for {call.pipeline} "
+            f"({call.conditioning}-conditional; shipped defaults exist for: {', '.join(sorted(DEFAULT_EVALUATORS)) or 'none'}); "
+            "pass evaluators=[...] trained for this model (see guidance.evaluators)"
+        )
+
+    def on_call(self, call: CallDescription) -> None:
+        names = self.evaluators if self.evaluators is not None else self.default_evaluators(call)
+        if self.weights is not None and len(self.weights) != len(names):
+            raise ValueError(f"DynamicCFG: weights has {len(self.weights)} entries for the {len(names)} evaluators "
+                             f"{names} of this call; allowed: one non-negative weight per evaluator")
+        if self._loaded is None or self._names != names:
+            self._names, self._loaded = list(names), None
+        self._decode = call.decode
+        if call.scheduler is not None:  # else a custom loop binds it itself
+            self.bind(call.scheduler, call.generator, call.eta, None if call.prompts is None else list(call.prompts))
 
     def bind(self, scheduler: Any, generator: Any = None, eta: float | None = None,
              prompts: list[str] | None = None) -> "DynamicCFG":
@@ -184,7 +222,7 @@ class DynamicCFG(GuidanceStrategy):
             x_next, t_next = self.candidate_latents(ctx, guided)
             inputs["latent"] = (x_next.flatten(0, 1), torch.full((k * b,), t_next, device=ctx.x.device))
         if any(getattr(e, "space", "latent") == "x0" for e in evaluators):
-            x0 = torch.stack([ctx.to_x0(g) for g in guided]).to(guided.dtype)
+            x0 = torch.stack([ctx.to_x0(g) for g in guided])  # float32: evaluators judge the exact x0
             inputs["x0"] = (x0.flatten(0, 1), torch.full((k * b,), float(ctx.timestep), device=ctx.x.device))
         columns = []
         for e in evaluators:
@@ -237,6 +275,9 @@ class DynamicCFG(GuidanceStrategy):
         if self.weighting == "fixed" or self._prev is None:
             return base
         current = scores.mean(dim=0)
+        if self.weighting == "signed":  # the paper's Eq. 7, sign kept; |e_{t+1}| floored at eps
+            sign = torch.where(self._prev < 0, -1.0, 1.0)
+            return (current - self._prev) / (sign * self._prev.abs().clamp_min(self.eps)) * base
         alpha = (current - self._prev).abs() / self._prev.abs().clamp_min(self.eps) * base
         total = alpha.sum(dim=-1, keepdim=True)
         return torch.where(total > 1e-12, alpha / total.clamp_min(1e-12), base / base.sum(dim=-1, keepdim=True))
@@ -248,10 +289,15 @@ class DynamicCFG(GuidanceStrategy):
 
     def _evaluators(self, device: torch.device) -> list[Callable]:
         if self._loaded is None:
-            self._loaded = [load_embedded_evaluator(e, device) if isinstance(e, str) else e for e in self.evaluators]
+            if self._names is None:
+                raise RuntimeError("DynamicCFG: evaluators=None are chosen per pipeline call (on_call); in a custom "
+                                   "loop pass evaluators=[...]")
+            self._loaded = [resolve_evaluator(e, device) if isinstance(e, str) else e for e in self._names]
         for e in self._loaded:
             if hasattr(e, "to") and not isinstance(e, torch.nn.Module):
                 e.to(device)
+            if getattr(e, "space", "latent") == "x0" and hasattr(e, "decode") and e.decode is None:
+                e.decode = self._decode  # CLIP on a latent pipeline: the call's VAE decode
         return self._loaded
 
     def _condition(self, ctx: StepContext, k: int) -> Any:
@@ -263,10 +309,10 @@ class DynamicCFG(GuidanceStrategy):
 
     # --- configuration -----------------------------------------------------------------------------------
     def to_config(self) -> dict:
-        objects = [i for i, e in enumerate(self.evaluators) if not isinstance(e, str)]
+        objects = [i for i, e in enumerate(self.evaluators or []) if not isinstance(e, str)]
         if objects:
             raise ValueError(f"DynamicCFG: evaluators{objects} are objects and cannot be serialised; allowed in a "
-                             f"config: names of shipped evaluators ({', '.join(EMBEDDED_EVALUATORS)})")
+                             f"config: names of registered evaluators ({', '.join(sorted(NAMED_EVALUATORS))})")
         return super().to_config()
 
 

@@ -17,9 +17,10 @@ sample (a list of B strings) or None.
 Shipped here: `NoiseAwareNet` (the tiny network behind the embedded model's evaluators),
 `ClassifierEvaluator` (alignment: log p(class | x_t, t)), `DiscriminatorEvaluator` (quality: the
 real-versus-generated logit), `CLIPEvaluator` (open_clip on x0), `CallableEvaluator` (wrap any
-function), `CleanLookahead` (a noise-aware evaluator at t = 0 on the x0 estimate) and
-`load_embedded_evaluator("alignment" | "quality" | "alignment-x0")` for the trained weights in
-`pipelines/embedded/weights/evaluators/`. No diffusers import here.
+function), `CleanLookahead` (a noise-aware evaluator at t = 0 on the x0 estimate), and a registry of named
+evaluators (`register_evaluator`); the embedded model's trained ones ("alignment", "quality",
+"alignment-x0") are registered by `pipelines` (`pipelines.call.load_embedded_evaluator`), which owns
+their weights. No diffusers import here, and no path of pipelines/.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ import torch
 from torch import nn
 
 SPACES = ("latent", "x0")
-EMBEDDED_EVALUATORS = ("alignment", "quality", "alignment-x0")
 
 
 # --- the tiny noise-aware network ---------------------------------------------------------------
@@ -173,6 +173,27 @@ class DiscriminatorEvaluator(_NetEvaluator):
         return self.logits(x, timestep)[:, 0]
 
 
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_preprocess(images: torch.Tensor, size: int | Sequence[int], mean: Sequence[float] = CLIP_MEAN,
+                    std: Sequence[float] = CLIP_STD) -> torch.Tensor:
+    """Images in [0, 1] (B, 3, H, W) -> CLIP input: open_clip's eval transform on tensors (shortest
+    side resized to `size` with antialiased bicubic, centre crop, mean/std normalisation), so a
+    guidance evaluator and a CLIP score see the same pixels. Differentiable."""
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    scale = max(h / images.shape[-2], w / images.shape[-1])
+    resized = (int(images.shape[-2] * scale), int(images.shape[-1] * scale))  # torchvision's Resize truncates
+    x = torch.nn.functional.interpolate(images.float(), size=resized, mode="bicubic", align_corners=False,
+                                        antialias=True).clamp(0, 1)
+    top, left = (resized[0] - h) // 2, (resized[1] - w) // 2
+    x = x[..., top:top + h, left:left + w]
+    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
 class CLIPEvaluator(Evaluator):
     """CLIP similarity between the decoded x0 estimate and the text of each sample's condition.
 
@@ -180,13 +201,13 @@ class CLIPEvaluator(Evaluator):
     user's, nothing is downloaded here). tokenizer: its tokenizer. texts: one text per class id,
     for class-conditional pipelines (e.g. "a photo of a cat"); prompts are used as given otherwise.
     decode: maps x0 to images in [-1, 1] (a VAE decode for latent pipelines; identity for pixel
-    models such as the embedded one). Images are resized to the model's input size and normalised
-    with CLIP's mean and std.
+    models such as the embedded one); None takes the call's own (DynamicCFG sets it per call).
+    Images go through `clip_preprocess` (open_clip's eval transform). Text features are cached per
+    text for the evaluator's life (moved with the model when its device changes).
     """
 
     space = "x0"
-    MEAN = (0.48145466, 0.4578275, 0.40821073)
-    STD = (0.26862954, 0.26130258, 0.27577711)
+    MEAN, STD = CLIP_MEAN, CLIP_STD
 
     def __init__(self, model: nn.Module, tokenizer: Callable, texts: Sequence[str] | None = None,
                  decode: Callable | None = None, name: str = "clip"):
@@ -199,7 +220,9 @@ class CLIPEvaluator(Evaluator):
 
     def to(self, device) -> "CLIPEvaluator":
         self.model.to(device)
-        self._text_cache.clear()
+        device = next(self.model.parameters()).device
+        # Features follow the model; DynamicCFG moves evaluators at every step, so never drop them.
+        self._text_cache = {t: f.to(device) for t, f in self._text_cache.items()}
         return self
 
     def _texts_for(self, condition: Any, batch: int) -> list[str]:
@@ -220,17 +243,15 @@ class CLIPEvaluator(Evaluator):
                 f = self.model.encode_text(self.tokenizer(missing).to(device)).float()
             for t, row in zip(missing, torch.nn.functional.normalize(f, dim=-1)):
                 self._text_cache[t] = row
-        return torch.stack([self._text_cache[t] for t in texts])
+        return torch.stack([self._text_cache[t].to(device) for t in texts])
 
     def __call__(self, x, timestep, condition):
         device = next(self.model.parameters()).device
         images = self.decode(x) if self.decode is not None else x
         images = (images.float().to(device).clamp(-1, 1) + 1) / 2
-        images = torch.nn.functional.interpolate(images, size=self.image_size, mode="bicubic", align_corners=False)
-        mean = torch.tensor(self.MEAN, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(self.STD, device=device).view(1, 3, 1, 1)
         with torch.no_grad():
-            f = torch.nn.functional.normalize(self.model.encode_image((images - mean) / std).float(), dim=-1)
+            f = torch.nn.functional.normalize(self.model.encode_image(clip_preprocess(images, self.image_size)).float(),
+                                              dim=-1)
         return (f * self._text_features(self._texts_for(condition, x.shape[0]), device)).sum(dim=1)
 
 
@@ -259,22 +280,26 @@ class CleanLookahead(Evaluator):
         return self.evaluator(x, torch.zeros_like(timestep), condition)
 
 
-def default_evaluators_dir() -> Path:
-    return Path(__file__).resolve().parents[1] / "pipelines" / "embedded" / "weights" / "evaluators"
+# Evaluators that strategy configs may name (JSON cannot hold a network): name -> loader(device).
+# pipelines/ registers the embedded model's ("alignment", "quality", "alignment-x0") with their
+# weights; users may register their own (e.g. "clip" around a CLIP model they have).
+NAMED_EVALUATORS: dict[str, Callable[[Any], Any]] = {}
+# Pipeline class name -> the evaluator names DynamicCFG uses there by default.
+DEFAULT_EVALUATORS: dict[str, tuple[str, ...]] = {}
 
 
-def load_embedded_evaluator(kind: str, device: str | torch.device = "cpu",
-                            folder: str | os.PathLike | None = None) -> Evaluator:
-    """The trained evaluator of the embedded CIFAR-10 model: "alignment", "quality", or
-    "alignment-x0" (the alignment classifier on the x0 estimate, `CleanLookahead`)."""
-    if kind == "alignment-x0":
-        return CleanLookahead(load_embedded_evaluator("alignment", device, folder), name=kind)
-    if kind not in EMBEDDED_EVALUATORS:
-        raise ValueError(f"evaluator={kind!r} is not a shipped evaluator; allowed: {', '.join(EMBEDDED_EVALUATORS)}"
-                         " (or pass an evaluator object / callable)")
-    path = Path(folder) if folder is not None else default_evaluators_dir() / kind
-    if not (path / "model.safetensors").is_file():
-        raise FileNotFoundError(f"evaluator {kind!r}: no weights at {path}; train and export them with "
-                                "python -m pipelines.embedded.training.train_evaluators")
-    net, _ = load_net(path, device)
-    return ClassifierEvaluator(net) if kind == "alignment" else DiscriminatorEvaluator(net)
+def register_evaluator(name: str, loader: Callable[[Any], Any], default_for: Sequence[str] = ()) -> None:
+    """Make `name` usable in `DynamicCFG(evaluators=[name])` and configs; `loader(device)` builds it.
+    default_for: pipeline class names on which DynamicCFG(evaluators=None) includes it."""
+    NAMED_EVALUATORS[name] = loader
+    for pipeline in default_for:
+        names = DEFAULT_EVALUATORS.get(pipeline, ())
+        DEFAULT_EVALUATORS[pipeline] = names + ((name,) if name not in names else ())
+
+
+def resolve_evaluator(name: str, device: str | torch.device = "cpu") -> Any:
+    if name not in NAMED_EVALUATORS:
+        raise ValueError(f"evaluator={name!r} is not a registered evaluator; allowed: "
+                         f"{', '.join(sorted(NAMED_EVALUATORS)) or '(none registered: import pipelines)'}, or an "
+                         "evaluator object / callable (guidance.evaluators.register_evaluator adds names)")
+    return NAMED_EVALUATORS[name](device)

@@ -14,7 +14,8 @@ not be read, so every rule below is an explicit option, and the defaults are our
   "constant": omega_t = scale whenever there is a reference.
 - The guided prediction is base + omega_t * (D_target - D_ref), base = `inner` (default CFG at the
   call's scale; None = the conditional prediction alone). With omega_t = 0 it is the base exactly.
-- Timing: the reference is chosen from the previous step's conditional estimate, so the reference
+- Timing: the reference is chosen from the previous scheduler step's conditional estimate (once
+  per step: a multi-evaluation solver's corrector keeps its step's reference), so the reference
   prediction is evaluated in the same denoiser batch as the other branches (one call per step, no
   extra sequential pass). At the first step there is no reference yet. Samples with omega_t = 0 skip
   the reference evaluation (their NFE is the base's).
@@ -101,6 +102,10 @@ class GFCG(ClassifierInput, GuidanceStrategy):
 
     def branches(self, ctx: StepContext) -> dict[str, torch.Tensor]:
         masks = self.base_branches(ctx)
+        if not ctx.starts_step and self._omega is not None and self._omega.shape[0] == ctx.batch_size:
+            if self._ref is not None:  # a corrector evaluation keeps its step's reference (one decision per step)
+                masks[REF] = self._omega > 0
+            return masks
         if self._probs is None or self.scale == 0:
             self._ref, self._omega = None, torch.zeros(ctx.batch_size, device=ctx.x.device)
         else:
@@ -130,8 +135,9 @@ class GFCG(ClassifierInput, GuidanceStrategy):
             push = omega * (preds[COND].float() - preds[REF].float())  # CFG-like difference: space-invariant
             guided = base.clone()
             guided[rows] = (base.float() + push)[rows].to(base.dtype)
-        self._record(ctx)
-        self._probs = self.class_probabilities(ctx.to_x0(preds[COND]))  # for the next step's reference
+        if ctx.starts_step:
+            self._record(ctx)
+            self._probs = self.class_probabilities(ctx.to_x0(preds[COND]))  # for the next step's reference
         return guided
 
     def _record(self, ctx: StepContext) -> None:

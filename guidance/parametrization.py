@@ -9,6 +9,11 @@ once their model-input scaling 1/sqrt(sigma_ve^2 + 1) is applied; flow matching:
 sigma = s). Relative to that *model input*, every prediction type is affine in the prediction, so
 x0 <-> prediction conversions need only (alpha, sigma) per sample. The pipelines side reads them
 from the scheduler's own state; this module is pure math.
+
+Precision: every conversion computes and returns at least float32, whatever the model's dtype.
+x0 = (x - sigma eps) / alpha amplifies the rounding of a half-precision prediction by 1/alpha, so
+x0-space rules (APG, GFCG, EluCD, Dynamic CFG) must do their math on the float32 result; only the
+guided prediction a strategy returns is cast back to the model's dtype (`GuidanceStrategy.combine`).
 """
 
 from __future__ import annotations
@@ -25,13 +30,16 @@ class Parametrization:
     """How a model output relates to x0 at one evaluation: x = alpha * x0 + sigma * eps.
 
     `alpha` and `sigma` are per-sample tensors shaped (B, 1, ..., 1) so they broadcast over the
-    prediction; `x` is the model input of those B samples.
+    prediction; `x` is the model input of those B samples. `unavailable`: why the noise level of
+    this evaluation is unknown (an unsupported scheduler); every conversion then raises it, so
+    rules that never convert (CFG) still run.
     """
 
     prediction_type: str
     x: torch.Tensor
     alpha: torch.Tensor
     sigma: torch.Tensor
+    unavailable: str | None = None
 
     def __post_init__(self) -> None:
         if self.prediction_type not in PREDICTION_TYPES:
@@ -43,14 +51,16 @@ class Parametrization:
     def noise_level(self) -> torch.Tensor:
         """The scheduler-facing sigma, shape (B,): sigma/alpha (VE / Karras sigma) for VP models,
         the flow time s in [0, 1] for flow matching."""
+        self._check_available()
         sigma, alpha = self.sigma.flatten(), self.alpha.flatten()
         return sigma if self.prediction_type == "flow" else sigma / alpha
 
     def select(self, rows: torch.Tensor) -> "Parametrization":
         """The same parametrization restricted to some samples (a sub-batch)."""
-        return Parametrization(self.prediction_type, self.x[rows], self.alpha[rows], self.sigma[rows])
+        return Parametrization(self.prediction_type, self.x[rows], self.alpha[rows], self.sigma[rows], self.unavailable)
 
     def to_x0(self, pred: torch.Tensor) -> torch.Tensor:
+        """x0 of a prediction, in at least float32 (never cast back to a half-precision input)."""
         x, a, s = self._promote(pred)
         p = pred.to(x.dtype)
         if self.prediction_type == "epsilon":
@@ -61,9 +71,10 @@ class Parametrization:
             x0 = x - s * p  # v = eps - x0 and alpha = 1 - sigma
         else:
             x0 = p
-        return x0.to(pred.dtype)
+        return x0
 
     def from_x0(self, x0: torch.Tensor) -> torch.Tensor:
+        """The prediction whose x0 is `x0`, in at least float32; the caller casts it to the model's dtype."""
         x, a, s = self._promote(x0)
         d = x0.to(x.dtype)
         if self.prediction_type == "epsilon":
@@ -74,25 +85,29 @@ class Parametrization:
             pred = (x - d) / s
         else:
             pred = d
-        return pred.to(x0.dtype)
+        return pred
 
     def to_eps(self, pred: torch.Tensor) -> torch.Tensor:
         """The noise estimate of a prediction (the space Adaptive Guidance measures similarity in)."""
-        if self.prediction_type == "epsilon":
-            return pred
         x, a, s = self._promote(pred)
-        return ((x - a * self.to_x0(pred).to(x.dtype)) / s).to(pred.dtype)
+        if self.prediction_type == "epsilon":
+            return pred.to(x.dtype)
+        return (x - a * self.to_x0(pred)) / s
 
     def from_eps(self, eps: torch.Tensor) -> torch.Tensor:
         """The prediction whose noise estimate is `eps` (inverse of `to_eps`; LinearAG estimates
         the unconditional branch in eps space). Undefined where alpha = 0 (flow matching at s = 1)."""
-        if self.prediction_type == "epsilon":
-            return eps
         x, a, s = self._promote(eps)
-        return self.from_x0((x - s * eps.to(x.dtype)) / a).to(eps.dtype)
+        if self.prediction_type == "epsilon":
+            return eps.to(x.dtype)
+        return self.from_x0((x - s * eps.to(x.dtype)) / a)
 
     def _promote(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # Conversions run in at least float32: half-precision x0 estimates lose the fine structure
-        # that projection- and similarity-based rules depend on.
+        # At least float32 (float64 stays float64): see the module docstring.
+        self._check_available()
         dtype = torch.promote_types(like.dtype, torch.float32)
         return self.x.to(dtype), self.alpha.to(dtype), self.sigma.to(dtype)
+
+    def _check_available(self) -> None:
+        if self.unavailable is not None:
+            raise ValueError(self.unavailable)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import inspect
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Callable
 
@@ -31,8 +31,9 @@ from diffusers.hooks.hooks import BaseState, StateManager
 from guidance.base import COND, REF, UNCOND, GuidanceStrategy, StepContext
 
 from .adapters import Adapter, adapter_for
+from .call import describe_call
 from .layouts import LAYOUTS, DenoiserCall, Layout
-from .parametrization import scheduler_parametrization
+from .parametrization import build_step_context
 
 HOOK_NAME = "guidance_kit"
 
@@ -73,6 +74,7 @@ class CallState:
     step: int = 0
     num_steps: int | None = None
     nfe: torch.Tensor | None = None  # accumulated on the masks' device; read back once, at the end
+    solver: dict = field(default_factory=dict)  # build_step_context's per-call state
 
 
 def _needs_reference(strategy: GuidanceStrategy) -> bool:
@@ -160,7 +162,7 @@ class GuidanceHandle:
         scale = call.get(a.scale_kw)
         scales = [scale] + [call.get(kw) if call.get(kw) is not None else scale for kw in a.expert_scale_kws]
         self._check_call(call, scales)
-        self.strategy.on_call(pipe_self, MappingProxyType(call))
+        self.strategy.on_call(describe_call(pipe_self, MappingProxyType(call), a))
         self.strategy.reset()
         self.call = CallState([None if s is None else float(s) for s in scales[: len(self.denoisers)]],
                               float(call.get("guidance_rescale") or 0.0))
@@ -209,11 +211,11 @@ class GuidanceHandle:
     def _context(self, x: torch.Tensor, timestep, expert: int = 0) -> StepContext:
         """The one place a StepContext is built (x: the noisy sample of the B guided samples)."""
         call = self.call
-        if call.num_steps is None:
-            call.num_steps = len(self.pipe.scheduler.timesteps)
-        t = torch.as_tensor(timestep).flatten()[0].item() if timestep is not None else float("nan")
-        param = scheduler_parametrization(self.pipe.scheduler, timestep, x)
-        return StepContext(call.step, call.num_steps, t, param, call.scales[expert], call.rescale)
+        # build_step_context keeps the scheduler-step counter of multi-evaluation solvers in `solver`.
+        call.solver.update(step=call.step, scale=call.scales[expert], rescale=call.rescale)
+        ctx = build_step_context(self.pipe.scheduler, call.solver, x, timestep)
+        call.num_steps = call.solver["num_steps"]
+        return ctx
 
     def sample_of(self, x: torch.Tensor) -> torch.Tensor:
         """The noisy sample inside the denoiser input: inpainting UNets append mask and masked-image

@@ -1,28 +1,74 @@
 """Read (alpha, sigma) of the current model evaluation from a diffusers scheduler's own state.
 
 x0-space strategies need the exact noise level of each model call. We take it from the scheduler
-rather than guessing from the timestep:
+rather than guessing from the timestep, with one rule per known scheduler class (looked up along
+the class's MRO, so subclasses inherit their parent's rule):
 
-- schedulers with a `sigmas` table (Euler, Euler ancestral, Heun, DPM-Solver++, UniPC, flow
-  matching, ...): sigma = sigmas[step_index], where step_index is the scheduler's own counter (or
-  its begin index before the first step). Multi-evaluation solvers interleave their intermediate
-  sigmas in that table, so every evaluation gets its own. VP schedulers keep sigma in the VE
-  convention sqrt((1 - alphabar) / alphabar) and feed the model the VP-scaled input, so relative
-  to the model input alpha = 1 / sqrt(sigma^2 + 1) and sigma_vp = sigma * alpha. Flow matching
-  feeds x = (1 - s) x0 + s eps directly.
-- schedulers without one (DDIM, DDPM, PNDM, LCM): alpha = sqrt(alphas_cumprod[t]) at the
-  model's integer timestep t.
+- "discrete" (DDIM, DDPM, LCM, TCD, PNDM, CogVideoX DDIM, ...): the model sees x_t at its integer
+  timestep t, so alpha = sqrt(alphas_cumprod[t]), sigma = sqrt(1 - alphas_cumprod[t]).
+- "sigmas" (Euler, Euler ancestral, Heun, LMS, KDPM2, KDPM2 ancestral, DPM-Solver++, UniPC, DEIS,
+  SA-Solver, flow matching): sigma = the entry of the scheduler's sigma table that its own
+  `scale_model_input` uses for this evaluation, normally sigmas[step_index] (multi-evaluation
+  solvers interleave their intermediate sigmas there); KDPM2's second-stage calls use
+  `sigmas_interpol` instead. VP schedulers keep sigma in the VE convention
+  sqrt((1 - alphabar) / alphabar) and feed the model the VP-scaled input, so relative to the model
+  input alpha = 1 / sqrt(sigma^2 + 1) and sigma_vp = sigma * alpha. Flow matching (and the
+  `use_flow_sigmas` variants) feeds x = (1 - s) x0 + s eps directly.
+
+Zero-terminal-SNR schedules end at alphabar = 0, where an epsilon prediction does not determine x0
+(diffusers' DDIM divides by zero there). We floor alphabar at 2**-24 for epsilon models, the value
+diffusers' own Euler / DPM-Solver / UniPC schedulers substitute; conversions stay exact inverses of
+each other, so CFG-equivalent rules are unchanged and the rest stays finite.
+
+EDM-preconditioned schedulers (their model output is not eps / v / flow of the model input) and
+schedulers we have no rule for are refused with an error naming the class; strategies that work in
+the model's own output space (CFG, APG(mode="diffusers"), ...) still run there: the error is raised
+only when a strategy asks for x0.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from guidance.parametrization import Parametrization
+from guidance.base import StepContext
+from guidance.parametrization import PREDICTION_TYPES, Parametrization
 
-# Karras-EDM schedulers precondition the model input and output themselves (c_in, c_skip, c_out);
-# their outputs are not eps / v / flow of the model input, so x0 conversion is refused for them.
-_PRECONDITIONED = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler", "CosineDPMSolverMultistepScheduler")
+DISCRETE = ("DDIMScheduler", "DDPMScheduler", "LCMScheduler", "TCDScheduler", "PNDMScheduler",
+            "DDIMParallelScheduler", "DDPMParallelScheduler", "CogVideoXDDIMScheduler")
+SIGMA_TABLE = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
+               "LMSDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
+               "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler",
+               "DEISMultistepScheduler", "SASolverScheduler", "FlowMatchEulerDiscreteScheduler",
+               "FlowMatchHeunDiscreteScheduler")
+# Karras-EDM schedulers precondition the model input and output themselves (c_in, c_skip, c_out).
+PRECONDITIONED = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler", "CosineDPMSolverMultistepScheduler")
+SUPPORTED = DISCRETE + SIGMA_TABLE
+ZERO_SNR_FLOOR = 2.0**-24  # alphabar floor for epsilon models (diffusers' Euler/DPM/UniPC use the same)
+
+
+class UnsupportedScheduler(ValueError):
+    """The noise level of this scheduler's model evaluations cannot be read exactly."""
+
+
+def rule(scheduler) -> str:
+    """"discrete" or "sigmas" for a known scheduler class (or a subclass of one); raises otherwise."""
+    for cls in type(scheduler).__mro__:
+        if cls.__name__ in PRECONDITIONED:
+            raise UnsupportedScheduler(
+                f"scheduler={type(scheduler).__name__}: EDM-preconditioned schedulers scale the model's input and "
+                "output themselves (c_in, c_skip, c_out), so its output is not eps / v / flow of the model input and "
+                f"x0-space strategies cannot convert it; allowed: {', '.join(SUPPORTED)}"
+            )
+        if cls.__name__ in DISCRETE:
+            return "discrete"
+        if cls.__name__ in SIGMA_TABLE:
+            return "sigmas"
+    raise UnsupportedScheduler(
+        f"scheduler={type(scheduler).__name__}: its noise level per model evaluation is unknown to guidance-kit, so "
+        f"x0-space strategies cannot convert its predictions (we do not guess); allowed: {', '.join(SUPPORTED)}"
+    )
 
 
 def prediction_type(scheduler) -> str:
@@ -41,20 +87,32 @@ def current_sigma_index(scheduler) -> int:
     return int(begin) if begin is not None else 0
 
 
+def current_sigma(scheduler) -> torch.Tensor:
+    """The sigma-table entry of this evaluation: the one the scheduler's `scale_model_input` and
+    `step` use (KDPM2's second-stage evaluations run at an interpolated sigma)."""
+    i = current_sigma_index(scheduler)
+    second_stage = not getattr(scheduler, "state_in_first_order", True)
+    names = {cls.__name__ for cls in type(scheduler).__mro__}
+    if second_stage and "KDPM2AncestralDiscreteScheduler" in names:
+        return scheduler.sigmas_interpol[i - 1]
+    if second_stage and "KDPM2DiscreteScheduler" in names:
+        return scheduler.sigmas_interpol[i]
+    return scheduler.sigmas[i]
+
+
 def scheduler_parametrization(scheduler, timestep, model_input: torch.Tensor) -> Parametrization:
-    """x = alpha * x0 + sigma * eps for the model input of the current evaluation."""
-    name = type(scheduler).__name__
-    if name in _PRECONDITIONED:
-        raise NotImplementedError(
-            f"scheduler={name}: EDM-preconditioned schedulers are not supported by x0-space strategies; "
-            "use DDIM, DDPM, Euler, Euler ancestral, Heun, DPM-Solver++, UniPC or FlowMatchEuler"
-        )
+    """x = alpha * x0 + sigma * eps for the model input of the current evaluation.
+
+    Raises `UnsupportedScheduler` (a ValueError naming the class and the supported ones) when the
+    noise level cannot be read exactly; see `step_parametrization` for the lenient form."""
     kind = prediction_type(scheduler)
+    if kind not in PREDICTION_TYPES:
+        raise UnsupportedScheduler(f"scheduler={type(scheduler).__name__}: prediction_type={kind!r} is not supported; "
+                                   f"allowed: {', '.join(PREDICTION_TYPES)}")
+    how = rule(scheduler)
     shape = (model_input.shape[0],) + (1,) * (model_input.ndim - 1)
-    device = model_input.device
-    sigmas = getattr(scheduler, "sigmas", None)
-    if isinstance(sigmas, torch.Tensor) and sigmas.numel() > 0:
-        s = sigmas[current_sigma_index(scheduler)].double()
+    if how == "sigmas":
+        s = current_sigma(scheduler).double().cpu()
         if kind == "flow":
             alpha, sigma = 1.0 - s, s
         else:
@@ -62,7 +120,83 @@ def scheduler_parametrization(scheduler, timestep, model_input: torch.Tensor) ->
             sigma = s * alpha
     else:
         t = torch.as_tensor(timestep).flatten()[0].round().long().cpu()
-        abar = scheduler.alphas_cumprod[t].double()
+        abar = scheduler.alphas_cumprod.cpu()[t].double()
+        if kind == "epsilon":
+            abar = abar.clamp_min(ZERO_SNR_FLOOR)
         alpha, sigma = abar.sqrt(), (1.0 - abar).sqrt()
-    full = lambda v: torch.as_tensor(v, dtype=torch.float64).to(device).expand(shape)  # noqa: E731
+    full = lambda v: torch.as_tensor(v, dtype=torch.float64).to(model_input.device).expand(shape)  # noqa: E731
     return Parametrization(kind, model_input, full(alpha), full(sigma))
+
+
+def step_parametrization(scheduler, timestep, model_input: torch.Tensor) -> Parametrization:
+    """`scheduler_parametrization`, or for a scheduler it refuses a Parametrization that raises that
+    error as soon as a strategy asks for x0 or the noise level (CFG-like rules never do)."""
+    try:
+        return scheduler_parametrization(scheduler, timestep, model_input)
+    except UnsupportedScheduler as e:
+        nan = torch.full((model_input.shape[0],) + (1,) * (model_input.ndim - 1), float("nan"), dtype=torch.float64)
+        kind = prediction_type(scheduler)
+        kind = kind if kind in PREDICTION_TYPES else "sample"
+        return Parametrization(kind, model_input, nan, nan, unavailable=str(e))
+
+
+# --- where an evaluation sits in the solver ----------------------------------------------------------
+
+def evaluations_per_step(scheduler) -> int:
+    """Model evaluations per scheduler step: 2 for the predictor-corrector solvers that track their
+    stage in `state_in_first_order` (Heun, KDPM2, KDPM2 ancestral, FlowMatch Heun, DPM-Solver SDE),
+    else 1 (multistep solvers reuse past evaluations instead of making extra ones)."""
+    return 2 if hasattr(type(scheduler), "state_in_first_order") else 1
+
+
+def starts_step(scheduler) -> bool:
+    """Whether the coming evaluation is the first (predictor) evaluation of a scheduler step."""
+    return bool(getattr(scheduler, "state_in_first_order", True))
+
+
+def num_scheduler_steps(scheduler) -> int:
+    """Scheduler steps in the planned timesteps: a 2-stage solver's last step has no corrector
+    (Heun: 2N - 1 evaluations for N steps)."""
+    return math.ceil(len(scheduler.timesteps) / evaluations_per_step(scheduler))
+
+
+def next_sigma(scheduler, timestep) -> float | None:
+    """The VE noise level sigma / alpha the coming scheduler step moves to (0 at the end), or None
+    where it cannot be read. Predictor evaluations only (what EluCD's x_t rule needs)."""
+    try:
+        how = rule(scheduler)
+    except UnsupportedScheduler:
+        return None
+    if how == "sigmas":
+        i = current_sigma_index(scheduler)
+        if i + 1 >= len(scheduler.sigmas):
+            return 0.0
+        s = float(scheduler.sigmas[i + 1])
+        if prediction_type(scheduler) == "flow":
+            return s / (1.0 - s) if s < 1.0 else float("inf")
+        return s
+    timesteps = scheduler.timesteps.cpu()
+    t = float(torch.as_tensor(timestep).flatten()[0])
+    i = int((timesteps.float() - t).abs().argmin())
+    if i + 1 < len(timesteps):
+        abar = float(scheduler.alphas_cumprod.cpu()[int(timesteps[i + 1])])
+    else:  # DDIM/LCM step to their final alphabar (1 with set_alpha_to_one), others to x0
+        final = getattr(scheduler, "final_alpha_cumprod", None)
+        abar = 1.0 if final is None else float(final)
+    return ((1.0 - abar) / max(abar, ZERO_SNR_FLOOR)) ** 0.5
+
+
+def build_step_context(scheduler, call: dict, model_input: torch.Tensor, timestep) -> StepContext:
+    """The StepContext of the coming evaluation, from the hook's per-call state `call` (keys step,
+    num_steps, scale, rescale; this function keeps its scheduler-step counter there too)."""
+    if call.get("num_steps") is None:
+        call["num_steps"] = len(scheduler.timesteps)
+        call["num_scheduler_steps"] = num_scheduler_steps(scheduler)
+    first = starts_step(scheduler)
+    if first or "scheduler_step" not in call:
+        call["scheduler_step"] = call.get("scheduler_step", -1) + 1
+    t = torch.as_tensor(timestep).flatten()[0].item() if timestep is not None else float("nan")
+    param = step_parametrization(scheduler, timestep, model_input)
+    return StepContext(call["step"], call["num_steps"], t, param, call["scale"], call["rescale"],
+                       scheduler_step=call["scheduler_step"], num_scheduler_steps=call["num_scheduler_steps"],
+                       starts_step=first, next_sigma=next_sigma(scheduler, timestep) if first else None)

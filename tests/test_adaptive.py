@@ -10,8 +10,8 @@ from guidance import APG, CFG, COND, UNCOND, AdaptiveGuidance
 from pipelines import apply_guidance
 
 
-def test_threshold_above_one_is_the_inner_strategy_exactly():
-    ag = AdaptiveGuidance(CFG(), threshold=1.01)
+def test_threshold_one_on_distinct_predictions_is_the_inner_strategy_exactly():
+    ag = AdaptiveGuidance(CFG(), threshold=1.0)
     for step in range(3):
         ctx, p = make_ctx(step=step), random_preds(seed=step)
         assert bool(ag.branches(ctx)[UNCOND].all())
@@ -23,12 +23,13 @@ def test_switch_is_per_sample_and_sticky():
     p = random_preds(batch=3)
     p[UNCOND][1] = p[COND][1] * 1.001  # sample 1 agrees (cos ~ 1), the others do not
     for switch, first_uses_cond in (("next", False), ("same", True)):
-        ctx.evaluated = {}
+        ctx = make_ctx(batch=3)
         ag = AdaptiveGuidance(CFG(), threshold=0.99, similarity_space="model", switch=switch)
         assert ag.branches(ctx)[UNCOND].tolist() == [True, True, True]
         out = ag.combine(ctx, p)
         assert torch.equal(out[1], p[COND][1]) == first_uses_cond
         torch.testing.assert_close(out[0], CFG().combine(ctx, p)[0])
+        ctx = make_ctx(batch=3, step=1)  # the switch takes effect from the next scheduler step
         assert ag.branches(ctx)[UNCOND].tolist() == [True, False, True]
         ctx.evaluated = {COND: ctx.all(), UNCOND: torch.tensor([True, False, True])}
         q = {COND: p[COND], UNCOND: p[UNCOND].clone()}
@@ -61,6 +62,8 @@ def test_batch_equals_samples_alone_in_a_pipeline():
     (lambda: AdaptiveGuidance(similarity_space="v"), "similarity_space='v' is unknown"),
     (lambda: AdaptiveGuidance(switch="later"), "switch='later' is unknown"),
     (lambda: AdaptiveGuidance(threshold=float("inf")), "threshold=inf is invalid"),
+    (lambda: AdaptiveGuidance(threshold=2), r"threshold=2 is out of range; allowed: a finite number in \[-1, 1\]"),
+    (lambda: AdaptiveGuidance(threshold=-1.5), r"threshold=-1.5 is out of range"),
 ])
 def test_invalid_parameters(make, match):
     with pytest.raises(ValueError, match=match):
@@ -72,3 +75,32 @@ def test_every_pipeline_runs(tmp_path):
         pipe = build(name)
         with apply_guidance(pipe, AdaptiveGuidance(threshold=0.5)):
             assert torch.isfinite(run(pipe, name)).all()
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_flow_models_measure_similarity_where_it_carries_information(name):
+    """At a flow model's first step (s = 1) x = eps, so eps_c = eps_u = x and the eps-space cosine is
+    1 whatever the model says: every sample would stop guidance at step 0. "auto" measures the
+    velocities instead; the tiny random models' branches differ little, hence the high threshold."""
+    pipe = build(name)
+    steps = 4
+    kw = call_kwargs(name, num_inference_steps=steps)
+    eps = AdaptiveGuidance(threshold=0.9999, similarity_space="eps")
+    with apply_guidance(pipe, eps):
+        pipe(**kw, generator=torch.Generator().manual_seed(0))
+    assert bool((eps.similarity_history[0] >= 1 - 1e-6).all())  # no information at s = 1
+    auto = AdaptiveGuidance(threshold=0.9999)
+    with apply_guidance(pipe, auto) as handle:
+        pipe(**kw, generator=torch.Generator().manual_seed(0))
+    first = auto.similarity_history[0]
+    assert bool((first < 1 - 1e-5).all()) and first[0] != first[1]
+    assert auto.switch_step.tolist() != [0, 0] and all(n > steps + 1 for n in handle.nfe.tolist())
+
+
+def test_auto_is_the_papers_eps_on_epsilon_models():
+    ctx, p = make_ctx(kind="epsilon"), random_preds()
+    auto, eps = AdaptiveGuidance(), AdaptiveGuidance(similarity_space="eps")
+    torch.testing.assert_close(auto.similarity(ctx, p[COND], p[UNCOND]), eps.similarity(ctx, p[COND], p[UNCOND]))
+    ctx = make_ctx(kind="flow")
+    model = AdaptiveGuidance(similarity_space="model")
+    torch.testing.assert_close(auto.similarity(ctx, p[COND], p[UNCOND]), model.similarity(ctx, p[COND], p[UNCOND]))

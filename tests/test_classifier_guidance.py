@@ -182,10 +182,16 @@ def test_elucd_no_gradient_leaks_and_no_growth(embedded):
 
 def test_elucd_is_per_sample_and_changes_the_images(embedded):
     s = CalibratedClassifierGuidance(embedded.guidance_classifier, scale=0.1)
+    # The gradient of each sample is its own (batched convolutions differ from single ones by ~1e-6).
+    x0, target = torch.rand(2, 3, 32, 32) * 2 - 1, torch.tensor([0, 1])
+    alone_g = torch.cat([s.gradient(x0[i:i + 1], target[i:i + 1]) for i in range(2)])
+    torch.testing.assert_close(s.gradient(x0, target), alone_g, atol=1e-6, rtol=1e-4)
+    # Through sampling: near convergence the gradient is small and its normalisation g / rms(g)
+    # amplifies those float differences (5e-4 after 4 steps), so images agree to 1e-3, not 1e-5.
     both, _ = sample(embedded.pipe, s)
     alone = torch.cat([sample(embedded.pipe, s, labels=(lab,), seeds=(seed,))[0] for lab, seed in ((0, 3), (1, 4))])
-    torch.testing.assert_close(both, alone, atol=1e-5, rtol=0)
-    assert (both - sample(embedded.pipe)[0]).abs().max() > 1e-3
+    torch.testing.assert_close(both, alone, atol=1e-3, rtol=0)
+    assert (both - sample(embedded.pipe)[0]).abs().max() > 1e-2
 
 
 def test_elucd_on_a_latent_pipeline_decodes_with_the_vae_and_needs_a_target_for_text():
@@ -302,3 +308,66 @@ def test_gfcg_on_dit_swaps_the_class_ids(embedded):
     assert torch.isfinite(out).all() and handle.nfe.tolist() == [2 + 2 * 3, 2 + 2 * 3]
     assert torch.stack(s.reference_history)[1:].eq(3).all()
     assert denoiser(pipe) is pipe.transformer
+
+
+@pytest.mark.parametrize("scheduler", ["EulerDiscreteScheduler", "DDIMScheduler"])
+def test_x_t_step_rule_lands_where_a_step_from_the_shifted_sample_lands(scheduler):
+    """The authors' EDM rule: x_t + lambda_i rms(x_t) g / rms(g), then the solver's step with the
+    denoiser output held. Our returned prediction must make the scheduler land exactly there."""
+    import diffusers
+
+    from pipelines.parametrization import build_step_context, scheduler_parametrization
+
+    sched = getattr(diffusers, scheduler)(beta_schedule="scaled_linear", clip_sample=False) \
+        if scheduler == "DDIMScheduler" else getattr(diffusers, scheduler)(beta_schedule="scaled_linear")
+    sched.set_timesteps(5)
+    s = CalibratedClassifierGuidance(tiny_classifier(channels=4), scale=0.05, inner=None, target=[1, 2],
+                                     step_rule="x_t", tau2=0.0)
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 8, 8, generator=g) * sched.init_noise_sigma
+    call = {"step": 0, "num_steps": None, "scale": 3.0, "rescale": 0.0}
+    for i, t in enumerate(sched.timesteps[:-1]):
+        call["step"] = i
+        model_input = sched.scale_model_input(latents, t)
+        ctx = build_step_context(sched, call, model_input, t)
+        cond = torch.randn(2, 4, 8, 8, generator=g)
+        guided = s.combine(ctx, {"cond": cond})
+        # Expected: shift x_t (VE units; DDIM's latents are VP: x_t * alpha), keep x0, step from there.
+        x0 = ctx.to_x0(cond)
+        g_hat = s.gradient(x0, torch.tensor([1, 2]))
+        g_hat = g_hat / g_hat.pow(2).mean((1, 2, 3), keepdim=True).sqrt()
+        alpha = ctx.param.alpha.float()
+        x_ve = model_input / alpha
+        delta_ve = s.step_weight(ctx) * x_ve.pow(2).mean((1, 2, 3), keepdim=True).sqrt() * g_hat
+        delta = delta_ve if scheduler == "EulerDiscreteScheduler" else delta_ve * alpha
+        probe = copy_of(sched)
+        shifted = scheduler_parametrization(probe, t, probe.scale_model_input(latents + delta, t))
+        expected = probe.step(shifted.from_x0(x0).float(), t, latents + delta).prev_sample
+        got = copy_of(sched).step(guided, t, latents).prev_sample
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        assert (got - copy_of(sched).step(cond, t, latents).prev_sample).abs().max() > 1e-4  # it guides
+        latents = sched.step(guided, t, latents).prev_sample
+
+
+def copy_of(sched):
+    import copy
+
+    return copy.deepcopy(sched)
+
+
+def test_presets_are_the_authors_setups_and_round_trip():
+    edm = CalibratedClassifierGuidance.preset("edm", "embedded-guidance")
+    assert (edm.step_rule, edm.tau2, edm.softplus_beta, edm.scale, edm.normalize) == ("x_t", 0.0, 5.0, 0.004, True)
+    ddpm = CalibratedClassifierGuidance.preset("ddpm", "embedded-guidance", scale=2.0)
+    assert (ddpm.step_rule, ddpm.tau2, ddpm.softplus_beta, ddpm.scale, ddpm.normalize) == ("x0", 0.5, 3.0, 2.0, False)
+    assert guidance_from_config(edm.to_config()).to_config() == edm.to_config()
+    with pytest.raises(ValueError, match="step_rule='x_t' normalises the gradient"):
+        CalibratedClassifierGuidance("embedded-guidance", step_rule="x_t", normalize=False)
+    with pytest.raises(ValueError, match="step_rule='xt' is unknown; allowed: x0, x_t"):
+        CalibratedClassifierGuidance("embedded-guidance", step_rule="xt")
+
+
+def guidance_from_config(config):
+    from guidance import from_config
+
+    return from_config(config)

@@ -7,13 +7,9 @@ import pytest
 import torch
 
 from guidance import CFG, DynamicCFG, from_config, plot_schedules
-from guidance.evaluators import (
-    CallableEvaluator,
-    CLIPEvaluator,
-    default_evaluators_dir,
-    load_embedded_evaluator,
-)
+from guidance.evaluators import CallableEvaluator, CLIPEvaluator
 from pipelines import apply_guidance, load_embedded
+from pipelines.call import EVALUATORS_DIR, load_embedded_evaluator
 
 STEPS = 6
 LABELS = [0, 3, 5, 9]
@@ -189,9 +185,9 @@ def test_config_round_trip_and_objects_refuse_to_serialise():
 @pytest.mark.parametrize("kwargs, match", [
     ({"scales": []}, "scales=\\[\\] is invalid"),
     ({"scales": [1, float("nan")]}, "scales\\[1\\]=nan is invalid"),
-    ({"evaluators": ["beauty"]}, "evaluators\\[0\\]='beauty' is not a shipped evaluator"),
+    ({"evaluators": ["beauty"]}, "evaluators\\[0\\]='beauty' is not a registered evaluator"),
     ({"evaluators": []}, "evaluators=\\[\\] is empty"),
-    ({"weights": [1.0]}, "weights has 1 entries for 2 evaluators"),
+    ({"evaluators": ["alignment", "quality"], "weights": [1.0]}, "weights has 1 entries for 2 evaluators"),
     ({"weights": [0, 0]}, "all zero"),
     ({"weighting": "linear"}, "weighting='linear' is unknown"),
     ({"normalize": "rank"}, "normalize='rank' is unknown"),
@@ -297,7 +293,7 @@ def test_clean_lookahead_scores_the_clamped_x0_estimate_at_t0():
     assert torch.equal(dyn.history[:, 0], chosen)
 
 
-SHIPPED = default_evaluators_dir()
+SHIPPED = EVALUATORS_DIR
 
 
 def test_shipped_evaluators_are_small_and_informative(cifar10_dir):

@@ -11,6 +11,7 @@ from tiny_pipelines import PROMPTS, build, call_kwargs, denoiser
 
 import guidance
 from guidance import CFG, COND, UNCOND, LinearAG, LinearAGCoefficients, Rescale, default_plan, fit_linear_ag
+from guidance.call import CallDescription
 from guidance.linear_ag import history_terms
 from pipelines import apply_guidance
 from pipelines.linear_ag_fit import LinearAGRecorder, fit_pipeline, main
@@ -208,7 +209,7 @@ def test_scheduler_pipeline_and_prediction_type_mismatch(fitted):
         with pytest.raises(ValueError, match=WRONG_PIPELINE):
             run(dit, "dit", num_inference_steps=5)
     with pytest.raises(ValueError, match=WRONG_PIPELINE):
-        LinearAG(fitted).check_compatible(dit)
+        LinearAG(fitted).check_compatible(CallDescription(pipeline="DiTPipeline"))
     v_pipe = build("sd", prediction_type="v_prediction")
     with apply_guidance(v_pipe, LinearAG(fitted)):
         with pytest.raises(ValueError, match=r"prediction_type='epsilon' but this model predicts 'v_prediction'"):

@@ -5,20 +5,34 @@ import inspect
 import pytest
 import torch
 from diffusers import (
+    CogVideoXDDIMScheduler,
     DDIMScheduler,
     DDPMScheduler,
+    DEISMultistepScheduler,
     DPMSolverMultistepScheduler,
+    DPMSolverSinglestepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler,
     HeunDiscreteScheduler,
+    KDPM2AncestralDiscreteScheduler,
+    KDPM2DiscreteScheduler,
+    LCMScheduler,
+    LMSDiscreteScheduler,
+    SASolverScheduler,
+    TCDScheduler,
     UniPCMultistepScheduler,
 )
 
+from guidance import CFG, APG
+from guidance.base import StepContext
 from pipelines import scheduler_parametrization
+from pipelines.parametrization import UnsupportedScheduler, step_parametrization
 
-STEPPED = [DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler]
-MULTISTEP = [DPMSolverMultistepScheduler, UniPCMultistepScheduler]
+STEPPED = [DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler,
+           KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler, LMSDiscreteScheduler, CogVideoXDDIMScheduler]
+MULTISTEP = [DPMSolverMultistepScheduler, UniPCMultistepScheduler, DPMSolverSinglestepScheduler, SASolverScheduler]
 
 
 def step(scheduler, output, t, sample, seed=1):
@@ -40,23 +54,49 @@ def trajectory(scheduler, steps=6):
         sample = step(scheduler, output, t, sample, seed=i).prev_sample
 
 
+def copy_state(probe, sched):
+    probe.__dict__.update({k: (v.clone() if torch.is_tensor(v) else v) for k, v in sched.__dict__.items()})
+    return probe
+
+
 @pytest.mark.parametrize("cls", STEPPED)
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_x0_matches_pred_original_sample(cls, prediction_type):
-    kwargs = {"clip_sample": False} if cls in (DDIMScheduler, DDPMScheduler) else {}  # compare before clipping
+    kwargs = {"clip_sample": False} if cls in (DDIMScheduler, DDPMScheduler, CogVideoXDDIMScheduler) else {}
     sched = cls(num_train_timesteps=1000, beta_schedule="scaled_linear", prediction_type=prediction_type, **kwargs)
     probe = cls.from_config(sched.config)
     checked = 0
     for t, sample, model_input, output in trajectory(sched):
         ours = scheduler_parametrization(sched, t, model_input).to_x0(output)
-        # Step a copy in the same state to read the scheduler's own x0.
-        probe.__dict__.update({k: (v.clone() if torch.is_tensor(v) else v) for k, v in sched.__dict__.items()})
-        theirs = getattr(step(probe, output, t, sample), "pred_original_sample", None)
-        if theirs is None:
-            continue  # Heun reports x0 only on its first-order evaluations
+        # Step a copy in the same state to read the scheduler's own x0 (second-order stages included).
+        theirs = step(copy_state(probe, sched), output, t, sample).pred_original_sample
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
         checked += 1
-    assert checked >= 3
+    assert checked == len(sched.timesteps) >= 6
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_lcm_and_tcd_outputs_follow_from_our_x0(prediction_type):
+    """LCM reports c_out x0 + c_skip x_t, TCD sqrt(abar_s) x0 + sqrt(1 - abar_s) eps: rebuilt from ours."""
+    for cls in (LCMScheduler, TCDScheduler):
+        sched = cls(prediction_type=prediction_type)
+        probe = cls.from_config(sched.config)
+        for t, sample, model_input, output in trajectory(sched):
+            param = scheduler_parametrization(sched, t, model_input)
+            copy_state(probe, sched)
+            if probe.step_index is None:
+                probe._init_step_index(t)
+            if cls is LCMScheduler:
+                c_skip, c_out = probe.get_scalings_for_boundary_condition_discrete(t)
+                expected = c_out * param.to_x0(output) + c_skip * sample
+                got = step(probe, output, t, sample).denoised
+            else:
+                i = probe.step_index
+                t_prev = probe.timesteps[i + 1] if i + 1 < len(probe.timesteps) else torch.tensor(0)
+                abar_s = probe.alphas_cumprod[torch.floor((1 - 0.3) * t_prev).long()]
+                expected = abar_s.sqrt() * param.to_x0(output) + (1 - abar_s).sqrt() * param.to_eps(output)
+                got = probe.step(output, t, sample, eta=0.3, generator=torch.Generator().manual_seed(0)).pred_noised_sample
+            torch.testing.assert_close(expected.float(), got, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("cls", MULTISTEP)
@@ -69,8 +109,68 @@ def test_x0_matches_multistep_convert_model_output(cls, prediction_type, karras)
         if sched.step_index is None:
             sched._init_step_index(t)
         ours = scheduler_parametrization(sched, t, model_input).to_x0(output)
-        theirs = sched.convert_model_output(output, sample=sample)  # x0 for dpmsolver++ / UniPC bh2
+        theirs = sched.convert_model_output(output, sample=sample)  # x0 for dpmsolver++ / UniPC bh2 / SA data
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_deis_noise_estimate_matches_convert_model_output(prediction_type):
+    sched = DEISMultistepScheduler(beta_schedule="scaled_linear", prediction_type=prediction_type)
+    for t, sample, model_input, output in trajectory(sched):
+        if sched.step_index is None:
+            sched._init_step_index(t)
+        ours = scheduler_parametrization(sched, t, model_input).to_eps(output)
+        torch.testing.assert_close(ours, sched.convert_model_output(output, sample=sample), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("cls", [DPMSolverMultistepScheduler, UniPCMultistepScheduler])
+def test_flow_sigmas_variants_match_convert_model_output(cls):
+    sched = cls(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    for t, sample, model_input, output in trajectory(sched):
+        if sched.step_index is None:
+            sched._init_step_index(t)
+        param = scheduler_parametrization(sched, t, model_input)
+        assert param.prediction_type == "flow"
+        torch.testing.assert_close(param.to_x0(output), sched.convert_model_output(output, sample=sample),
+                                   rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("cls", [FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler])
+def test_flow_matching_noise_level_is_the_models_timestep(cls):
+    """Flow matching feeds the model t = s * num_train_timesteps: every evaluation (Heun's second
+    stage included) must read the s that goes with its timestep."""
+    sched = cls(shift=3.0)
+    for t, sample, model_input, output in trajectory(sched):
+        s = scheduler_parametrization(sched, t, model_input).noise_level
+        torch.testing.assert_close(s * 1000, torch.full_like(s, float(t)), rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("cls", [DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_zero_terminal_snr_is_finite_and_exact(cls, prediction_type):
+    extra = {"clip_sample": False} if cls is not EulerDiscreteScheduler else {}
+    sched = cls(beta_schedule="scaled_linear", prediction_type=prediction_type, rescale_betas_zero_snr=True,
+                timestep_spacing="trailing", **extra)
+    sched.set_timesteps(5)
+    g = torch.Generator().manual_seed(0)
+    for i, t in enumerate(sched.timesteps):
+        # A fresh sample per step: diffusers' own DDIM/DDPM step turns it into inf at alphabar = 0.
+        scale = (sched.sigmas[i] ** 2 + 1).sqrt() if cls is EulerDiscreteScheduler else 1.0  # VE-scaled latents
+        sample = torch.randn(2, 4, 8, 8, generator=g) * scale
+        model_input, output = sched.scale_model_input(sample, t), torch.randn(2, 4, 8, 8, generator=g)
+        param = scheduler_parametrization(sched, t, model_input)
+        x0 = param.to_x0(output)
+        assert torch.isfinite(x0).all(), (i, t)
+        torch.testing.assert_close(param.from_x0(x0), output, rtol=1e-4, atol=1e-4)
+        ctx = StepContext(i, len(sched.timesteps), float(t), param, 5.0)
+        preds = {"cond": output, "uncond": output.flip(0)}
+        apg = APG(eta=1.0, norm_threshold=0.0, momentum=0.0).combine(ctx, preds)  # CFG in x0 space
+        torch.testing.assert_close(apg, CFG().combine(ctx, preds), rtol=1e-4, atol=1e-3)
+        theirs = step(sched, output, t, sample).pred_original_sample
+        if torch.isfinite(theirs).all():  # diffusers' DDIM/DDPM divide by zero at alphabar = 0 with eps
+            torch.testing.assert_close(x0, theirs, rtol=1e-4, atol=1e-4)
+        else:
+            assert prediction_type == "epsilon" and i == 0 and cls is not EulerDiscreteScheduler
 
 
 def test_flow_matching_x0_reproduces_the_euler_step():
@@ -88,10 +188,38 @@ def test_flow_matching_x0_reproduces_the_euler_step():
         torch.testing.assert_close(got, expected_next, rtol=1e-5, atol=1e-5)
 
 
-def test_edm_preconditioned_scheduler_is_refused_clearly():
+def test_edm_preconditioned_and_unknown_schedulers_are_refused_clearly():
     from diffusers import EDMEulerScheduler
 
     sched = EDMEulerScheduler()
     sched.set_timesteps(4)
-    with pytest.raises(NotImplementedError, match="EDMEulerScheduler"):
+    with pytest.raises(UnsupportedScheduler, match="scheduler=EDMEulerScheduler: EDM-preconditioned"):
         scheduler_parametrization(sched, sched.timesteps[0], torch.zeros(1, 3, 4, 4))
+
+    class HomeMade:  # has a sigma table, but nothing says how the model sees it: refused, not guessed
+        sigmas = torch.linspace(10, 0, 5)
+        step_index = 0
+        config = type("Config", (), {"prediction_type": "epsilon"})()
+
+    with pytest.raises(UnsupportedScheduler, match="scheduler=HomeMade: its noise level .* unknown.*allowed: DDIM"):
+        scheduler_parametrization(HomeMade(), 999, torch.zeros(1, 3, 4, 4))
+
+    class MyEuler(EulerDiscreteScheduler):  # a subclass keeps its parent's rule
+        pass
+
+    sub = MyEuler()
+    sub.set_timesteps(4)
+    assert torch.isfinite(scheduler_parametrization(sub, sub.timesteps[0], torch.zeros(1, 3, 4, 4)).alpha).all()
+
+
+def test_an_unsupported_scheduler_still_runs_cfg_and_refuses_x0_at_use():
+    from diffusers import EDMEulerScheduler
+
+    sched = EDMEulerScheduler()
+    sched.set_timesteps(4)
+    param = step_parametrization(sched, sched.timesteps[0], torch.zeros(2, 3, 4, 4))
+    ctx = StepContext(0, 4, 0.0, param, 3.0)
+    preds = {"cond": torch.ones(2, 3, 4, 4), "uncond": torch.zeros(2, 3, 4, 4)}
+    torch.testing.assert_close(CFG().combine(ctx, preds), 3.0 * torch.ones(2, 3, 4, 4))
+    with pytest.raises(ValueError, match="EDMEulerScheduler: EDM-preconditioned"):
+        APG().combine(ctx, preds)

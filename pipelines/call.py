@@ -76,7 +76,8 @@ def describe_call(pipe: Any, arguments: Mapping[str, Any], adapter: Any) -> Call
         scheduler_class=None if scheduler is None else type(scheduler).__name__,
         scheduler_config=MappingProxyType(dict(getattr(scheduler, "config", {}) or {})),
         num_inference_steps=steps if isinstance(steps, int) else None,
-        layout=adapter.layout,
+        # Strategies need the batching kind only, not how the hook tells sequential calls apart.
+        layout="sequential" if adapter.layout.startswith("sequential") else adapter.layout,
         conditioning="class" if adapter.class_kw else "text",
         negative_prompt=any(_given(v) for k, v in arguments.items() if k.startswith("negative_")),
         dtype=getattr(denoiser, "dtype", None),

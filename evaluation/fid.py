@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 from torchmetrics import Metric
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain text bars: tqdm.auto wants ipywidgets in notebooks
 
 from .atomic import atomic_save, atomic_write
 from .images import batches_from, load_image_source

@@ -73,14 +73,13 @@ def _curves(rows: list[dict]) -> dict[str, list[dict]]:
 def plot_curves(rows: list[dict], x: str, y: str, path: Path) -> bool:
     """One curve per strategy through its scales: a metric against the scale (x = "scale"), or a
     trade-off such as FID against class accuracy (points then annotated with their scale)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure (no pyplot): drawing files never switches the caller's backend (e.g. a notebook's).
+    from matplotlib.figure import Figure
 
     if not any(x in r and y in r for r in rows):
         return False
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.subplots()
     for label, rs in _curves(rows).items():
         pts = [(r[x], r[y], r["scale"]) for r in rs if x in r and y in r]
         if not pts:
@@ -95,7 +94,6 @@ def plot_curves(rows: list[dict], x: str, y: str, path: Path) -> bool:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return True
 
 

@@ -345,7 +345,7 @@ class Progress:
     """One line for the whole run: setting k of N, images done over all settings, total ETA (tqdm)."""
 
     def __init__(self, total: int, enabled: bool):
-        from tqdm.auto import tqdm
+        from tqdm import tqdm  # plain text bars: tqdm.auto wants ipywidgets in notebooks
 
         self.bar = tqdm(total=total, unit="img", disable=not enabled, dynamic_ncols=True, smoothing=0.1)
 

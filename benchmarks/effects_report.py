@@ -154,9 +154,10 @@ def conclusions(rows: Rows) -> list[dict]:
                       f"({rows.get(s, n)['nfe_per_image']:.1f} NFE)", key, s, "class_accuracy", +1)
             pair("b", f"{key} ({nfe:.1f} NFE) has lower FID than static {s}", key, s, "fid", -1)
         pair("b", f"{key} loses class accuracy against full CFG@3", key, "CFG@3", "class_accuracy", -1)
-    # (c), (d) against the CFG curve
-    for key in AGAINST_CURVE:
-        result = curve_verdict(rows, key, "d" if key in DYNAMIC else "c")
+    # (a) APG's headline: better FID at comparable accuracy is a point above the CFG curve; (c), (d)
+    apg = tuple(f"APG@{w:g}" for w in APG_SCALES) + ("APG r=5@10", "APG r=1@10")
+    for key in apg + AGAINST_CURVE:
+        result = curve_verdict(rows, key, "a" if key in apg else "d" if key in DYNAMIC else "c")
         if result:
             out.append(result)
     # (d) issue #7: Dynamic CFG above the best fixed scale's class accuracy

@@ -51,7 +51,7 @@ class TimingLinearAG(LinearAG):
     """LinearAG without its call check: the benchmark's random negative embeddings stand in for the
     empty negative prompt the coefficients assume (only the time is measured here)."""
 
-    def on_call(self, pipe, call_arguments) -> None:
+    def on_call(self, call) -> None:
         pass
 
 

@@ -106,14 +106,16 @@ def fit_pipeline(pipe, conditions: Sequence[str | int], num_inference_steps: int
             kwargs = {keyword: batch, "num_inference_steps": num_inference_steps, adapter.scale_kw: guidance_scale,
                       "output_type": output_type,
                       "generator": [torch.Generator().manual_seed(seed + start + i) for i in range(len(batch))]}
-            if adapter.layout == "sequential":  # Flux runs its unconditional branch only with a negative prompt
+            if adapter.layout.startswith("sequential"):  # Flux runs its unconditional branch only with a negative prompt
                 kwargs["negative_prompt"] = [""] * len(batch)
             pipe(**{**kwargs, **(call_kwargs or {})})
             bar.update(len(batch))
     eps_c, eps_u = recorder.trajectories()
     num_steps = eps_c.shape[1]
+    # Two-stage solvers (Heun, KDPM2: scheduler.order 2) get one plan entry kind per scheduler step.
+    per_step = 2 if getattr(pipe.scheduler, "order", 1) == 2 else 1
     return fit_linear_ag(
-        eps_c, eps_u, default_plan(num_steps, guided_fraction) if plan is None else plan, history=history,
+        eps_c, eps_u, default_plan(num_steps, guided_fraction, per_step) if plan is None else plan, history=history,
         intercept=intercept,
         space=space, pipeline=type(pipe).__name__, scheduler=type(pipe.scheduler).__name__,
         num_inference_steps=int(num_inference_steps), guidance_scale=float(guidance_scale),

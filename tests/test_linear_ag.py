@@ -263,3 +263,21 @@ def test_command_line_fit_on_the_embedded_model(tmp_path, capsys):
     assert c.plan == ["cfg", "estimate", "cond", "cond"] and "per estimate step:\n  1: R^2=" in capsys.readouterr().out
     assert main(["--pipeline", str(tmp_path), "--scale", "3", "--out", str(out)]) == 2
     assert "--prompts FILE is required" in capsys.readouterr().err
+
+
+def test_fit_on_a_sequential_pipeline_passes_the_negative_prompt_flux_needs():
+    """Flux runs its unconditional call only with a negative prompt: the fit must give one, whatever
+    the name of the sequential layout the adapter row uses."""
+    torch.set_num_threads(1)
+    c = fit_pipeline(build("flux"), PROMPTS[:2], 3, 3.0, plan=["cfg", "estimate", "cond"], batch_size=2,
+                     progress=False, call_kwargs={"height": 32, "width": 32, "max_sequence_length": 16})
+    assert c.pipeline == "FluxPipeline" and c.plan == ["cfg", "estimate", "cond"]
+
+
+def test_fit_on_a_two_stage_solver_plans_one_kind_per_scheduler_step():
+    torch.set_num_threads(1)
+    c = fit_pipeline(build("sd", "HeunDiscreteScheduler"), PROMPTS[:2], 3, 7.5, batch_size=2, progress=False,
+                     call_kwargs={"height": 32, "width": 32})
+    # Heun: 3 steps -> 5 evaluations (predictor + corrector twice, then a last Euler step); the two
+    # evaluations of one scheduler step share their kind, and guidance alternates per scheduler step.
+    assert c.plan == ["cfg", "cfg", "estimate", "estimate", "cond"]

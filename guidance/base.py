@@ -90,6 +90,14 @@ class StepContext:
 Scale = float | Sequence[float] | Callable[[StepContext], float] | None
 
 
+def is_finite_number(value: Any) -> bool:
+    """A real, finite number (Python, numpy or a one-element tensor); bools are not numbers here."""
+    try:
+        return not isinstance(value, (bool, str, bytes)) and math.isfinite(float(value))
+    except (TypeError, ValueError, RuntimeError):
+        return False
+
+
 def check_range(owner: str, name: str, value: Any, low: float | None = None, high: float | None = None,
                 low_open: bool = False, high_open: bool = False) -> float:
     """Validate a number and return it as float; the error names the parameter, value and range."""

@@ -28,7 +28,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
-from guidance.base import COND, REF, UNCOND, GuidanceStrategy, StepContext
+from guidance.base import COND, REF, UNCOND, GuidanceStrategy, StepContext, is_finite_number
 
 from .adapters import Adapter, adapter_for
 from .call import describe_call
@@ -178,6 +178,10 @@ class GuidanceHandle:
         """Refuse, before any step runs, a call in which the pipeline runs no unconditional branch
         or which the strategy cannot guide here."""
         a, name = self.adapter, type(self.strategy).__name__
+        for kw, s in zip((a.scale_kw,) + a.expert_scale_kws, scales):
+            if s is not None and not is_finite_number(s):
+                raise ValueError(f"{self.pipe_name} was called with {kw}={s!r}; allowed: a finite number "
+                                 f"(> 1 turns the pipeline's unconditional branch on)")
         on = scales[0] is not None and scales[0] > 1
         if a.needs_negative:
             on = on and (call.get("negative_prompt") is not None or call.get("negative_prompt_embeds") is not None)

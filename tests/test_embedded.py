@@ -66,6 +66,23 @@ def test_class_names_and_bad_labels(model):
         sample(model.pipe, labels=("unicorn",))
 
 
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), "3", None])
+def test_non_finite_guidance_scale_is_refused_natively_and_through_the_hook(model, scale):
+    with pytest.raises(ValueError, match=r"guidance_scale=.* allowed: a finite number"):
+        model.pipe(class_labels=[0], guidance_scale=scale, num_inference_steps=2, output_type="pt")
+    # Through the hook None reads as "guidance off" and gets that refusal; the others are not numbers.
+    expected = "runs no unconditional branch" if scale is None else "; allowed: a finite number"
+    with apply_guidance(model.pipe, guidance.CFG()), pytest.raises(ValueError, match=expected):
+        model.pipe(class_labels=[0], guidance_scale=scale, num_inference_steps=2, output_type="pt")
+
+
+def test_nan_latents_are_refused_before_sampling(model):
+    latents = torch.randn(1, 3, 32, 32)
+    latents[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="latents contains NaN or inf"):
+        model.pipe(class_labels=[0], num_inference_steps=2, latents=latents, output_type="pt")
+
+
 def test_every_strategy_runs_on_the_embedded_model(model):
     strategies = one_of_each()
     assert set(strategies) == set(REGISTRY)

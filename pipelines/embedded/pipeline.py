@@ -15,6 +15,8 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, SchedulerMixin, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 
+from guidance.base import is_finite_number
+
 OUTPUT_TYPES = ("pil", "np", "pt")
 
 
@@ -84,6 +86,8 @@ class ClassConditionalPipeline(DiffusionPipeline):
         for name in callback_on_step_end_tensor_inputs:
             if name not in self._callback_tensor_inputs:
                 raise ValueError(f"callback_on_step_end_tensor_inputs: {name!r} is not one of {self._callback_tensor_inputs}")
+        if not is_finite_number(guidance_scale):
+            raise ValueError(f"guidance_scale={guidance_scale!r} is invalid; allowed: a finite number (> 1 runs CFG)")
         self._guidance_scale = float(guidance_scale)
         do_cfg = guidance_scale > 1.0
         labels = self.class_ids(class_labels)
@@ -95,6 +99,8 @@ class ClassConditionalPipeline(DiffusionPipeline):
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents has shape {tuple(latents.shape)}; allowed: {shape}")
+        elif not bool(torch.isfinite(latents).all()):  # one check per call, not per step
+            raise ValueError("latents contains NaN or inf values; allowed: finite starting noise")
         # set_timesteps first: Euler-type schedulers' init_noise_sigma depends on this call's sigmas.
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         latents = latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma

@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 
 from effects_stats import bootstrap_counts, weighted_fid, weighted_mean  # noqa: E402
 
-from evaluation.runner import RunSpec, StrategySpec, _safe, load_source, run_setting  # noqa: E402
+from evaluation.runner import RunSpec, StrategySpec, load_source, run_setting  # noqa: E402
+from evaluation.spec import safe_name  # noqa: E402
 from guidance import (APG, CFG, GFCG, AdaptiveGuidance, CalibratedClassifierGuidance, DynamicCFG,  # noqa: E402
                       Interval, LinearAG)
 
@@ -90,8 +91,10 @@ def bootstrap(state_path: Path, reference, n: int, replicates: int, real_feature
 
     metrics = torch.load(state_path, map_location="cpu", weights_only=True)["metrics"]
     inception = metrics["inception"]
-    features = inception["features"][inception["indices"].argsort()][:n]
-    saturation = metrics["saturation"]["saturation"][:n]
+    # torchmetrics list states: one tensor per batch (older checkpoints: one tensor)
+    features, indices, saturation = (torch.cat(v) if isinstance(v, list) else v for v in (
+        inception["features"], inception["indices"], metrics["saturation"]["saturation"]))
+    features, saturation = features[indices.argsort()][:n], saturation[indices.argsort()][:n]
     counts = bootstrap_counts(n, replicates)
     mu, sigma = reference.on("cpu")
     out = {"fid": weighted_fid(features.to(device), mu, sigma, counts).tolist(),
@@ -152,7 +155,7 @@ def main(argv=None) -> None:
             data = load_rows(rows_path)
             if any(r["key"] == item["key"] and r["num_images"] == n for r in data["rows"]):
                 continue
-            state_path = args.state / "state" / f"{_safe(item['key'])}.pt"
+            state_path = args.state / "state" / f"{safe_name(item['key'])}.pt"
             if state_path.is_file():
                 done = int(torch.load(state_path, map_location="cpu", weights_only=True)["done_batches"])
                 if done * args.batch_size > n:
@@ -163,7 +166,7 @@ def main(argv=None) -> None:
                                reference="cifar10-train", device=args.device)
             start = time.time()
             result = run_setting(run_spec, source, item["key"], item["strategy"], item["scale"], state_path,
-                                 progress=False, device=args.device)
+                                 device=args.device)
             row = {**item, **result["row"], "key": item["key"], "group": item["group"], "steps": args.steps,
                    "seed": args.seed, "replicates": args.replicates}
             row["num_images"] = n  # the metrics' own count arrives as a float

@@ -99,3 +99,23 @@ def test_conclusions_and_curve_verdicts(tmp_path):
     text = (tmp_path / "results.md").read_text()
     assert "## Rows at N = 500" in text and "## Rows at N = 50\n" in text
     assert len(result["conclusions"]) == len(found)
+
+
+def test_effects_run_continues_a_row_to_the_next_stage_exactly(tmp_path):
+    """The measurement command itself, 2 DDIM steps: a row continued from N=10 to N=20 equals a direct
+    N=20 row (metrics and paired bootstrap replicates), so the staged plan never changes a number."""
+    import effects
+
+    def run(name, stages):
+        out = tmp_path / name
+        effects.main(["--steps", "2", "--stages", *map(str, stages), "--batch-size", "10", "--only", "CFG@3",
+                      "--replicates", "4", "--threads", "1", "--out", str(out), "--state", str(out), "--device",
+                      "cpu"])
+        return json.loads((out / "rows.json").read_text())["rows"]
+
+    staged, direct = run("staged", [10, 20]), run("direct", [20])
+    assert [r["num_images"] for r in staged] == [10, 20] and direct[0]["num_images"] == 20
+    for name in ("fid", "class_accuracy", "saturation_mean", "precision", "nfe_per_image"):
+        assert staged[1][name] == direct[0][name], name
+    assert staged[1]["boot"] == direct[0]["boot"]
+    assert staged[0]["fid"] != staged[1]["fid"]  # the second stage really added images

@@ -2,6 +2,7 @@
 adapter table, scheduler parametrization, and the embedded default model (`load_embedded`)."""
 
 from .adapters import REFUSED, Adapter, adapter_for, register_adapter, supported_pipelines
+from .guider import StrategyGuider
 from .hook import GuidanceHandle, apply_guidance
 from .layouts import LAYOUTS
 from .parametrization import scheduler_parametrization
@@ -18,6 +19,7 @@ __all__ = [
     "apply_guidance",
     "register_adapter",
     "scheduler_parametrization",
+    "StrategyGuider",
     "supported_pipelines",
 ]
 from .embedded import ClassConditionalPipeline, EmbeddedModel, load_embedded  # noqa: E402  (registers its adapter)

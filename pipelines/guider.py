@@ -1,0 +1,269 @@
+"""`StrategyGuider`: any guidance-kit strategy as a diffusers guider (`diffusers.guiders.BaseGuidance`).
+
+Modular pipelines (SDXL, SD3, Flux, Qwen-Image, Wan, LTX, ...) and the pipelines that take a `guider`
+component do not run their own CFG formula: at every step they call
+
+    guider.set_state(step, num_inference_steps, timestep)
+    batches = guider.prepare_inputs(...)              # one batch per branch the guider wants
+    for batch in batches:
+        guider.prepare_models(denoiser); batch.noise_pred = denoiser(...); guider.cleanup_models(denoiser)
+    pred = guider(batches)[0]                         # forward(pred_cond, pred_uncond)
+
+so a guider is the natural place for our strategies there (no hook needed):
+
+    pipe.update_components(guider=StrategyGuider(APG(eta=0, norm_threshold=15, momentum=-0.5),
+                                                 scheduler=pipe.scheduler))
+
+What a strategy is given, and where it comes from:
+- the StepContext's step / timestep: `set_state`; its step count: `len(scheduler.timesteps)` (the
+  evaluations a multi-evaluation solver makes) when the scheduler is bound, else `num_inference_steps`;
+- the model input x_t: read from the denoiser's own call (a forward pre-hook installed by
+  `prepare_models`, removed by `cleanup_models`; it records, it never changes the call);
+- the noise level (alpha, sigma) of that input, which x0-space rules (APG paper mode, AG in eps
+  space, sigma intervals) need: the scheduler, which a guider is not given, so it is a constructor
+  argument (`scheduler=pipe.scheduler`, or `.bind(scheduler)`). Without it such a rule stops at its
+  first use with an error that says so; CFG-like rules never need it.
+
+Branches are chosen before the denoiser runs (`prepare_inputs`, from `strategy.branches`): a step where
+no sample needs its unconditional branch runs one batch (an Interval outside its window saves the NFE,
+as diffusers' own guiders do outside `start`/`stop`). A diffusers guider evaluates whole batches, so a
+step where only some samples need it runs the unconditional batch for all; the rows of the others are
+NaN in what the strategy receives, as the strategy contract says.
+
+Refused at construction: strategies that need what a guider never sees: a reference-class branch
+(GFCG), or the pipeline call itself through `on_call` (LinearAG's fitted call, DynamicCFG's prompts and
+decoder, classifier guidance's decoder and labels). Use those through `apply_guidance`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any
+
+import torch
+from diffusers.configuration_utils import register_to_config
+from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput
+
+from guidance.base import COND, UNCOND, GuidanceStrategy, StepContext, check_range, from_config
+from guidance.parametrization import Parametrization
+
+from .parametrization import build_step_context, step_parametrization
+
+NO_SCHEDULER = (
+    "StrategyGuider: {name} needs the noise level of each step (it converts predictions to x0 or reads sigma), "
+    "which diffusers does not give a guider; pass the pipeline's scheduler: StrategyGuider(strategy, "
+    "scheduler=pipe.scheduler) or guider.bind(pipe.scheduler)"
+)
+
+
+def _nodes(strategy: GuidanceStrategy):
+    """The strategy and every strategy it wraps (Interval(APG()) -> Interval, APG)."""
+    yield strategy
+    for f in strategy.config_fields:
+        child = getattr(strategy, f, None)
+        if isinstance(child, GuidanceStrategy):
+            yield from _nodes(child)
+
+
+def check_guidable(strategy: GuidanceStrategy) -> None:
+    """Refuse a strategy that needs what a diffusers guider is never given."""
+    for node in _nodes(strategy):
+        kind = type(node)
+        if kind.reference_labels is not GuidanceStrategy.reference_labels:
+            what = "a reference-class branch (class ids to swap), which guider pipelines do not have"
+        elif kind.on_call is not GuidanceStrategy.on_call:
+            what = ("the pipeline call itself (on_call: its pipeline, prompts, decoder or labels), which a guider "
+                    "never sees")
+        else:
+            continue
+        raise ValueError(f"StrategyGuider: strategy={strategy!r} cannot run as a diffusers guider: {kind.__name__} "
+                         f"needs {what}; run it through pipelines.apply_guidance on a standard pipeline instead")
+
+
+def _first_tensor(values) -> torch.Tensor | None:
+    for v in values:
+        v = v[0] if isinstance(v, tuple) else v
+        if torch.is_tensor(v):
+            return v
+    return None
+
+
+class StrategyGuider(BaseGuidance):
+    """A diffusers guider that runs a guidance-kit strategy.
+
+    strategy: a `GuidanceStrategy`, or its `to_config()` dict (what `save_pretrained` stores).
+    guidance_scale: the scale a strategy with `scale=None` takes (modular pipelines have no call-level
+    `guidance_scale`; it is a guider setting there, as in diffusers' ClassifierFreeGuidance).
+    guidance_rescale: the call-level rescale a `CFG(guidance_rescale=None)` takes, phi in [0, 1].
+    enabled: as diffusers' guiders (pipelines disable guidance for guidance-distilled UNets).
+    scheduler: the pipeline's scheduler, for rules that need the noise level (not saved in the config).
+
+    After a call, `nfe_per_sample` is the number of denoiser evaluations each sample received.
+    """
+
+    _input_predictions = ["pred_cond", "pred_uncond"]
+    ignore_for_config = ["scheduler"]
+
+    @register_to_config
+    def __init__(self, strategy: GuidanceStrategy | dict | None = None, guidance_scale: float = 7.5,
+                 guidance_rescale: float = 0.0, enabled: bool = True, scheduler: Any = None):
+        super().__init__(0.0, 1.0, enabled)  # windows are strategies here (Interval), not guider settings
+        if strategy is None:
+            raise ValueError("StrategyGuider: strategy=None; allowed: a guidance.GuidanceStrategy or its to_config()")
+        if isinstance(strategy, dict):
+            strategy = from_config(strategy)
+        if not isinstance(strategy, GuidanceStrategy):
+            raise ValueError(f"StrategyGuider: strategy={strategy!r} is not a guidance.GuidanceStrategy or its config")
+        check_guidable(strategy)
+        self.strategy = strategy
+        self.guidance_scale = check_range("StrategyGuider", "guidance_scale", guidance_scale)
+        self.guidance_rescale = check_range("StrategyGuider", "guidance_rescale", guidance_rescale, 0.0, 1.0)
+        self.register_to_config(strategy=strategy.to_config())  # JSON, so save_pretrained can write it
+        self.scheduler = None
+        self.bind(scheduler)
+        self._solver: dict = {}  # build_step_context's per-call state
+        self._plan: tuple[StepContext, dict[str, torch.Tensor]] | None = None  # this step's context and masks
+        self._x: torch.Tensor | None = None  # the denoiser input of this step
+        self._capture_handle = None
+        self._nfe = 0
+
+    # --- configuration ---------------------------------------------------------------------------
+    def bind(self, scheduler: Any) -> "StrategyGuider":
+        """Give the guider the pipeline's scheduler (None: unbind). Returns self."""
+        if scheduler is not None and not hasattr(scheduler, "timesteps"):
+            raise ValueError(f"StrategyGuider: scheduler={scheduler!r} is not a diffusers scheduler")
+        self.scheduler = scheduler
+        return self
+
+    @classmethod
+    def from_pretrained(cls, *args, scheduler: Any = None, **kwargs) -> "StrategyGuider":
+        return super().from_pretrained(*args, **kwargs).bind(scheduler)
+
+    def new(self, **kwargs) -> "StrategyGuider":
+        """A copy with some settings changed; keeps the bound scheduler unless `scheduler=` is given."""
+        scheduler = kwargs.pop("scheduler", self.scheduler)
+        return self.__class__.from_config(self.config, **kwargs).bind(scheduler)
+
+    # --- per step ----------------------------------------------------------------------------------
+    def set_state(self, step: int, num_inference_steps: int, timestep: torch.LongTensor) -> None:
+        super().set_state(step, num_inference_steps, timestep)
+        self._plan = None
+        self._x = None
+        if step == 0:  # a new pipeline call
+            self.strategy.reset()
+            self._solver = {}
+            self._nfe = 0
+
+    def _context(self, batch: int, device: torch.device) -> StepContext:
+        """This step's context. The model input is not known yet (branches are chosen before the
+        denoiser runs): x is a NaN stand-in, replaced by the real input in `forward`."""
+        stand_in = torch.full((batch, 1), float("nan"), device=device)
+        if self.scheduler is not None:
+            self._solver.update(step=self._step, scale=self.guidance_scale, rescale=self.guidance_rescale)
+            return build_step_context(self.scheduler, self._solver, stand_in, self._timestep)
+        t = torch.as_tensor(self._timestep).flatten()[0].item() if self._timestep is not None else float("nan")
+        return StepContext(self._step, self._num_inference_steps, t, self._no_noise_level(stand_in),
+                           self.guidance_scale, self.guidance_rescale)
+
+    def _no_noise_level(self, x: torch.Tensor) -> Parametrization:
+        nan = torch.full((x.shape[0],) + (1,) * (x.ndim - 1), float("nan"), dtype=torch.float64, device=x.device)
+        return Parametrization("sample", x, nan, nan, unavailable=NO_SCHEDULER.format(name=type(self.strategy).__name__))
+
+    def _make_plan(self, reference: torch.Tensor | None) -> None:
+        if self._plan is not None:
+            return
+        if reference is None:
+            raise ValueError("StrategyGuider: the guider inputs hold no tensor, so the batch size is unknown")
+        ctx = self._context(reference.shape[0], reference.device)
+        masks = self.strategy.branches(ctx)
+        unknown = set(masks) - {COND, UNCOND}
+        if unknown:
+            raise NotImplementedError(f"StrategyGuider: branches {sorted(unknown)} are not supported by a guider")
+        if not bool(masks[COND].all()):
+            raise NotImplementedError(f"{type(self.strategy).__name__}: every sample needs its conditional branch")
+        self._plan = (ctx, {COND: masks[COND], UNCOND: masks.get(UNCOND, ctx.none())})
+
+    @property
+    def _needs_uncond(self) -> bool:
+        return bool(self._plan[1][UNCOND].any())
+
+    @property
+    def num_conditions(self) -> int:
+        """Batches this step runs: 2 while no step is planned (the pipeline asks before sampling whether
+        to encode the negative prompt), else 1 + whether any sample needs its unconditional branch."""
+        if not self._enabled:
+            return 1
+        return 2 if self._plan is None else 1 + self._needs_uncond
+
+    @property
+    def is_conditional(self) -> bool:
+        return self._count_prepared == 1  # the conditional batch runs first, as in ClassifierFreeGuidance
+
+    def prepare_inputs(self, data: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> list:
+        if self._enabled:
+            self._make_plan(_first_tensor(data.values()))
+        return [self._prepare_batch(data, i, name)
+                for i, name in zip(range(self.num_conditions), self._input_predictions)]
+
+    def prepare_inputs_from_block_state(self, data, input_fields: dict[str, str | tuple[str, str]]) -> list:
+        if self._enabled:
+            latents = getattr(data, "latents", None)
+            fields = (getattr(data, v if isinstance(v, str) else v[0], None) for v in input_fields.values())
+            self._make_plan(latents if torch.is_tensor(latents) else _first_tensor(fields))
+        return [self._prepare_batch_from_block_state(input_fields, data, i, name)
+                for i, name in zip(range(self.num_conditions), self._input_predictions)]
+
+    # --- reading the model input x_t from the denoiser's own call -----------------------------------
+    def prepare_models(self, denoiser: torch.nn.Module) -> None:
+        super().prepare_models(denoiser)
+        self._nfe += 1
+        if self._x is None and self._capture_handle is None:
+            first = list(inspect.signature(type(denoiser).forward).parameters)[1]
+
+            def capture(module, args, kwargs):
+                self._x = args[0] if args else kwargs.get(first)
+
+            self._capture_handle = denoiser.register_forward_pre_hook(capture, with_kwargs=True)
+
+    def cleanup_models(self, denoiser: torch.nn.Module) -> None:
+        if self._capture_handle is not None:
+            self._capture_handle.remove()
+            self._capture_handle = None
+
+    def _parametrization(self, pred: torch.Tensor) -> Parametrization:
+        x = self._x
+        if self.scheduler is None:
+            return self._no_noise_level(pred if x is None else x)
+        if x is None or not torch.is_tensor(x) or x.shape != pred.shape:
+            shape = None if not torch.is_tensor(x) else tuple(x.shape)
+            param = self._no_noise_level(pred)
+            param.unavailable = (f"StrategyGuider: the denoiser's input {shape} does not have the shape of its "
+                                 f"prediction {tuple(pred.shape)}, so x_t is unknown and {type(self.strategy).__name__} "
+                                 "cannot convert to x0 here")
+            return param
+        return step_parametrization(self.scheduler, self._timestep, x)
+
+    # --- combining -----------------------------------------------------------------------------------
+    def forward(self, pred_cond: torch.Tensor, pred_uncond: torch.Tensor | None = None) -> GuiderOutput:
+        if not self._enabled:
+            return GuiderOutput(pred=pred_cond, pred_cond=pred_cond, pred_uncond=pred_uncond)
+        plan_ctx, masks = self._plan
+        ctx = dataclasses.replace(plan_ctx, param=self._parametrization(pred_cond))
+        ctx.evaluated = masks
+        uncond = masks[UNCOND].view(-1, *[1] * (pred_cond.ndim - 1))
+        if pred_uncond is None:
+            preds = {COND: pred_cond, UNCOND: torch.full_like(pred_cond, float("nan"))}
+        else:  # rows of samples that did not ask for it are NaN (the strategy contract)
+            preds = {COND: pred_cond, UNCOND: torch.where(uncond, pred_uncond, torch.full_like(pred_uncond, float("nan")))}
+        pred = self.strategy.combine(ctx, preds).to(pred_cond.dtype)
+        self._plan = None
+        return GuiderOutput(pred=pred, pred_cond=pred_cond, pred_uncond=pred_uncond)
+
+    @property
+    def nfe_per_sample(self) -> int:
+        """Denoiser evaluations each sample received in the current (or last) pipeline call."""
+        return self._nfe
+
+    def get_state(self) -> dict[str, Any]:
+        return {**super().get_state(), "strategy": repr(self.strategy), "nfe_per_sample": self._nfe}

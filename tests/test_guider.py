@@ -1,0 +1,149 @@
+"""`pipelines.guider.StrategyGuider` on a tiny modular SDXL pipeline (diffusers' own blocks, a tiny UNet
+from a config, random prompt embeddings: the guider never sees the text encoder).
+
+Checked against diffusers' own `ClassifierFreeGuidance` guider in the same pipeline: CFG exact,
+APG(eta=1, r=0, beta=0) equal to CFG, Interval equal to diffusers' start/stop window with the same
+denoiser calls saved, and save_pretrained / from_pretrained round trips.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers.guiders import ClassifierFreeGuidance
+from diffusers.modular_pipelines import SequentialPipelineBlocks
+from diffusers.modular_pipelines.stable_diffusion_xl.before_denoise import (
+    StableDiffusionXLInputStep,
+    StableDiffusionXLPrepareAdditionalConditioningStep,
+    StableDiffusionXLPrepareLatentsStep,
+    StableDiffusionXLSetTimestepsStep,
+)
+from diffusers.modular_pipelines.stable_diffusion_xl.denoise import StableDiffusionXLDenoiseStep
+
+import tiny_pipelines as tp
+from guidance import APG, CFG, DynamicCFG, GuidanceStrategy, Interval
+from pipelines.guider import StrategyGuider
+
+SCALE, STEPS, BATCH = 5.0, 4, 2
+
+
+@pytest.fixture(scope="module")
+def modular():
+    """A modular SDXL pipeline (diffusers' SDXL blocks from the input step to the denoise loop) and a
+    function that runs it with the given guider, counting the UNet's forward calls."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    parts = tp.build("sdxl").components
+    blocks = SequentialPipelineBlocks.from_blocks_dict({
+        "input": StableDiffusionXLInputStep, "set_timesteps": StableDiffusionXLSetTimestepsStep,
+        "prepare_latents": StableDiffusionXLPrepareLatentsStep,
+        "prepare_add_cond": StableDiffusionXLPrepareAdditionalConditioningStep,
+        "denoise": StableDiffusionXLDenoiseStep,
+    })
+    pipe = blocks.init_pipeline()
+    pipe.update_components(unet=parts["unet"], scheduler=parts["scheduler"])
+    pipe.set_progress_bar_config(disable=True)
+    config = parts["unet"].config
+    g = torch.Generator().manual_seed(0)
+    pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    embeds = dict(prompt_embeds=torch.randn(BATCH, 8, config.cross_attention_dim, generator=g),
+                  negative_prompt_embeds=torch.randn(BATCH, 8, config.cross_attention_dim, generator=g),
+                  pooled_prompt_embeds=torch.randn(BATCH, pooled, generator=g),
+                  negative_pooled_prompt_embeds=torch.randn(BATCH, pooled, generator=g))
+    calls = []
+    pipe.unet.register_forward_pre_hook(lambda module, args: calls.append(1))
+
+    def run(guider):
+        pipe.update_components(guider=guider)
+        calls.clear()
+        out = pipe(**embeds, num_inference_steps=STEPS, height=32, width=32,
+                   generator=torch.Generator().manual_seed(1), output="latents")
+        return out, len(calls)
+
+    yield pipe, run
+    torch.set_num_threads(n)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(scope="module")
+def native(modular):
+    return modular[1](ClassifierFreeGuidance(guidance_scale=SCALE))
+
+
+def test_cfg_equals_diffusers_guider(modular, native):
+    pipe, run = modular
+    ref, ref_calls = native
+    for strategy in (CFG(), CFG(scale=SCALE)):  # the guider's scale, or the strategy's own
+        out, calls = run(StrategyGuider(strategy, guidance_scale=SCALE))
+        assert rel(out, ref) <= 1e-5
+        assert calls == ref_calls == 2 * STEPS
+
+
+def test_apg_as_cfg_equals_cfg(modular, native):
+    pipe, run = modular
+    ref, _ = native
+    paper = StrategyGuider(APG(eta=1.0, norm_threshold=0.0, momentum=0.0), guidance_scale=SCALE,
+                           scheduler=pipe.scheduler)  # x0 space: needs the noise level
+    assert rel(run(paper)[0], ref) <= 1e-5
+    model_space = StrategyGuider(APG(SCALE, eta=1.0, norm_threshold=0.0, momentum=0.0, mode="diffusers"))
+    assert rel(run(model_space)[0], ref) <= 1e-5
+
+
+def test_apg_paper_mode_differs_from_cfg(modular, native):
+    """The default APG really guides differently (so the equalities above are not vacuous)."""
+    pipe, run = modular
+    out, _ = run(StrategyGuider(APG(norm_threshold=1.0), guidance_scale=SCALE, scheduler=pipe.scheduler))
+    assert torch.isfinite(out).all() and rel(out, native[0]) > 1e-3
+
+
+def test_interval_saves_unconditional_calls(modular):
+    pipe, run = modular
+    ref, ref_calls = run(ClassifierFreeGuidance(guidance_scale=SCALE, start=0.5))
+    guider = StrategyGuider(Interval(CFG(), start=0.5), guidance_scale=SCALE)
+    out, calls = run(guider)
+    assert calls == ref_calls == STEPS + STEPS // 2  # steps 0, 1 run the conditional batch alone
+    assert guider.nfe_per_sample == calls
+    assert rel(out, ref) <= 1e-5
+    sigma_window = StrategyGuider(Interval(CFG(), sigma_max=1.0), guidance_scale=SCALE, scheduler=pipe.scheduler)
+    _, calls = run(sigma_window)
+    sigmas = pipe.scheduler.sigmas[:STEPS]  # the tiny SDXL Euler schedule: 4.12, 1.62, 0.70, 0.04
+    assert calls == STEPS + int((sigmas <= 1.0).sum()) == STEPS + 2
+
+
+def test_x0_strategy_without_scheduler_says_so(modular):
+    _, run = modular
+    with pytest.raises(ValueError, match="scheduler=pipe.scheduler"):
+        run(StrategyGuider(APG(), guidance_scale=SCALE))
+
+
+def test_save_and_load_round_trip(modular, native, tmp_path):
+    pipe, run = modular
+    guider = StrategyGuider(Interval(APG(eta=1.0, norm_threshold=0.0, momentum=0.0), start=0.25), guidance_scale=SCALE)
+    guider.save_pretrained(tmp_path)
+    loaded = StrategyGuider.from_pretrained(tmp_path, scheduler=pipe.scheduler)
+    assert loaded.strategy.to_config() == guider.strategy.to_config()
+    assert loaded.guidance_scale == SCALE and loaded.scheduler is pipe.scheduler
+    assert loaded.new(guidance_scale=3.0).scheduler is pipe.scheduler
+    assert loaded.new(guidance_scale=3.0).guidance_scale == 3.0
+    out, calls = run(loaded)
+    assert calls == STEPS + STEPS - STEPS // 4
+
+
+def test_refuses_what_a_guider_cannot_give():
+    with pytest.raises(ValueError, match="DynamicCFG needs the pipeline call"):
+        StrategyGuider(DynamicCFG())
+
+    class Reference(CFG):
+        def reference_labels(self, ctx):
+            return ctx.none().long()
+
+    with pytest.raises(ValueError, match="reference-class branch"):
+        StrategyGuider(Interval(Reference()))
+    with pytest.raises(ValueError, match="guidance_scale"):
+        StrategyGuider(CFG(), guidance_scale=float("nan"))
+    with pytest.raises(ValueError, match="strategy"):
+        StrategyGuider("CFG")
+    assert isinstance(StrategyGuider({"name": "CFG", "params": {}}).strategy, GuidanceStrategy)

@@ -1,5 +1,5 @@
-"""`pipelines.guider.StrategyGuider` on a tiny modular SDXL pipeline (diffusers' own blocks, a tiny UNet
-from a config, random prompt embeddings: the guider never sees the text encoder).
+"""`pipelines.guider.StrategyGuider` on tiny modular SDXL and SD3 pipelines (diffusers' own blocks, a tiny
+denoiser from a config, random prompt embeddings: the guider never sees the text encoders).
 
 Checked against diffusers' own `ClassifierFreeGuidance` guider in the same pipeline: CFG exact,
 APG(eta=1, r=0, beta=0) equal to CFG, Interval equal to diffusers' start/stop window with the same
@@ -12,6 +12,9 @@ import pytest
 import torch
 from diffusers.guiders import ClassifierFreeGuidance
 from diffusers.modular_pipelines import SequentialPipelineBlocks
+from diffusers.modular_pipelines.stable_diffusion_3.modular_blocks_stable_diffusion_3 import (
+    StableDiffusion3T2ICoreDenoiseStep,
+)
 from diffusers.modular_pipelines.stable_diffusion_xl.before_denoise import (
     StableDiffusionXLInputStep,
     StableDiffusionXLPrepareAdditionalConditioningStep,
@@ -27,40 +30,61 @@ from pipelines.guider import StrategyGuider
 SCALE, STEPS, BATCH = 5.0, 4, 2
 
 
-@pytest.fixture(scope="module")
-def modular():
-    """A modular SDXL pipeline (diffusers' SDXL blocks from the input step to the denoise loop) and a
-    function that runs it with the given guider, counting the UNet's forward calls."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    parts = tp.build("sdxl").components
-    blocks = SequentialPipelineBlocks.from_blocks_dict({
+def _sdxl_blocks():
+    return SequentialPipelineBlocks.from_blocks_dict({
         "input": StableDiffusionXLInputStep, "set_timesteps": StableDiffusionXLSetTimestepsStep,
         "prepare_latents": StableDiffusionXLPrepareLatentsStep,
         "prepare_add_cond": StableDiffusionXLPrepareAdditionalConditioningStep,
         "denoise": StableDiffusionXLDenoiseStep,
     })
-    pipe = blocks.init_pipeline()
-    pipe.update_components(unet=parts["unet"], scheduler=parts["scheduler"])
-    pipe.set_progress_bar_config(disable=True)
-    config = parts["unet"].config
+
+
+def _embeds(text_dim: int, pooled_dim: int) -> dict:
     g = torch.Generator().manual_seed(0)
-    pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-    embeds = dict(prompt_embeds=torch.randn(BATCH, 8, config.cross_attention_dim, generator=g),
-                  negative_prompt_embeds=torch.randn(BATCH, 8, config.cross_attention_dim, generator=g),
-                  pooled_prompt_embeds=torch.randn(BATCH, pooled, generator=g),
-                  negative_pooled_prompt_embeds=torch.randn(BATCH, pooled, generator=g))
+    return dict(prompt_embeds=torch.randn(BATCH, 8, text_dim, generator=g),
+                negative_prompt_embeds=torch.randn(BATCH, 8, text_dim, generator=g),
+                pooled_prompt_embeds=torch.randn(BATCH, pooled_dim, generator=g),
+                negative_pooled_prompt_embeds=torch.randn(BATCH, pooled_dim, generator=g))
+
+
+def _sdxl():
+    """SDXL (epsilon, Euler discrete, the UNet called with a positional sample)."""
+    parts = tp.build("sdxl").components
+    pipe = _sdxl_blocks().init_pipeline()
+    pipe.update_components(unet=parts["unet"], scheduler=parts["scheduler"])
+    c = parts["unet"].config
+    return pipe, pipe.unet, _embeds(c.cross_attention_dim, c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim)
+
+
+def _sd3():
+    """SD3 (flow matching, the transformer called with hidden_states=)."""
+    parts = tp.build("sd3").components
+    pipe = StableDiffusion3T2ICoreDenoiseStep().init_pipeline()
+    pipe.update_components(transformer=parts["transformer"], scheduler=parts["scheduler"], vae=parts["vae"])
+    c = parts["transformer"].config
+    return pipe, pipe.transformer, _embeds(c.joint_attention_dim, c.pooled_projection_dim)
+
+
+@pytest.fixture(scope="module", params=["sdxl", "sd3"])
+def modular(request):
+    """A modular pipeline built from diffusers' own blocks and a function that runs it with a given
+    guider, counting the denoiser's forward calls."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    pipe, denoiser, embeds = {"sdxl": _sdxl, "sd3": _sd3}[request.param]()
+    pipe.set_progress_bar_config(disable=True)
     calls = []
-    pipe.unet.register_forward_pre_hook(lambda module, args: calls.append(1))
+    handle = denoiser.register_forward_pre_hook(lambda module, args: calls.append(1))
 
     def run(guider):
         pipe.update_components(guider=guider)
         calls.clear()
-        out = pipe(**embeds, num_inference_steps=STEPS, height=32, width=32,
+        out = pipe(**embeds, num_inference_steps=STEPS, height=64, width=64,
                    generator=torch.Generator().manual_seed(1), output="latents")
         return out, len(calls)
 
     yield pipe, run
+    handle.remove()
     torch.set_num_threads(n)
 
 
@@ -80,6 +104,9 @@ def test_cfg_equals_diffusers_guider(modular, native):
         out, calls = run(StrategyGuider(strategy, guidance_scale=SCALE))
         assert rel(out, ref) <= 1e-5
         assert calls == ref_calls == 2 * STEPS
+    ref, _ = run(ClassifierFreeGuidance(guidance_scale=SCALE, guidance_rescale=0.7))
+    out, _ = run(StrategyGuider(CFG(), guidance_scale=SCALE, guidance_rescale=0.7))  # CFG takes the guider's phi
+    assert rel(out, ref) <= 1e-5 and rel(ref, native[0]) > 1e-3
 
 
 def test_apg_as_cfg_equals_cfg(modular, native):
@@ -107,10 +134,10 @@ def test_interval_saves_unconditional_calls(modular):
     assert calls == ref_calls == STEPS + STEPS // 2  # steps 0, 1 run the conditional batch alone
     assert guider.nfe_per_sample == calls
     assert rel(out, ref) <= 1e-5
-    sigma_window = StrategyGuider(Interval(CFG(), sigma_max=1.0), guidance_scale=SCALE, scheduler=pipe.scheduler)
-    _, calls = run(sigma_window)
-    sigmas = pipe.scheduler.sigmas[:STEPS]  # the tiny SDXL Euler schedule: 4.12, 1.62, 0.70, 0.04
-    assert calls == STEPS + int((sigmas <= 1.0).sum()) == STEPS + 2
+    # A sigma window holding the last half of the steps (sigma: Euler's VE sigma on SDXL, s on SD3).
+    sigma_max = float(pipe.scheduler.sigmas[STEPS // 2])  # the schedule of the call above (same steps)
+    _, calls = run(StrategyGuider(Interval(CFG(), sigma_max=sigma_max), guidance_scale=SCALE, scheduler=pipe.scheduler))
+    assert calls == STEPS + STEPS // 2
 
 
 def test_x0_strategy_without_scheduler_says_so(modular):
@@ -147,3 +174,33 @@ def test_refuses_what_a_guider_cannot_give():
     with pytest.raises(ValueError, match="strategy"):
         StrategyGuider("CFG")
     assert isinstance(StrategyGuider({"name": "CFG", "params": {}}).strategy, GuidanceStrategy)
+
+
+class _FirstSampleOnly(CFG):
+    """CFG that asks for the unconditional branch of sample 0 only, and records what it is given."""
+
+    def branches(self, ctx):
+        uncond = ctx.none()
+        uncond[0] = True
+        return {"cond": ctx.all(), "uncond": uncond}
+
+    def combine(self, ctx, preds):
+        self.seen = preds["uncond"].clone()
+        return preds["cond"]
+
+
+def test_partial_unconditional_runs_the_batch_and_hides_other_rows():
+    """A guider runs whole batches: the unconditional batch runs for all, and the rows of samples that
+    did not ask for it reach the strategy as NaN (the strategy contract)."""
+    strategy = _FirstSampleOnly()
+    guider = StrategyGuider(strategy, guidance_scale=SCALE)
+    guider.set_state(step=0, num_inference_steps=1, timestep=torch.tensor(999))
+    embeds = torch.ones(2, 3)
+    batches = guider.prepare_inputs({"prompt_embeds": (embeds, -embeds)})
+    assert guider.num_conditions == 2 and len(batches) == 2
+    assert torch.equal(batches[1].prompt_embeds, -embeds)
+    cond, uncond = torch.zeros(2, 4), torch.ones(2, 4)
+    out = guider.forward(cond, uncond)
+    assert torch.equal(out.pred, cond)
+    assert torch.equal(strategy.seen[0], uncond[0]) and bool(strategy.seen[1].isnan().all())
+    assert guider.num_conditions == 2  # no step planned: the pipeline must still encode the negative prompt

@@ -110,6 +110,7 @@ class GuidanceHandle:
         self.layout: Layout = LAYOUTS[self.adapter.layout](self)
         self.nfe: torch.Tensor | None = None
         self.call: CallState | None = None
+        self._cache_on = False
         self._installed = False
         self._install()
 
@@ -167,6 +168,9 @@ class GuidanceHandle:
         self.call = CallState([None if s is None else float(s) for s in scales[: len(self.denoisers)]],
                               float(call.get("guidance_rescale") or 0.0))
         self.layout.start_call()
+        # diffusers' cache hooks (FasterCache, PyramidAttentionBroadcast, FirstBlockCache, ...) keep state
+        # across steps that assumes the pipeline's own batch; see `masks`.
+        self._cache_on = any(getattr(m, "is_cache_enabled", False) for m in self.denoisers)
         try:
             yield
         finally:
@@ -247,6 +251,14 @@ class GuidanceHandle:
                     f"{self.pipe_name} has no class ids to swap"
                 )
             out[REF] = masks[REF]
+        if self._cache_on and (REF in out or not bool(out[UNCOND].all())):
+            # FasterCache splits every denoiser batch into [uncond; cond] halves and the other caches reuse
+            # outputs of earlier steps by position: a batch of other rows would be misread, silently.
+            raise NotImplementedError(
+                f"{type(self.strategy).__name__} evaluates only some branches at step {ctx.step}, which changes the "
+                f"denoiser batch that {self.pipe_name}'s cache (diffusers enable_cache) relies on; use a strategy that "
+                f"evaluates every branch at every step (CFG, APG, Rescale) or disable the cache (disable_cache())"
+            )
         return out
 
     def combine(self, ctx: StepContext, masks: dict, preds: dict, channels: int) -> torch.Tensor:

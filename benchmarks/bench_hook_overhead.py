@@ -1,6 +1,6 @@
 """Overhead of apply_guidance against the pipeline's native CFG, measured side by side in one run.
 
-    python benchmarks/bench_hook_overhead.py [--steps 4] [--repeats 3] [--device cuda] [--threads 1] [--json out.json]
+    python benchmarks/bench_hook_overhead.py [--steps 4] [--repeats 3] [--device cuda] [--dtype fp16] [--threads 1] [--json out.json]
     python benchmarks/bench_hook_overhead.py --suite adaptive ...   # NFE savings as wall-clock speed-up
 
 A Stable Diffusion 1.5-size UNet (UNet2DConditionModel with SD 1.5's config, random weights,
@@ -12,7 +12,13 @@ median(variant) / median(native).
 
 `--suite per-step` times the hook's fixed cost per denoising step on the tiny test SD pipeline (batch 2,
 `--steps` steps, latent output): per-step milliseconds of native CFG, CFG and APG through the hook, and
-their difference from native, all interleaved in one run.
+their difference from native and ratio to it, all interleaved in one run.
+
+`--suite context` times the StepContext the hook builds per step, with the scheduler's tables read once
+per call (what the hook does) against once per step, side by side.
+
+`--dtype fp16|bf16` (or float16 / bfloat16) runs the pipeline in half precision (what a GPU runs; the hook's x0 math stays
+float32, see guidance.parametrization); default fp32.
 
 `--suite adaptive` times adaptive guidance and LinearAG instead. Random weights give no meaningful
 cosine similarity, so AG runs with threshold -1 (every sample switches after its first step, the
@@ -55,11 +61,15 @@ class TimingLinearAG(LinearAG):
         pass
 
 
-def sd15_pipeline(device: str):
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+          "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def sd15_pipeline(device: str, dtype: torch.dtype = torch.float32):
     pipe = build("sd")
     torch.manual_seed(0)
     pipe.register_modules(unet=UNet2DConditionModel(**SD15_UNET).eval())
-    return pipe.to(device)
+    return pipe.to(device, dtype)
 
 
 def timed(fn, device: str) -> float:
@@ -75,7 +85,7 @@ def timed(fn, device: str) -> float:
 
 def timed_call(pipe, steps: int, device: str, strategy=None, latent_size: int = 64) -> float:
     g = torch.Generator(device="cpu").manual_seed(0)
-    embeds = torch.randn(2, 1, 77, 768, generator=g).to(device)
+    embeds = torch.randn(2, 1, 77, 768, generator=g).to(device, pipe.unet.dtype)
     kwargs = dict(prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1], num_inference_steps=steps,
                   guidance_scale=7.5, output_type="latent", generator=g, height=8 * latent_size,
                   width=8 * latent_size)
@@ -92,7 +102,7 @@ def timed_call(pipe, steps: int, device: str, strategy=None, latent_size: int = 
 
 def per_step(args) -> None:
     """Fixed cost of the hook per step: a tiny SD pipeline, so the denoiser itself costs little."""
-    pipe = build("sd")
+    pipe = build("sd").to(args.device, DTYPES[args.dtype])
     kwargs = dict(prompt=["a photo of a cat", "a red car"], num_inference_steps=args.steps, guidance_scale=7.5,
                   output_type="latent", height=32, width=32)
     variants = {"native CFG": None, "hook CFG": CFG(), "hook APG": APG(norm_threshold=15.0, momentum=-0.5)}
@@ -100,9 +110,9 @@ def per_step(args) -> None:
     def call(strategy):
         g = torch.Generator().manual_seed(0)
         if strategy is None:
-            return timed(lambda: pipe(**kwargs, generator=g), "cpu")
+            return timed(lambda: pipe(**kwargs, generator=g), args.device)
         with apply_guidance(pipe, strategy):
-            return timed(lambda: pipe(**kwargs, generator=g), "cpu")
+            return timed(lambda: pipe(**kwargs, generator=g), args.device)
 
     for strategy in variants.values():
         call(strategy)  # warm-up
@@ -112,13 +122,46 @@ def per_step(args) -> None:
             times[name].append(call(strategy) / args.steps * 1e3)
     base = statistics.median(times["native CFG"])
     print(f"tiny SD pipeline (test components), batch 2 + CFG, {args.steps} steps, {args.repeats} interleaved "
-          f"repeats, CPU, torch threads={torch.get_num_threads()}")
+          f"repeats, device={args.device}, dtype={args.dtype}, torch threads={torch.get_num_threads()}")
     # The fastest repeat is the least disturbed by other load on a shared machine: report both.
     low = min(times["native CFG"])
-    print(f"{'variant':<12} {'median ms/step':>15} {'+ms vs native':>14} {'min ms/step':>12} {'+ms vs native':>14}")
+    print(f"{'variant':<12} {'median ms/step':>15} {'+ms vs native':>14} {'ratio':>7} {'min ms/step':>12} "
+          f"{'+ms vs native':>14} {'ratio':>7}")
     for name, ts in times.items():
         med = statistics.median(ts)
-        print(f"{name:<12} {med:15.3f} {med - base:14.3f} {min(ts):12.3f} {min(ts) - low:14.3f}")
+        print(f"{name:<12} {med:15.3f} {med - base:14.3f} {med / base:7.4f} {min(ts):12.3f} {min(ts) - low:14.3f} "
+              f"{min(ts) / low:7.4f}")
+
+
+def context_cost(args) -> None:
+    """The StepContext the hook builds at every step, with the scheduler's tables read once per call (as
+    the hook does) against read at every step (a fresh table per step, as before), interleaved."""
+    import timeit
+
+    from pipelines.parametrization import build_step_context
+
+    pipe = build("sd")
+    x = torch.randn(2, 4, 4, 4)
+    rows = []
+    for scheduler in (pipe.scheduler, build("sdxl").scheduler):  # DDIM (discrete), Euler (sigma table)
+        scheduler.set_timesteps(args.steps)
+        t = scheduler.timesteps[args.steps // 2]
+        per_call = {"step": 0, "scale": 7.5, "rescale": 0.0}
+        variants = {"tables per call": lambda: build_step_context(scheduler, per_call, x, t),
+                    "tables per step": lambda: build_step_context(scheduler, {"step": 0, "scale": 7.5,
+                                                                              "rescale": 0.0}, x, t)}
+        times = {k: [] for k in variants}
+        for _ in range(args.repeats):
+            for k, fn in variants.items():
+                times[k].append(timeit.timeit(fn, number=200) / 200 * 1e3)
+        per_step = statistics.median(times["tables per step"])
+        for k, ts in times.items():
+            rows.append((type(scheduler).__name__, k, statistics.median(ts), statistics.median(ts) / per_step))
+    print(f"build_step_context, batch 2, {args.repeats} interleaved repeats of 200 calls, torch threads="
+          f"{torch.get_num_threads()}")
+    print(f"{'scheduler':<24} {'variant':<16} {'median ms':>10} {'ratio':>7}")
+    for name, k, ms, ratio in rows:
+        print(f"{name:<24} {k:<16} {ms:10.4f} {ratio:7.3f}")
 
 
 def main() -> None:
@@ -132,13 +175,17 @@ def main() -> None:
                         "hook's work grows linearly with it and the UNet's faster, gives a conservative ratio")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (use 1 on a shared machine: oversubscribed threads spin and distort timings)")
-    p.add_argument("--suite", choices=("overhead", "adaptive", "per-step"), default="overhead")
+    p.add_argument("--suite", choices=("overhead", "adaptive", "per-step", "context"), default="overhead")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                   help="pipeline precision: fp16 / bf16 as run on a GPU (CPU fp16 kernels are slow or missing)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.suite == "per-step":
         return per_step(args)
-    pipe = sd15_pipeline(args.device)
+    if args.suite == "context":
+        return context_cost(args)
+    pipe = sd15_pipeline(args.device, DTYPES[args.dtype])
     variants = {"native CFG": None, "hook CFG": CFG(), "hook APG": APG(norm_threshold=15.0, momentum=-0.5)}
     if args.suite == "adaptive":
         variants = {"native CFG": None, "AG (switch after step 1)": AdaptiveGuidance(threshold=-1.0),
@@ -151,14 +198,14 @@ def main() -> None:
     base = statistics.median(times["native CFG"])
     rows = []
     print(f"SD1.5-size UNet, {args.latent_size}x{args.latent_size} latents, batch 1 + CFG, {args.steps} steps, {args.repeats} interleaved repeats, "
-          f"device={args.device}, torch threads={torch.get_num_threads()}")
+          f"device={args.device}, dtype={args.dtype}, torch threads={torch.get_num_threads()}")
     print(f"{'variant':<26} {'median s':>9} {'ratio':>7}")
     for name, ts in times.items():
         med = statistics.median(ts)
         rows.append({"variant": name, "median_s": med, "ratio_to_native": med / base, "runs_s": ts})
         print(f"{name:<26} {med:9.3f} {med / base:7.4f}")
     if args.json:
-        args.json.write_text(json.dumps({"device": args.device, "steps": args.steps,
+        args.json.write_text(json.dumps({"device": args.device, "dtype": args.dtype, "steps": args.steps,
                                          "latent_size": args.latent_size, "rows": rows}, indent=2))
 
 

@@ -3,13 +3,14 @@
 #
 #   bash benchmarks/gpu.sh [--out DIR]     # on a machine with CUDA; default DIR benchmarks/results/gpu
 #   bash benchmarks/gpu.sh --smoke         # the same steps, tiny, on the CPU (checks the script itself)
-#   ... --skip NAME                         # leave a step out (checks, hook_overhead, hook_overhead_adaptive,
+#   ... --skip NAME                         # leave a step out (checks, hook_overhead, hook_per_step, hook_overhead_adaptive,
 #                                           # inception_throughput, eval, eval_report); repeatable
 #
 # 1. device-sensitive checks on CUDA (benchmarks/gpu_checks.py: hook exactness, per-image seeds, AG
 #    sub-batches, Dynamic CFG's device generator restore, denoiser and Inception against the CPU);
 # 2. hook overhead, SD 1.5-size UNet at 64x64 latents (fp16 when bench_hook_overhead.py offers
-#    --dtype): CFG, APG against native CFG; AG, LinearAG (--suite adaptive) against native CFG;
+#    --dtype): CFG, APG against native CFG; their fixed cost per step on the tiny test pipeline
+#    (--suite per-step, fp16); AG, LinearAG (--suite adaptive) against native CFG;
 # 3. Inception extraction throughput against torchmetrics' FID update (bench_metrics.py);
 # 4. one 10,000-image evaluation of a few settings (benchmarks/effects.py, resumable, with
 #    bootstrap intervals) and its verdicts (effects_report.py).
@@ -61,15 +62,20 @@ step() {  # step NAME LIMIT COMMAND...
   [ "$rc" = 0 ] || FAILED+=("$name (exit $rc)")
 }
 DTYPE=()
-if $PY benchmarks/bench_hook_overhead.py --help 2>/dev/null | grep -q -- "--dtype"; then
+if [ $SMOKE = 1 ]; then
+  :  # float32 on the CPU (half-precision CPU kernels are slow or missing)
+elif $PY benchmarks/bench_hook_overhead.py --help 2>/dev/null | grep -q -- "--dtype"; then
   DTYPE=(--dtype float16)
 else
   echo "note: bench_hook_overhead.py has no --dtype flag here: the hook overhead runs in float32"
 fi
+PER_STEP="--steps 50 --repeats 9"; [ $SMOKE = 1 ] && PER_STEP="--steps 2 --repeats 1 --threads 1"
 SMOKE_FLAG=(); [ $SMOKE = 1 ] && SMOKE_FLAG=(--smoke)
 step checks "${LIMITS[0]}" $PY benchmarks/gpu_checks.py --device $DEV "${SMOKE_FLAG[@]}"
 step hook_overhead "${LIMITS[1]}" $PY benchmarks/bench_hook_overhead.py --device $DEV $HOOK "${DTYPE[@]}" \
   --json "$OUT/hook_overhead.json"
+# The hook's fixed cost per step on the tiny test pipeline: on a GPU it is launch-bound, like few-step models.
+step hook_per_step 40 $PY benchmarks/bench_hook_overhead.py --suite per-step --device $DEV $PER_STEP "${DTYPE[@]}"
 step hook_overhead_adaptive "${LIMITS[1]}" $PY benchmarks/bench_hook_overhead.py --suite adaptive --device $DEV \
   $HOOK "${DTYPE[@]}" --json "$OUT/hook_overhead_adaptive.json"
 step inception_throughput "${LIMITS[2]}" $PY benchmarks/bench_metrics.py $METRICS

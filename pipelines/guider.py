@@ -242,7 +242,7 @@ class StrategyGuider(BaseGuidance):
                                  f"prediction {tuple(pred.shape)}, so x_t is unknown and {type(self.strategy).__name__} "
                                  "cannot convert to x0 here")
             return param
-        return step_parametrization(self.scheduler, self._timestep, x)
+        return step_parametrization(self.scheduler, self._timestep, x, self._solver.setdefault("tables", {}))
 
     # --- combining -----------------------------------------------------------------------------------
     def forward(self, pred_cond: torch.Tensor, pred_uncond: torch.Tensor | None = None) -> GuiderOutput:

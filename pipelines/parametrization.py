@@ -80,6 +80,28 @@ def prediction_type(scheduler) -> str:
     return kind
 
 
+def _floats(scheduler, name: str, cache: dict | None) -> list[float]:
+    """`scheduler.<name>` (sigmas, sigmas_interpol, alphas_cumprod, timesteps) as float64 Python numbers.
+
+    The hook passes its per-call dict as `cache`: the table is read from the device once per pipeline call
+    instead of at every step (no per-step transfer, no host-device sync). Tables are fixed within a call."""
+    if cache is not None and name in cache:
+        return cache[name]
+    values = getattr(scheduler, name).detach().double().cpu().tolist()
+    if cache is not None:
+        cache[name] = values
+    return values
+
+
+def timestep_value(timestep) -> float:
+    """The timestep as a Python number (one read of the first element; NaN when there is none)."""
+    if timestep is None:
+        return float("nan")
+    if isinstance(timestep, (int, float)):
+        return float(timestep)
+    return torch.as_tensor(timestep).reshape(-1)[0].item()
+
+
 def current_sigma_index(scheduler) -> int:
     if scheduler.step_index is not None:
         return int(scheduler.step_index)
@@ -87,24 +109,27 @@ def current_sigma_index(scheduler) -> int:
     return int(begin) if begin is not None else 0
 
 
-def current_sigma(scheduler) -> torch.Tensor:
+def current_sigma(scheduler, cache: dict | None = None) -> float:
     """The sigma-table entry of this evaluation: the one the scheduler's `scale_model_input` and
     `step` use (KDPM2's second-stage evaluations run at an interpolated sigma)."""
     i = current_sigma_index(scheduler)
     second_stage = not getattr(scheduler, "state_in_first_order", True)
     names = {cls.__name__ for cls in type(scheduler).__mro__}
     if second_stage and "KDPM2AncestralDiscreteScheduler" in names:
-        return scheduler.sigmas_interpol[i - 1]
+        return _floats(scheduler, "sigmas_interpol", cache)[i - 1]
     if second_stage and "KDPM2DiscreteScheduler" in names:
-        return scheduler.sigmas_interpol[i]
-    return scheduler.sigmas[i]
+        return _floats(scheduler, "sigmas_interpol", cache)[i]
+    return _floats(scheduler, "sigmas", cache)[i]
 
 
-def scheduler_parametrization(scheduler, timestep, model_input: torch.Tensor) -> Parametrization:
+def scheduler_parametrization(scheduler, timestep, model_input: torch.Tensor,
+                              cache: dict | None = None) -> Parametrization:
     """x = alpha * x0 + sigma * eps for the model input of the current evaluation.
 
     Raises `UnsupportedScheduler` (a ValueError naming the class and the supported ones) when the
-    noise level cannot be read exactly; see `step_parametrization` for the lenient form."""
+    noise level cannot be read exactly; see `step_parametrization` for the lenient form. `cache`: a
+    per-call dict for the scheduler's tables (see `_floats`). The arithmetic is float64 on Python
+    numbers (IEEE-identical to the same float64 tensor operations)."""
     kind = prediction_type(scheduler)
     if kind not in PREDICTION_TYPES:
         raise UnsupportedScheduler(f"scheduler={type(scheduler).__name__}: prediction_type={kind!r} is not supported; "
@@ -112,27 +137,26 @@ def scheduler_parametrization(scheduler, timestep, model_input: torch.Tensor) ->
     how = rule(scheduler)
     shape = (model_input.shape[0],) + (1,) * (model_input.ndim - 1)
     if how == "sigmas":
-        s = current_sigma(scheduler).double().cpu()
+        s = current_sigma(scheduler, cache)
         if kind == "flow":
             alpha, sigma = 1.0 - s, s
         else:
-            alpha = 1.0 / torch.sqrt(s * s + 1.0)
+            alpha = 1.0 / math.sqrt(s * s + 1.0)
             sigma = s * alpha
     else:
-        t = torch.as_tensor(timestep).flatten()[0].round().long().cpu()
-        abar = scheduler.alphas_cumprod.cpu()[t].double()
+        abar = _floats(scheduler, "alphas_cumprod", cache)[round(timestep_value(timestep))]
         if kind == "epsilon":
-            abar = abar.clamp_min(ZERO_SNR_FLOOR)
-        alpha, sigma = abar.sqrt(), (1.0 - abar).sqrt()
-    full = lambda v: torch.as_tensor(v, dtype=torch.float64).to(model_input.device).expand(shape)  # noqa: E731
+            abar = max(abar, ZERO_SNR_FLOOR)
+        alpha, sigma = math.sqrt(abar), math.sqrt(1.0 - abar)
+    full = lambda v: torch.full(shape, v, dtype=torch.float64, device=model_input.device)  # noqa: E731
     return Parametrization(kind, model_input, full(alpha), full(sigma))
 
 
-def step_parametrization(scheduler, timestep, model_input: torch.Tensor) -> Parametrization:
+def step_parametrization(scheduler, timestep, model_input: torch.Tensor, cache: dict | None = None) -> Parametrization:
     """`scheduler_parametrization`, or for a scheduler it refuses a Parametrization that raises that
     error as soon as a strategy asks for x0 or the noise level (CFG-like rules never do)."""
     try:
-        return scheduler_parametrization(scheduler, timestep, model_input)
+        return scheduler_parametrization(scheduler, timestep, model_input, cache)
     except UnsupportedScheduler as e:
         nan = torch.full((model_input.shape[0],) + (1,) * (model_input.ndim - 1), float("nan"), dtype=torch.float64)
         kind = prediction_type(scheduler)
@@ -160,7 +184,7 @@ def num_scheduler_steps(scheduler) -> int:
     return math.ceil(len(scheduler.timesteps) / evaluations_per_step(scheduler))
 
 
-def next_sigma(scheduler, timestep) -> float | None:
+def next_sigma(scheduler, timestep, cache: dict | None = None) -> float | None:
     """The VE noise level sigma / alpha the coming scheduler step moves to (0 at the end), or None
     where it cannot be read. Predictor evaluations only (what EluCD's x_t rule needs)."""
     try:
@@ -169,17 +193,18 @@ def next_sigma(scheduler, timestep) -> float | None:
         return None
     if how == "sigmas":
         i = current_sigma_index(scheduler)
-        if i + 1 >= len(scheduler.sigmas):
+        sigmas = _floats(scheduler, "sigmas", cache)
+        if i + 1 >= len(sigmas):
             return 0.0
-        s = float(scheduler.sigmas[i + 1])
+        s = sigmas[i + 1]
         if prediction_type(scheduler) == "flow":
             return s / (1.0 - s) if s < 1.0 else float("inf")
         return s
-    timesteps = scheduler.timesteps.cpu()
-    t = float(torch.as_tensor(timestep).flatten()[0])
-    i = int((timesteps.float() - t).abs().argmin())
+    timesteps = _floats(scheduler, "timesteps", cache)
+    t = timestep_value(timestep)
+    i = min(range(len(timesteps)), key=lambda k: abs(timesteps[k] - t))  # the nearest (first of ties)
     if i + 1 < len(timesteps):
-        abar = float(scheduler.alphas_cumprod.cpu()[int(timesteps[i + 1])])
+        abar = _floats(scheduler, "alphas_cumprod", cache)[int(timesteps[i + 1])]
     else:  # DDIM/LCM step to their final alphabar (1 with set_alpha_to_one), others to x0
         final = getattr(scheduler, "final_alpha_cumprod", None)
         abar = 1.0 if final is None else float(final)
@@ -195,8 +220,9 @@ def build_step_context(scheduler, call: dict, model_input: torch.Tensor, timeste
     first = starts_step(scheduler)
     if first or "scheduler_step" not in call:
         call["scheduler_step"] = call.get("scheduler_step", -1) + 1
-    t = torch.as_tensor(timestep).flatten()[0].item() if timestep is not None else float("nan")
-    param = step_parametrization(scheduler, timestep, model_input)
+    t = timestep_value(timestep)  # read once (a device sync where the timestep lives on an accelerator)
+    tables = call.setdefault("tables", {})  # the scheduler's tables, read once per call
+    param = step_parametrization(scheduler, t, model_input, tables)
     return StepContext(call["step"], call["num_steps"], t, param, call["scale"], call["rescale"],
                        scheduler_step=call["scheduler_step"], num_scheduler_steps=call["num_scheduler_steps"],
-                       starts_step=first, next_sigma=next_sigma(scheduler, timestep) if first else None)
+                       starts_step=first, next_sigma=next_sigma(scheduler, t, tables) if first else None)

@@ -24,7 +24,7 @@ from diffusers.modular_pipelines.stable_diffusion_xl.before_denoise import (
 from diffusers.modular_pipelines.stable_diffusion_xl.denoise import StableDiffusionXLDenoiseStep
 
 import tiny_pipelines as tp
-from guidance import APG, CFG, DynamicCFG, GuidanceStrategy, Interval
+from guidance import APG, CFG, AdaptiveGuidance, DynamicCFG, GuidanceStrategy, Interval
 from pipelines.guider import StrategyGuider
 
 SCALE, STEPS, BATCH = 5.0, 4, 2
@@ -138,6 +138,15 @@ def test_interval_saves_unconditional_calls(modular):
     sigma_max = float(pipe.scheduler.sigmas[STEPS // 2])  # the schedule of the call above (same steps)
     _, calls = run(StrategyGuider(Interval(CFG(), sigma_max=sigma_max), guidance_scale=SCALE, scheduler=pipe.scheduler))
     assert calls == STEPS + STEPS // 2
+
+
+def test_adaptive_guidance_saves_calls(modular):
+    """Per-sample state across steps: with threshold -1 every sample switches after the first step."""
+    pipe, run = modular
+    guider = StrategyGuider(AdaptiveGuidance(threshold=-1.0), guidance_scale=SCALE, scheduler=pipe.scheduler)
+    out, calls = run(guider)
+    assert calls == guider.nfe_per_sample == STEPS + 1
+    assert torch.isfinite(out).all()
 
 
 def test_x0_strategy_without_scheduler_says_so(modular):

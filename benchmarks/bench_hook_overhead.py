@@ -12,7 +12,9 @@ median(variant) / median(native).
 
 `--suite per-step` times the hook's fixed cost per denoising step on the tiny test SD pipeline (batch 2,
 `--steps` steps, latent output): per-step milliseconds of native CFG, CFG and APG through the hook, and
-their difference from native and ratio to it, all interleaved in one run.
+their difference from native and ratio to it, all interleaved in one run. `--clock cpu` times this
+process's CPU time instead of wall time (on a CPU with `--threads 1`: robust to other jobs on a shared
+machine).
 
 `--suite context` times the StepContext the hook builds per step, with the scheduler's tables read once
 per call (what the hook does) against once per step, side by side.
@@ -107,12 +109,19 @@ def per_step(args) -> None:
                   output_type="latent", height=32, width=32)
     variants = {"native CFG": None, "hook CFG": CFG(), "hook APG": APG(norm_threshold=15.0, momentum=-0.5)}
 
+    def clocked(fn) -> float:
+        if args.clock == "wall":
+            return timed(fn, args.device)
+        start = time.process_time()  # this process's CPU time: what the hook costs, not others' load
+        fn()
+        return time.process_time() - start
+
     def call(strategy):
         g = torch.Generator().manual_seed(0)
         if strategy is None:
-            return timed(lambda: pipe(**kwargs, generator=g), args.device)
+            return clocked(lambda: pipe(**kwargs, generator=g))
         with apply_guidance(pipe, strategy):
-            return timed(lambda: pipe(**kwargs, generator=g), args.device)
+            return clocked(lambda: pipe(**kwargs, generator=g))
 
     for strategy in variants.values():
         call(strategy)  # warm-up
@@ -122,7 +131,8 @@ def per_step(args) -> None:
             times[name].append(call(strategy) / args.steps * 1e3)
     base = statistics.median(times["native CFG"])
     print(f"tiny SD pipeline (test components), batch 2 + CFG, {args.steps} steps, {args.repeats} interleaved "
-          f"repeats, device={args.device}, dtype={args.dtype}, torch threads={torch.get_num_threads()}")
+          f"repeats, device={args.device}, dtype={args.dtype}, torch threads={torch.get_num_threads()}, "
+          f"clock={args.clock}")
     # The fastest repeat is the least disturbed by other load on a shared machine: report both.
     low = min(times["native CFG"])
     print(f"{'variant':<12} {'median ms/step':>15} {'+ms vs native':>14} {'ratio':>7} {'min ms/step':>12} "
@@ -176,6 +186,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (use 1 on a shared machine: oversubscribed threads spin and distort timings)")
     p.add_argument("--suite", choices=("overhead", "adaptive", "per-step", "context"), default="overhead")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="per-step suite: wall time, or this process's CPU time (with --threads 1 on a CPU: robust "
+                        "to other jobs' load, which inflates wall time)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
                    help="pipeline precision: fp16 / bf16 as run on a GPU (CPU fp16 kernels are slow or missing)")
     args = p.parse_args()

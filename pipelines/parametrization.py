@@ -84,12 +84,14 @@ def _floats(scheduler, name: str, cache: dict | None) -> list[float]:
     """`scheduler.<name>` (sigmas, sigmas_interpol, alphas_cumprod, timesteps) as float64 Python numbers.
 
     The hook passes its per-call dict as `cache`: the table is read from the device once per pipeline call
-    instead of at every step (no per-step transfer, no host-device sync). Tables are fixed within a call."""
-    if cache is not None and name in cache:
-        return cache[name]
-    values = getattr(scheduler, name).detach().double().cpu().tolist()
+    instead of at every step (no per-step transfer, no host-device sync). A table the scheduler replaces
+    (`set_timesteps` makes new tensors) is read again."""
+    table = getattr(scheduler, name)
+    if cache is not None and name in cache and cache[name][0] is table:
+        return cache[name][1]
+    values = table.detach().double().cpu().tolist()
     if cache is not None:
-        cache[name] = values
+        cache[name] = (table, values)
     return values
 
 

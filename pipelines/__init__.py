@@ -2,6 +2,7 @@
 adapter table, scheduler parametrization, and the embedded default model (`load_embedded`)."""
 
 from .adapters import REFUSED, Adapter, adapter_for, register_adapter, supported_pipelines
+from .guide import register_guide_model
 from .hook import GuidanceHandle, apply_guidance
 from .layouts import LAYOUTS
 from .parametrization import scheduler_parametrization
@@ -17,6 +18,7 @@ __all__ = [
     "adapter_for",
     "apply_guidance",
     "register_adapter",
+    "register_guide_model",
     "scheduler_parametrization",
     "supported_pipelines",
 ]

@@ -56,12 +56,20 @@ def _children(strategy: GuidanceStrategy) -> Iterable[GuidanceStrategy]:
     return (c for c in (getattr(strategy, f, None) for f in strategy.config_fields) if isinstance(c, GuidanceStrategy))
 
 
+_LOADED: dict[str, tuple[Callable, torch.nn.Module]] = {}  # name -> (its loader, the model it loaded)
+
+
 def load_guide_model(name: str) -> torch.nn.Module:
+    """The registered guide model `name`, loaded once per process (the batch runner applies a strategy
+    per batch; the weights are read the first time only)."""
     if name not in GUIDE_MODELS:
         raise ValueError(f"guide_model={name!r} is not a registered guide model; allowed: "
                          f"{', '.join(sorted(GUIDE_MODELS)) or '(none registered)'}, or pass the model object to "
                          "apply_guidance(pipe, strategy, guide_model=model)")
-    return GUIDE_MODELS[name]()
+    loader = GUIDE_MODELS[name]
+    if name not in _LOADED or _LOADED[name][0] is not loader:
+        _LOADED[name] = (loader, loader())
+    return _LOADED[name][1]
 
 
 def _config(module: torch.nn.Module) -> dict:

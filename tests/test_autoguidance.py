@@ -190,13 +190,16 @@ def test_incompatible_guide_models_are_refused_up_front(embedded, guide):
 
 def test_a_registered_guide_model_is_loaded_by_name_and_placed(embedded, guide):
     pipe = embedded.pipe
+    loads = []
     loaded = smaller(pipe.unet, block_out_channels=[16, 32, 32]).double()  # ours to move: loaded by name
-    register_guide_model("test-tiny-guide", lambda: loaded)
+    register_guide_model("test-tiny-guide", lambda: loads.append(1) or loaded)
     try:
         by_name, handle = sample(pipe, Autoguidance(guide_model="test-tiny-guide"))
+        sample(pipe, Autoguidance(guide_model="test-tiny-guide"), steps=1)
     finally:
         del GUIDE_MODELS["test-tiny-guide"]
     assert loaded.dtype == torch.float32 and handle.guide_nfe.tolist() == [STEPS, STEPS]
+    assert len(loads) == 1  # loaded once, reused by later strategies that name it
     torch.testing.assert_close(by_name, sample(pipe, Autoguidance(), guide)[0], atol=1e-6, rtol=0)
 
 

@@ -25,6 +25,7 @@ GUIDE_MODELS: dict[str, Callable[[], torch.nn.Module]] = {}
 # one both configs hold (capacity entries such as block_out_channels or num_layers may differ).
 INTERFACE_KEYS = (
     "in_channels", "out_channels", "sample_size", "patch_size", "num_class_embeds", "class_embed_type",
+    "num_embeds_ada_norm",
     "cross_attention_dim", "encoder_hid_dim", "encoder_hid_dim_type", "addition_embed_type",
     "projection_class_embeddings_input_dim", "joint_attention_dim", "pooled_projection_dim",
     "caption_channels", "text_embed_dim", "time_cond_proj_dim", "num_train_timesteps", "prediction_type",

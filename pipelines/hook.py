@@ -138,6 +138,10 @@ class GuidanceHandle:
                                  "apply_guidance(pipe, strategy, guide_model=model) with a denoiser of the same family "
                                  "(e.g. UNet2DModel.from_pretrained(...)), or a registered name in the strategy")
             return None, False
+        if not uses_guide_model(self.strategy):
+            raise ValueError(f"guide_model was given but {name} never asks for the guide model's prediction "
+                             "(its uses_guide_model is False); allowed: guide_model=None, or a strategy that uses "
+                             "it, e.g. Autoguidance()")
         if len(self.denoisers) > 1:
             raise NotImplementedError(f"{self.pipe_name} has {len(self.denoisers)} denoisers (experts); a guide model "
                                       "is supported on single-denoiser pipelines only")

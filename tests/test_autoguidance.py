@@ -183,6 +183,9 @@ def test_incompatible_guide_models_are_refused_up_front(embedded, guide):
                                          r"move it first: guide_model.to\('cpu', torch.float32\)"):
         sample(pipe, Autoguidance(), smaller(pipe.unet).double())
     assert torch.equal(sample(pipe, steps=1)[0], native)  # the refused call left the pipeline as it was
+    for unused in (CFG(), Autoguidance(mix=0.0)):
+        with pytest.raises(ValueError, match=r"guide_model was given but (CFG|Autoguidance) never asks for"):
+            apply_guidance(pipe, unused, guide_model=guide)
     with apply_guidance(pipe, Autoguidance(mix=0.0)) as handle:  # mix=0 is CFG: no guide model needed
         pipe(class_labels=[0], num_inference_steps=1, output_type="pt")
     assert handle.guide_nfe is None
@@ -234,8 +237,10 @@ def test_gfcg_with_autoguidance_pushes_from_the_reference_class(embedded, guide)
 
 @pytest.mark.parametrize("name, capacity", [("sd", dict(block_out_channels=(4, 8), attention_head_dim=2,
                                                         norm_num_groups=2)),
+                                            ("dit", dict(num_layers=1)),
                                             ("flux", dict(num_layers=1, num_single_layers=0))])
-def test_batched_sd_and_sequential_flux(name, capacity):
+def test_batched_sd_and_dit_and_sequential_flux(name, capacity):
+    """[uncond; cond] (SD), [cond; uncond] with learned sigma (DiT), two calls per step (Flux true CFG)."""
     pipe = build(name)
     model = denoiser(pipe)
     gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
@@ -256,3 +261,6 @@ def test_batched_sd_and_sequential_flux(name, capacity):
     assert handle.guide_nfe.tolist() == [3, 3] and guide_rows["rows"] == 6
     assert torch.isfinite(guided).all() and not torch.allclose(guided, cond, atol=1e-3)
     assert isinstance(model, UNet2DConditionModel) == (name == "sd")
+    if name == "dit":  # a class-embedding table of another size is refused
+        with pytest.raises(ValueError, match=r"num_embeds_ada_norm=10 but DiTPipeline's denoiser"):
+            apply_guidance(pipe, Autoguidance(), guide_model=smaller(model, num_embeds_ada_norm=10))

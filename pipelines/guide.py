@@ -12,6 +12,7 @@ configs say up front; `check_placement` compares device and dtype at every call.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Iterable
 
 import torch
@@ -99,7 +100,8 @@ def check_guide_model(guide: Any, denoiser: torch.nn.Module, pipe_name: str, pre
             )
     guide_type = other.get("prediction_type")
     if guide_type is not None and prediction_type is not None and guide_type != prediction_type:
-        raise ValueError(f"guide_model predicts {guide_type!r} but {pipe_name}'s scheduler expects {prediction_type!r}; "
+        raise ValueError(f"guide_model predicts {guide_type!r} but {pipe_name}'s scheduler expects "
+                         f"{prediction_type!r}; "
                          "allowed: a guide model trained with the same prediction type and noise schedule")
 
 
@@ -113,3 +115,15 @@ def check_placement(guide: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype 
             f"guide_model is on {p.device} in {p.dtype} but {pipe_name}'s denoiser runs on {x.device} in {dtype}; "
             f"move it first: guide_model.to({str(x.device)!r}, {dtype})"
         )
+
+
+def check_arguments(guide: torch.nn.Module, kwargs: dict, pipe_name: str) -> None:
+    """The guide receives the conditional call's keywords: refuse one whose forward cannot take them all
+    (e.g. a UNet2DModel guiding a text-conditioned UNet2DConditionModel) with the names it lacks."""
+    params = inspect.signature(guide.forward).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return
+    missing = sorted(set(kwargs) - {p.name for p in params})
+    if missing:
+        raise ValueError(f"guide_model {type(guide).__name__}.forward takes no {', '.join(missing)}, which {pipe_name} "
+                         "passes to its denoiser; allowed: a guide model of the denoiser's family (same inputs)")

@@ -32,7 +32,8 @@ from guidance.base import COND, GUIDE, REF, UNCOND, GuidanceStrategy, StepContex
 
 from .adapters import Adapter, adapter_for
 from .call import describe_call
-from .guide import check_guide_model, check_placement, load_guide_model, named_guide_models, uses_guide_model
+from .guide import (check_arguments, check_guide_model, check_placement, load_guide_model, named_guide_models,
+                    uses_guide_model)
 from .layouts import LAYOUTS, DenoiserCall, Layout
 from .parametrization import build_step_context
 
@@ -335,6 +336,7 @@ class GuidanceHandle:
             if self._owns_guide:
                 guide.to(call.x.device, dtype)
             check_placement(guide, call.x, dtype, self.pipe_name)
+            check_arguments(guide, call.kwargs, self.pipe_name)
             self.call.guide_placed = True
         return guide
 

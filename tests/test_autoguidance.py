@@ -82,7 +82,7 @@ def test_parameters_are_checked_and_configs_round_trip():
     assert from_config(s.to_config()).to_config() == s.to_config()
     wrapped = GFCG("embedded-guidance", scale=1.5, inner=Interval(Autoguidance(scale=2.0), start=0.2))
     assert from_config(wrapped.to_config()).to_config() == wrapped.to_config()
-    with pytest.raises(ValueError, match=r"Autoguidance: mix=1.5 is out of range; allowed: a finite number in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"Autoguidance: mix=1.5 is out of range; allowed: a finite number in \[0, 1"):
         Autoguidance(mix=1.5)
     with pytest.raises(ValueError, match=r"guide_model=UNet2DModel object; allowed: None \(then pass the model to"):
         Autoguidance(guide_model=UNet2DModel(block_out_channels=(8,), down_block_types=("DownBlock2D",),
@@ -260,7 +260,21 @@ def test_batched_sd_and_dit_and_sequential_flux(name, capacity):
     assert handle.nfe.tolist() == [3, 3] and main_rows["rows"] == 6
     assert handle.guide_nfe.tolist() == [3, 3] and guide_rows["rows"] == 6
     assert torch.isfinite(guided).all() and not torch.allclose(guided, cond, atol=1e-3)
+    rows = count_rows(other)
+    try:
+        with apply_guidance(pipe, Interval(Autoguidance(scale=4.0), start=0.5), guide_model=other) as handle:
+            pipe(**kw, generator=gen())
+    finally:
+        del other.forward
+    assert handle.guide_nfe.tolist() == [2, 2] and rows["rows"] == 4  # steps 1 and 2 of 3
     assert isinstance(model, UNet2DConditionModel) == (name == "sd")
+    if name == "sd":  # a guide that cannot take the text embeddings is refused at the call, by name
+        unconditional = UNet2DModel(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(8,),
+                                    down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",), norm_num_groups=4)
+        with apply_guidance(pipe, Autoguidance(), guide_model=unconditional.eval()):
+            with pytest.raises(ValueError, match=r"UNet2DModel.forward takes no .*encoder_hidden_states.*, which "
+                                                 r"StableDiffusionPipeline passes to its denoiser"):
+                pipe(**kw, generator=gen())
     if name == "dit":  # a class-embedding table of another size is refused
         with pytest.raises(ValueError, match=r"num_embeds_ada_norm=10 but DiTPipeline's denoiser"):
             apply_guidance(pipe, Autoguidance(), guide_model=smaller(model, num_embeds_ada_norm=10))

@@ -7,7 +7,8 @@ inside diffusers pipelines; any custom sampling loop can call them directly.
 
 from .adaptive import AdaptiveGuidance
 from .apg import APG
-from .base import COND, REF, REGISTRY, UNCOND, GuidanceStrategy, StepContext, from_config, register_strategy
+from .autoguidance import Autoguidance
+from .base import COND, GUIDE, REF, REGISTRY, UNCOND, GuidanceStrategy, StepContext, from_config, register_strategy
 from .call import CallDescription
 from .cfg import CFG, rescale_to_cond_std
 from .classifier import ImageClassifier, class_prompts, register_classifier, smooth_relu
@@ -20,6 +21,7 @@ from .schedules import Schedule
 
 __all__ = [
     "APG",
+    "Autoguidance",
     "CallDescription",
     "register_strategy",
     "AdaptiveGuidance",
@@ -27,6 +29,7 @@ __all__ = [
     "CalibratedClassifierGuidance",
     "ClassifierGuidance",
     "GFCG",
+    "GUIDE",
     "ImageClassifier",
     "REF",
     "class_prompts",
@@ -55,5 +58,5 @@ __all__ += ["DynamicCFG", "plot_schedules"]
 
 # The strategies configs may name (explicit: a user's class with one of these names cannot replace it).
 for _cls in (CFG, APG, AdaptiveGuidance, Interval, Rescale, LinearAG, CalibratedClassifierGuidance,
-             ClassifierGuidance, GFCG, DynamicCFG):
+             ClassifierGuidance, GFCG, DynamicCFG, Autoguidance):
     register_strategy(_cls)

@@ -23,6 +23,10 @@ from .call import CallDescription
 from .parametrization import Parametrization
 
 COND, UNCOND, REF = "cond", "uncond", "ref"  # REF: the condition of another class (GFCG)
+# GUIDE: a second denoiser (the guide model, e.g. autoguidance's weaker model of the same family) at the
+# same input x_t, timestep and condition as COND. The caller supplies the model (pipelines.apply_guidance's
+# `guide_model`); guidance/ only asks for its prediction.
+GUIDE = "guide"
 
 # Name -> class of the strategies that configs may name, filled explicitly by `register_strategy`
 # (guidance/__init__ registers ours), so that a user's subclass called e.g. `CFG` cannot replace ours.
@@ -156,6 +160,7 @@ class GuidanceStrategy:
 
     space: ClassVar[str] = "model"
     config_fields: ClassVar[tuple[str, ...]] = ()
+    uses_guide_model: ClassVar[bool] = False  # may ask for the GUIDE branch (the caller must supply a guide model)
 
     # --- per-call protocol -------------------------------------------------------------------
     def on_call(self, call: "CallDescription") -> None:
@@ -179,7 +184,10 @@ class GuidanceStrategy:
         """Forget per-sample state (momentum, switch flags, ...): a new generation starts."""
 
     def branches(self, ctx: StepContext) -> dict[str, torch.Tensor]:
-        """Which samples need which model evaluation at this step (bool masks of shape (B,))."""
+        """Which samples need which model evaluation at this step (bool masks of shape (B,)).
+
+        Keys: COND (every sample), UNCOND, REF (with `reference_labels`), GUIDE (the guide model at the
+        conditional inputs; set `uses_guide_model = True` so callers check for a guide model up front)."""
         return {COND: ctx.all(), UNCOND: ctx.all()}
 
     def reference_labels(self, ctx: StepContext) -> torch.Tensor:

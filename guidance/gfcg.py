@@ -14,6 +14,10 @@ not be read, so every rule below is an explicit option, and the defaults are our
   "constant": omega_t = scale whenever there is a reference.
 - The guided prediction is base + omega_t * (D_target - D_ref), base = `inner` (default CFG at the
   call's scale; None = the conditional prediction alone). With omega_t = 0 it is the base exactly.
+  `inner=Autoguidance()` is GFCG + ATG, the paper's headline setting [A]: the base is autoguidance
+  (the guide model's branch is asked through `inner`), D_ref the main model at the reference class
+  (our reading; the abstract's "without additional computational overhead" may mean that the
+  reference replaces a pass, which we cannot check: here it is one extra main-model row).
 - Timing: the reference is chosen from the previous scheduler step's conditional estimate (once
   per step: a multi-evaluation solver's corrector keeps its step's reference), so the reference
   prediction is evaluated in the same denoiser batch as the other branches (one call per step, no
@@ -65,7 +69,8 @@ class GFCG(ClassifierInput, GuidanceStrategy):
     mode picks a reference class per sample and step; the prediction moves away from it.
 
     classifier: an nn.Module, guidance.ImageClassifier, or registered name ("embedded-guidance").
-    scale: the largest reference scale. inner: base guidance (default CFG; None: conditional only).
+    scale: the largest reference scale. inner: base guidance (default CFG; None: conditional only;
+    Autoguidance(): GFCG + ATG, with the guide model given to apply_guidance).
     target: class id per prompt for text-to-image pipelines (class-conditional ones use their labels;
     the reference branch itself needs a class-conditional pipeline).
 

@@ -2,6 +2,7 @@
 adapter table, scheduler parametrization, and the embedded default model (`load_embedded`)."""
 
 from .adapters import REFUSED, Adapter, adapter_for, register_adapter, supported_pipelines
+from .guide import register_guide_model
 from .guider import StrategyGuider
 from .hook import GuidanceHandle, apply_guidance
 from .layouts import LAYOUTS
@@ -18,6 +19,7 @@ __all__ = [
     "adapter_for",
     "apply_guidance",
     "register_adapter",
+    "register_guide_model",
     "scheduler_parametrization",
     "StrategyGuider",
     "supported_pipelines",

@@ -28,10 +28,12 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
-from guidance.base import COND, REF, UNCOND, GuidanceStrategy, StepContext, is_finite_number
+from guidance.base import COND, GUIDE, REF, UNCOND, GuidanceStrategy, StepContext, is_finite_number
 
 from .adapters import Adapter, adapter_for
 from .call import describe_call
+from .guide import (check_arguments, check_guide_model, check_placement, load_guide_model, named_guide_models,
+                    uses_guide_model)
 from .layouts import LAYOUTS, DenoiserCall, Layout
 from .parametrization import build_step_context
 
@@ -74,6 +76,8 @@ class CallState:
     step: int = 0
     num_steps: int | None = None
     nfe: torch.Tensor | None = None  # accumulated on the masks' device; read back once, at the end
+    guide_nfe: torch.Tensor | None = None  # the guide model's rows, counted apart from the denoiser's
+    guide_placed: bool = False  # the guide model's device / dtype was checked in this call
     solver: dict = field(default_factory=dict)  # build_step_context's per-call state
 
 
@@ -93,10 +97,12 @@ class GuidanceHandle:
     which call are cond / uncond) is a `pipelines.layouts.Layout`.
 
     After a pipeline call, `.nfe` holds the number of denoiser evaluations each sample received
-    (a (B,) int tensor, B = batch x num_images_per_prompt) and `.nfe_per_sample` its mean.
+    (a (B,) int tensor, B = batch x num_images_per_prompt) and `.nfe_per_sample` its mean. With a
+    guide model, `.guide_nfe` / `.guide_nfe_per_sample` count the guide model's evaluations apart
+    (None without a guide model); `.nfe` keeps counting the pipeline's denoiser only.
     """
 
-    def __init__(self, pipe, strategy: GuidanceStrategy):
+    def __init__(self, pipe, strategy: GuidanceStrategy, guide_model: torch.nn.Module | None = None):
         if not isinstance(strategy, GuidanceStrategy):
             raise TypeError(f"strategy={strategy!r} is not a guidance.GuidanceStrategy")
         self.pipe = pipe
@@ -108,11 +114,42 @@ class GuidanceHandle:
         ]
         self.denoiser = self.denoisers[0]
         self.layout: Layout = LAYOUTS[self.adapter.layout](self)
+        self.guide_model, self._owns_guide = self._resolve_guide(guide_model)
         self.nfe: torch.Tensor | None = None
+        self.guide_nfe: torch.Tensor | None = None
         self.call: CallState | None = None
         self._cache_on = False
         self._installed = False
         self._install()
+
+    def _resolve_guide(self, guide_model) -> tuple[torch.nn.Module | None, bool]:
+        """The guide model for the GUIDE branch: the one given, or the one the strategy names (loaded
+        here, then owned: moved to the denoiser's device and dtype at each call). Checked up front."""
+        names, name = named_guide_models(self.strategy), type(self.strategy).__name__
+        if guide_model is not None and names:
+            raise ValueError(f"guide_model was given to apply_guidance and {name} also names guide_model="
+                             f"{sorted(names)}; allowed: one of the two")
+        if len(names) > 1:
+            raise ValueError(f"{name} names several guide models {sorted(names)}; allowed: one per pipeline")
+        owned = guide_model is None and bool(names)
+        if owned:
+            guide_model = load_guide_model(next(iter(names)))
+        if guide_model is None:
+            if uses_guide_model(self.strategy):
+                raise ValueError(f"{name} needs a guide model and none was given; allowed: "
+                                 "apply_guidance(pipe, strategy, guide_model=model) with a denoiser of the same family "
+                                 "(e.g. UNet2DModel.from_pretrained(...)), or a registered name in the strategy")
+            return None, False
+        if not uses_guide_model(self.strategy):
+            raise ValueError(f"guide_model was given but {name} never asks for the guide model's prediction "
+                             "(its uses_guide_model is False); allowed: guide_model=None, or a strategy that uses "
+                             "it, e.g. Autoguidance()")
+        if len(self.denoisers) > 1:
+            raise NotImplementedError(f"{self.pipe_name} has {len(self.denoisers)} denoisers (experts); a guide model "
+                                      "is supported on single-denoiser pipelines only")
+        prediction_type = getattr(getattr(self.pipe, "scheduler", None), "config", {}).get("prediction_type")
+        check_guide_model(guide_model, self.denoiser, self.pipe_name, prediction_type)
+        return guide_model, owned
 
     # --- installation ----------------------------------------------------------------------------
     def _install(self) -> None:
@@ -153,6 +190,10 @@ class GuidanceHandle:
     def nfe_per_sample(self) -> float | None:
         return None if self.nfe is None else float(self.nfe.float().mean())
 
+    @property
+    def guide_nfe_per_sample(self) -> float | None:
+        return None if self.guide_nfe is None else float(self.guide_nfe.float().mean())
+
     # --- one pipeline call ---------------------------------------------------------------------------
     @contextmanager
     def _pipeline_call(self, original: type, pipe_self, args, kwargs):
@@ -176,6 +217,8 @@ class GuidanceHandle:
         finally:
             self.layout.end_call()
             self.nfe = None if self.call.nfe is None else self.call.nfe.cpu()
+            self.guide_nfe = None if self.guide_model is None or self.call.nfe is None else (
+                torch.zeros_like(self.nfe) if self.call.guide_nfe is None else self.call.guide_nfe.cpu())
             self.call = None
 
     def _check_call(self, call: dict, scales: list) -> None:
@@ -237,7 +280,7 @@ class GuidanceHandle:
 
     def masks(self, ctx: StepContext) -> dict[str, torch.Tensor]:
         masks = self.strategy.branches(ctx)
-        unknown = set(masks) - {COND, UNCOND, REF}
+        unknown = set(masks) - {COND, UNCOND, REF, GUIDE}
         if unknown:
             raise NotImplementedError(f"branches {sorted(unknown)} are not supported by this pipeline adapter")
         if not bool(masks[COND].all()):
@@ -251,6 +294,11 @@ class GuidanceHandle:
                     f"{self.pipe_name} has no class ids to swap"
                 )
             out[REF] = masks[REF]
+        if GUIDE in masks:  # kept even when no row asks: the strategy then reads NaN rows, no call is made
+            if self.guide_model is None:
+                raise ValueError(f"{type(self.strategy).__name__} asks for the guide model's prediction but none was "
+                                 "given; allowed: apply_guidance(pipe, strategy, guide_model=model)")
+            out[GUIDE] = masks[GUIDE]
         if self._cache_on and (REF in out or not bool(out[UNCOND].all())):
             # FasterCache splits every denoiser batch into [uncond; cond] halves and the other caches reuse
             # outputs of earlier steps by position: a batch of other rows would be misread, silently.
@@ -281,9 +329,28 @@ class GuidanceHandle:
         return guided
 
     def _finish_step(self, masks: dict[str, torch.Tensor]) -> None:
-        evaluated = sum(m.long() for m in masks.values())
+        evaluated = sum(m.long() for k, m in masks.items() if k != GUIDE)
         self.call.nfe = evaluated if self.call.nfe is None else self.call.nfe + evaluated.to(self.call.nfe.device)
+        if GUIDE in masks:
+            guide = masks[GUIDE].long()
+            self.call.guide_nfe = guide if self.call.guide_nfe is None else self.call.guide_nfe + guide.to(
+                self.call.guide_nfe.device)
         self.call.step += 1
+
+    def guide_forward(self, call) -> Callable:
+        """What evaluates the GUIDE rows of this denoiser call: the guide model (through its own hooks,
+        offloading included), or, when it is the pipeline's denoiser itself, its forward below our hook."""
+        guide = self.guide_model
+        if guide is self.denoisers[call.expert]:
+            return call.forward
+        if not self.call.guide_placed:
+            dtype = getattr(self.denoiser, "dtype", None)
+            if self._owns_guide:
+                guide.to(call.x.device, dtype)
+            check_placement(guide, call.x, dtype, self.pipe_name)
+            check_arguments(guide, call.kwargs, self.pipe_name)
+            self.call.guide_placed = True
+        return guide
 
     # --- the denoiser call -----------------------------------------------------------------------
     def _forward(self, forward: Callable, expert: int, context_name: str | None, args: tuple, kwargs: dict):
@@ -295,7 +362,7 @@ class GuidanceHandle:
         return self.layout.forward(DenoiserCall(forward, args, kwargs, x, timestep, context_name, expert))
 
 
-def apply_guidance(pipe, strategy: GuidanceStrategy) -> GuidanceHandle:
+def apply_guidance(pipe, strategy: GuidanceStrategy, guide_model: torch.nn.Module | None = None) -> GuidanceHandle:
     """Swap the guidance rule of a diffusers pipeline.
 
         with apply_guidance(pipe, APG(eta=0.0, norm_threshold=15, momentum=-0.5)) as handle:
@@ -303,5 +370,8 @@ def apply_guidance(pipe, strategy: GuidanceStrategy) -> GuidanceHandle:
         print(handle.nfe_per_sample)
 
     The strategy's scale defaults to the call's own `guidance_scale` (`true_cfg_scale` for Flux).
+    guide_model: the second denoiser of strategies that ask for the GUIDE branch (Autoguidance): same
+    inputs and outputs as the pipeline's denoiser, on its device and dtype; called with the
+    conditional call's arguments. Its evaluations are counted in `handle.guide_nfe`.
     """
-    return GuidanceHandle(pipe, strategy)
+    return GuidanceHandle(pipe, strategy, guide_model)

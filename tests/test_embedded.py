@@ -7,6 +7,7 @@ import guidance
 from guidance import REGISTRY, GuidanceStrategy
 from pipelines import apply_guidance, load_embedded
 from pipelines.embedded import CIFAR10_CLASSES, ClassConditionalPipeline
+from pipelines.guide import uses_guide_model
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +89,8 @@ def test_every_strategy_runs_on_the_embedded_model(model):
     assert set(strategies) == set(REGISTRY)
     native = sample(model.pipe, guidance_scale=3.0)
     for name, strategy in strategies.items():
-        with apply_guidance(model.pipe, strategy) as handle:
+        guide = model.pipe.unet if uses_guide_model(strategy) else None  # Autoguidance: the model guides itself
+        with apply_guidance(model.pipe, strategy, guide_model=guide) as handle:
             images = sample(model.pipe, guidance_scale=3.0)
         assert torch.isfinite(images).all() and images.shape == native.shape, name
         assert handle.nfe is not None and int(handle.nfe.min()) >= 5, name

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from guidance.base import COND, REF, UNCOND
+from guidance.base import COND, GUIDE, REF, UNCOND
 
 from .base import DenoiserCall, Layout
 from .rows import first, gather_rows, nan_rows, replace_first
@@ -53,6 +53,8 @@ class UncondCond(Layout):
             preds = {COND: full[cond_rows.to(full.device)], UNCOND: full[uncond_rows.to(full.device)]}
         else:
             out, preds = self._evaluate_rows(call, ctx, masks, cond_rows, uncond_rows)
+        if GUIDE in masks:
+            preds[GUIDE] = self.evaluate_guide(call, cond_rows, masks[GUIDE], preds[COND])
         g = h.combine(ctx, masks, preds, ctx.x.shape[1])
         return replace_first(out, torch.cat([g, g]))
 

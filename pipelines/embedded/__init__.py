@@ -5,7 +5,7 @@ from guidance.classifier import register_classifier
 
 from ..adapters import Adapter, register_adapter
 from .classifiers import load_classifier
-from .loading import CIFAR10_CLASSES, WEIGHTS_DIR, EmbeddedModel, load_embedded
+from .loading import CIFAR10_CLASSES, WEIGHTS_DIR, EmbeddedModel, load_embedded, load_embedded_guide
 from .pipeline import ClassConditionalPipeline, to_uint8
 
 register_adapter(
@@ -19,4 +19,5 @@ register_adapter(
 register_classifier("embedded-guidance", lambda: load_classifier(WEIGHTS_DIR / "guidance_classifier"))
 register_classifier("embedded-eval", lambda: load_classifier(WEIGHTS_DIR / "eval_classifier"))
 
-__all__ = ["CIFAR10_CLASSES", "ClassConditionalPipeline", "EmbeddedModel", "WEIGHTS_DIR", "load_embedded", "to_uint8"]
+__all__ = ["CIFAR10_CLASSES", "ClassConditionalPipeline", "EmbeddedModel", "WEIGHTS_DIR", "load_embedded",
+           "load_embedded_guide", "to_uint8"]

@@ -15,6 +15,7 @@ __all__ = [
     "ClassConditionalPipeline",
     "EmbeddedModel",
     "load_embedded",
+    "load_embedded_guide",
     "GuidanceHandle",
     "adapter_for",
     "apply_guidance",
@@ -24,4 +25,5 @@ __all__ = [
     "StrategyGuider",
     "supported_pipelines",
 ]
-from .embedded import ClassConditionalPipeline, EmbeddedModel, load_embedded  # noqa: E402  (registers its adapter)
+# (importing .embedded registers its adapter)
+from .embedded import ClassConditionalPipeline, EmbeddedModel, load_embedded, load_embedded_guide  # noqa: E402

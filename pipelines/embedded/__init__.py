@@ -6,7 +6,7 @@ from guidance.classifier import register_classifier
 from ..adapters import Adapter, register_adapter
 from ..guide import register_guide_model
 from .classifiers import load_classifier
-from .loading import CIFAR10_CLASSES, WEIGHTS_DIR, EmbeddedModel, load_embedded
+from .loading import CIFAR10_CLASSES, WEIGHTS_DIR, EmbeddedModel, load_embedded, load_embedded_guide
 from .pipeline import ClassConditionalPipeline, to_uint8
 
 register_adapter(
@@ -21,17 +21,8 @@ register_classifier("embedded-guidance", lambda: load_classifier(WEIGHTS_DIR / "
 register_classifier("embedded-eval", lambda: load_classifier(WEIGHTS_DIR / "eval_classifier"))
 
 
-def _embedded_guide():
-    """The embedded model's guide model (a smaller, shorter-trained UNet, for autoguidance), by name."""
-    try:
-        from . import load_embedded_guide  # shipped with the guide model's weights
-    except ImportError:
-        raise ValueError("guide_model='embedded': this version ships no embedded guide model "
-                         "(pipelines.embedded.load_embedded_guide); pass a guide model object to apply_guidance") from None
-    return load_embedded_guide()
-
-
 # Strategies name the embedded guide model (Autoguidance(guide_model="embedded")) by this name.
-register_guide_model("embedded", _embedded_guide)
+register_guide_model("embedded", load_embedded_guide)
 
-__all__ = ["CIFAR10_CLASSES", "ClassConditionalPipeline", "EmbeddedModel", "WEIGHTS_DIR", "load_embedded", "to_uint8"]
+__all__ = ["CIFAR10_CLASSES", "ClassConditionalPipeline", "EmbeddedModel", "WEIGHTS_DIR", "load_embedded",
+           "load_embedded_guide", "to_uint8"]

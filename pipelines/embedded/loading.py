@@ -1,4 +1,5 @@
-"""`load_embedded()`: the shipped CIFAR-10 pipeline and its two classifiers, offline, on any device."""
+"""`load_embedded()`: the shipped CIFAR-10 pipeline and its two classifiers, offline, on any device;
+`load_embedded_guide()`: the autoguidance guide, a smaller and shorter-trained UNet of the same family."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import diffusers
 import torch
+from diffusers import UNet2DModel
 
 from .classifiers import load_classifier
 from .pipeline import ClassConditionalPipeline
@@ -59,3 +61,18 @@ def load_embedded(device: str | torch.device | None = None, scheduler: str | Non
     guidance_clf = load_classifier(_require(weights_dir / "guidance_classifier", "the guidance classifier"), device)
     eval_clf = load_classifier(_require(weights_dir / "eval_classifier", "the evaluation classifier"), device)
     return EmbeddedModel(pipe, guidance_clf, eval_clf)
+
+
+def load_embedded_guide(device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                        weights_dir: str | Path = WEIGHTS_DIR) -> UNet2DModel:
+    """The embedded model's autoguidance guide (Karras et al. 2024: a "bad version" of the main model),
+    offline, from safetensors only: a UNet2DModel with the main model's input, output, class embedding
+    (null class included) and noise schedule, a quarter of its parameters and under a third of its
+    training steps (weights/guide/README.md). It samples with the main pipeline's scheduler.
+
+    device: default cuda when available. dtype: e.g. torch.float16 (default: the stored float32).
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    folder = _require(Path(weights_dir) / "guide", "the embedded guide model")
+    unet = UNet2DModel.from_pretrained(folder, local_files_only=True, use_safetensors=True, torch_dtype=dtype)
+    return unet.to(device).eval()

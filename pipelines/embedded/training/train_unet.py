@@ -6,7 +6,9 @@
 Epsilon prediction on a cosine DDPM schedule, 10% label dropout to the null class (label 10) for
 classifier-free guidance, EMA weights for sampling. Rerunning the same command resumes from
 `<out>/checkpoint.pt`. `--export DIR` writes the EMA model as a ready pipeline folder
-(e.g. pipelines/embedded/weights/pipeline).
+(e.g. pipelines/embedded/weights/pipeline), or, when the config says `"export_layout": "unet"`, as a
+bare `UNet2DModel` folder (the autoguidance guide, `configs/guide_unet.json`, exported to
+pipelines/embedded/weights/guide: it samples with the main pipeline's scheduler).
 """
 
 from __future__ import annotations
@@ -128,7 +130,8 @@ def _stop_on_signals() -> list:
 
 
 def export(cfg: dict, out: Path, dest: Path) -> None:
-    """Write the EMA weights as a ClassConditionalPipeline folder (unet/, scheduler/, model_index.json)."""
+    """Write the EMA weights as a ClassConditionalPipeline folder (unet/, scheduler/, model_index.json),
+    or as a bare UNet2DModel folder when cfg["export_layout"] == "unet"."""
     state = load_checkpoint(out / "checkpoint.pt")
     if state is None:
         raise FileNotFoundError(f"out={str(out)!r} holds no checkpoint.pt to export")
@@ -136,12 +139,20 @@ def export(cfg: dict, out: Path, dest: Path) -> None:
     ema = EMAModel(unet.parameters(), decay=cfg["ema_decay"])
     ema.load_state_dict(state["ema"])
     ema.copy_to(unet.parameters())
+    info = {"steps": int(state["step"]), "train_seconds": float(state["seconds"]), "config": cfg,
+            "hardware": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"}
+    layout = cfg.get("export_layout", "pipeline")
+    if layout == "unet":
+        unet.save_pretrained(dest, safe_serialization=True)
+        (dest / "training.json").write_text(json.dumps(info, indent=2))
+        print(f"exported EMA UNet of step {state['step']} to {dest}")
+        return
+    if layout != "pipeline":
+        raise ValueError(f"export_layout={layout!r} in the config; allowed: 'pipeline', 'unet'")
     # Sampling uses DDIM on the training schedule (any diffusers scheduler can replace it).
     scheduler = DDIMScheduler.from_config(build_scheduler(cfg).config)
     pipe = ClassConditionalPipeline(unet, scheduler, class_names=CIFAR10_CLASSES)
     pipe.save_pretrained(dest, safe_serialization=True)
-    info = {"steps": int(state["step"]), "train_seconds": float(state["seconds"]), "config": cfg,
-            "hardware": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"}
     (dest / "unet" / "training.json").write_text(json.dumps(info, indent=2))
     print(f"exported EMA weights of step {state['step']} to {dest}")
 

@@ -160,3 +160,25 @@ def test_configs_without_the_text_options_are_unchanged():
     config = GFCG("embedded-guidance", scale=2.0).to_config()
     assert set(config["params"]) == {"classifier", "scale", "reference", "adaptive", "inner", "target"}
     assert from_config(config).to_config() == config
+
+
+@pytest.mark.parametrize("name", [n for n in TEXT_REFERENCE if "Img2Img" in n or "Inpaint" in n])
+def test_img2img_and_inpainting_variants_swap_the_same_text_inputs(name):
+    """The other classes of the table: same encode_prompt, same UNet keywords (inpainting: 9 input channels)."""
+    import pipeline_zoo
+
+    pipe = pipeline_zoo.build(name)
+    base = "sdxl" if "XL" in name else "sd"
+    calls = record_forward(pipe.unet)
+    try:
+        with apply_guidance(pipe, gfcg()) as handle:
+            images = pipe(**pipeline_zoo.call_kwargs(name), generator=torch.Generator().manual_seed(0)).images
+    finally:
+        del pipe.unet.forward
+    assert torch.isfinite(images).all()
+    steps = len(calls)
+    assert handle.nfe.tolist() == [2 + 3 * (steps - 1)] * 2 and [c["x"].shape[0] for c in calls[1:]] == [6] * (steps - 1)
+    embeds, pooled = class_inputs(pipe, base)
+    assert torch.equal(calls[1]["ehs"][4:6], embeds[[2, 0]]) and torch.equal(calls[1]["x"][4:6], calls[1]["x"][2:4])
+    if pooled is not None:
+        assert torch.equal(calls[1]["added"]["text_embeds"][4:6], pooled[[2, 0]])

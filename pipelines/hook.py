@@ -207,10 +207,11 @@ class GuidanceHandle:
         self._check_call(call, scales)
         self.strategy.on_call(describe_call(pipe_self, MappingProxyType(call), a))
         self.strategy.reset()
+        reference = None  # text pipelines: the class prompts, encoded once for this call (checked by _check_call)
+        if a.class_kw is None and _needs_reference(self.strategy):
+            reference = encode_reference_prompts(pipe_self, self.pipe_name, self._reference_prompts(), call)
         self.call = CallState([None if s is None else float(s) for s in scales[: len(self.denoisers)]],
-                              float(call.get("guidance_rescale") or 0.0))
-        if a.class_kw is None and _needs_reference(self.strategy):  # checked by _check_call
-            self.call.reference = encode_reference_prompts(pipe_self, self.pipe_name, self._reference_prompts(), call)
+                              float(call.get("guidance_rescale") or 0.0), reference=reference)
         self.layout.start_call()
         try:
             yield

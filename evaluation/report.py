@@ -13,7 +13,10 @@ from PIL import Image
 from .atomic import atomic_write, atomic_write_text
 
 TABLE_COLUMNS = ("setting", "fid", "kid_mean", "precision", "recall", "class_accuracy", "clip_score",
-                 "saturation_mean", "colourfulness_mean", "nfe_per_image", "seconds_per_image")
+                 "saturation_mean", "colourfulness_mean", "nfe_per_image", "guide_nfe_per_image", "seconds_per_image")
+# Columns that a row may lack, with the value that absence means: rows of settings without a guide model
+# (and of runs made before guide models were counted) made no guide-model evaluation.
+DEFAULTS = {"guide_nfe_per_image": 0.0}
 
 
 def write_grid(images: torch.Tensor, path: Path, columns: int = 8) -> None:
@@ -47,7 +50,7 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         cells = []
         for c in cols:
-            v = r.get(c, "")
+            v = r.get(c, DEFAULTS.get(c, ""))
             cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -59,7 +62,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
     writer = csv.DictWriter(text, fieldnames=keys + ["strategy"])
     writer.writeheader()
     for r in rows:
-        writer.writerow({**{k: r.get(k, "") for k in keys}, "strategy": json.dumps(r.get("strategy"))})
+        writer.writerow({**{k: r.get(k, DEFAULTS.get(k, "")) for k in keys}, "strategy": json.dumps(r.get("strategy"))})
     atomic_write_text(path, text.getvalue())
 
 
@@ -106,7 +109,8 @@ def write_report(out: str | Path) -> str:
     atomic_write_text(out / "table.md", table + "\n")
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
-    for metric in ("fid", "class_accuracy", "clip_score", "saturation_mean", "precision", "recall", "nfe_per_image"):
+    for metric in ("fid", "class_accuracy", "clip_score", "saturation_mean", "precision", "recall", "nfe_per_image",
+                   "guide_nfe_per_image"):
         plot_curves(rows, "scale", metric, plots / f"{metric}_vs_scale.png")
     for x in ("class_accuracy", "clip_score", "saturation_mean"):
         plot_curves(rows, x, "fid", plots / f"fid_vs_{x}.png")

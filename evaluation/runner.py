@@ -307,12 +307,17 @@ def _check_run_folder(out: Path, spec: RunSpec, dist: Dist) -> dict:
 class SettingProgress:
     done_batches: int = 0
     nfe_sum: float = 0.0
+    guide_nfe_sum: float = 0.0  # the guide model's evaluations (autoguidance), counted apart from nfe_sum
     seconds: float = 0.0
     grid: list = field(default_factory=list)
 
 
-def _load_checkpoint(path: Path, suite: MetricSuite, setting: dict, num_batches: int) -> SettingProgress | None:
-    """The saved progress, loaded into ``suite``; None (with a message) when there is none or it is unusable."""
+def _load_checkpoint(path: Path, suite: MetricSuite, setting: dict, num_batches: int,
+                     uses_guide: bool = False) -> SettingProgress | None:
+    """The saved progress, loaded into ``suite``; None (with a message) when there is none or it is unusable.
+
+    Checkpoints written before guide-model counting have no "guide_nfe_sum": 0 for a setting without a
+    guide model; a setting with one is recomputed (its guide evaluations were not counted)."""
     if not path.is_file():
         return None
     try:
@@ -323,8 +328,12 @@ def _load_checkpoint(path: Path, suite: MetricSuite, setting: dict, num_batches:
         done = int(saved["done_batches"])
         if not 0 <= done <= num_batches:
             raise ValueError(f"done_batches={done} is outside 0..{num_batches}")
+        if "guide_nfe_sum" not in saved and uses_guide:
+            _log(f"{path}: written before guide-model evaluations were counted; recomputing this setting")
+            return None
         suite.load_state_dict(saved["metrics"])
-        return SettingProgress(done, float(saved["nfe_sum"]), float(saved["seconds"]), list(saved["grid"]))
+        return SettingProgress(done, float(saved["nfe_sum"]), float(saved.get("guide_nfe_sum", 0.0)),
+                               float(saved["seconds"]), list(saved["grid"]))
     except Exception as e:  # truncated, zero bytes, not a checkpoint, states of other shapes: all recomputed
         suite.reset()
         _log(f"{path} is corrupt or truncated ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
@@ -334,7 +343,8 @@ def _load_checkpoint(path: Path, suite: MetricSuite, setting: dict, num_batches:
 
 def _save_checkpoint(path: Path, suite: MetricSuite, setting: dict, prog: SettingProgress) -> None:
     atomic_save({"version": CHECKPOINT_VERSION, "setting": setting, "metrics": suite.state_dict(),
-                 "done_batches": prog.done_batches, "nfe_sum": prog.nfe_sum, "seconds": prog.seconds,
+                 "done_batches": prog.done_batches, "nfe_sum": prog.nfe_sum,
+                 "guide_nfe_sum": prog.guide_nfe_sum, "seconds": prog.seconds,
                  "grid": prog.grid}, path)
 
 
@@ -375,7 +385,8 @@ def run_setting(spec: RunSpec, source: Source, key: str, strategy_config: dict |
     # one) so that the per-batch reductions stay in step.
     num_batches = math.ceil(math.ceil(spec.num_images / dist.world_size) / spec.batch_size)
     setting = {"key": key, "strategy": strategy_config, "scale": scale}
-    prog = _load_checkpoint(state_path, suite, setting, num_batches)
+    uses_guide = _uses_guide_model(strategy_config)
+    prog = _load_checkpoint(state_path, suite, setting, num_batches, uses_guide)
     # All processes must resume at the same batch: if one lost its checkpoint, all start this setting over.
     if dist.world_size > 1 and dist.min(-1 if prog is None else prog.done_batches) != dist.max(
             -1 if prog is None else prog.done_batches):
@@ -390,12 +401,13 @@ def run_setting(spec: RunSpec, source: Source, key: str, strategy_config: dict |
         for b in range(prog.done_batches, num_batches):
             indices = shard[b * spec.batch_size:(b + 1) * spec.batch_size]
             if indices:
-                images, nfe, seconds = _generate(source, spec, strategy_config, scale, indices, device,
-                                                 apply_guidance)
+                images, nfe, guide_nfe, seconds = _generate(source, spec, strategy_config, scale, indices, device,
+                                                            apply_guidance)
                 prog.seconds += seconds
                 suite.update(images.to(device), source.labels(indices), source.prompts(indices),
                              torch.tensor(indices))
                 prog.nfe_sum += nfe
+                prog.guide_nfe_sum += guide_nfe
                 room = spec.grid_size - sum(len(g) for g in prog.grid)
                 if room > 0:
                     prog.grid.append(images[:room].cpu())
@@ -416,10 +428,14 @@ def run_setting(spec: RunSpec, source: Source, key: str, strategy_config: dict |
             _save_checkpoint(state_path, suite, setting, prog)
         raise
     metrics = suite.compute()  # torchmetrics reduces the states over all processes here
-    nfe_sum, seconds = dist.sum(prog.nfe_sum), dist.sum(prog.seconds)
+    nfe_sum, guide_nfe_sum, seconds = dist.sum(prog.nfe_sum), dist.sum(prog.guide_nfe_sum), dist.sum(prog.seconds)
     row = {"setting": key, "label": key.rsplit("@", 1)[0], "scale": scale, "strategy": strategy_config,
            "num_images": spec.num_images, **metrics,
            "nfe_per_image": nfe_sum / spec.num_images, "seconds_per_image": seconds / spec.num_images}
+    if uses_guide:
+        # The guide model's evaluations, apart from the denoiser's nfe_per_image. Only settings with a guide
+        # model carry the key, so rows of older runs and of other strategies are unchanged (readers: 0).
+        row["guide_nfe_per_image"] = guide_nfe_sum / spec.num_images
     return {"row": row, "grid": torch.cat(prog.grid) if prog.grid else None, "describe": suite.describe()}
 
 
@@ -428,10 +444,20 @@ def progress_position(spec: RunSpec, key: str) -> tuple[int, int, str]:
     return keys.index(key) + 1, len(keys), key
 
 
+def _uses_guide_model(strategy_config: dict | None) -> bool:
+    """Whether the setting's strategy evaluates a guide model (autoguidance), whose NFE is reported apart."""
+    if strategy_config is None:
+        return False
+    from pipelines.guide import uses_guide_model
+
+    return uses_guide_model(from_config(strategy_config))
+
+
 def _generate(source: Source, spec: RunSpec, strategy_config: dict | None, scale: float, indices: list[int],
-              device: str, apply_guidance) -> tuple[torch.Tensor, int, float]:
-    """(uint8 images, NFE spent, seconds) for one batch of image indices."""
+              device: str, apply_guidance) -> tuple[torch.Tensor, int, int, float]:
+    """(uint8 images, the denoiser's NFE, the guide model's NFE, seconds) for one batch of image indices."""
     start = time.perf_counter()
+    guide_nfe = 0
     if strategy_config is None:
         images = source.call(indices, scale, spec.steps, spec.seed, device)
         nfe = spec.steps * (2 if scale > 1 else 1) * len(indices)
@@ -439,9 +465,10 @@ def _generate(source: Source, spec: RunSpec, strategy_config: dict | None, scale
         with apply_guidance(source.pipe, from_config(strategy_config)) as handle:
             images = source.call(indices, scale, spec.steps, spec.seed, device)
         nfe = int(handle.nfe.sum())
+        guide_nfe = 0 if handle.guide_nfe is None else int(handle.guide_nfe.sum())
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    return images, nfe, time.perf_counter() - start
+    return images, nfe, guide_nfe, time.perf_counter() - start
 
 
 @dataclass

@@ -24,6 +24,12 @@ not be read, so every rule below is an explicit option, and the defaults are our
   extra sequential pass). At the first step there is no reference yet. Samples with omega_t = 0 skip
   the reference evaluation (their NFE is the base's).
 
+- Text-to-image pipelines (the paper also evaluates GFCG there): the reference branch is the
+  conditional input with the prompt of the reference class, `prompt_template.format(class name)`.
+  The caller encodes the K class prompts once per call with the pipeline's own text encoders
+  (pipelines/reference.py, SD and SDXL) and swaps each reference row's text inputs; `target` gives
+  the class id each prompt asks for.
+
 Cost: one classifier forward per step (no gradients; plus a VAE decode for latent pipelines) and
 one extra denoiser row per sample that has a reference.
 """
@@ -71,18 +77,23 @@ class GFCG(ClassifierInput, GuidanceStrategy):
     classifier: an nn.Module, guidance.ImageClassifier, or registered name ("embedded-guidance").
     scale: the largest reference scale. inner: base guidance (default CFG; None: conditional only;
     Autoguidance(): GFCG + ATG, with the guide model given to apply_guidance).
-    target: class id per prompt for text-to-image pipelines (class-conditional ones use their labels;
-    the reference branch itself needs a class-conditional pipeline).
+    target: class id per prompt for text-to-image pipelines (class-conditional ones use their labels).
+    class_names, prompt_template: on text-to-image pipelines the reference branch is the conditional
+    input with the prompt `prompt_template.format(class_names[ref])` (e.g. "a photo of a {}");
+    class_names=None takes the classifier's own class names (ImageClassifier(class_names=...)).
+    Both are ignored by class-conditional pipelines, which swap the class id.
 
     After a call, `reference_history` (steps, B) holds the reference class per step (-1: none) and
     `scale_history` (steps, B) omega_t.
     """
 
-    config_fields = ("classifier", "scale", "reference", "adaptive", "inner", "target")
+    config_fields = ("classifier", "scale", "reference", "adaptive", "inner", "target", "class_names",
+                     "prompt_template")
 
     def __init__(self, classifier: Any, scale: float = 2.0, reference: str = "most_probable_other",
                  adaptive: str = "confusion", inner: GuidanceStrategy | None = DEFAULT_INNER,
-                 target: Sequence[int] | None = None):
+                 target: Sequence[int] | None = None, class_names: Sequence[str] | None = None,
+                 prompt_template: str | None = None):
         name = type(self).__name__
         self.scale = check_range(name, "scale", scale, 0)
         if reference not in REFERENCE_RULES:
@@ -93,6 +104,15 @@ class GFCG(ClassifierInput, GuidanceStrategy):
         if inner is not None and not isinstance(inner, GuidanceStrategy):
             raise TypeError(f"{name}: inner={inner!r} is not a GuidanceStrategy (or None for the conditional model)")
         self.reference, self.adaptive, self.inner = reference, adaptive, inner
+        if class_names is not None and (isinstance(class_names, str) or not class_names
+                                        or not all(isinstance(c, str) and c for c in class_names)):
+            raise ValueError(f"{name}: class_names={class_names!r} is invalid; allowed: None (the classifier's "
+                             "names) or a non-empty list of non-empty strings, one per classifier class")
+        if prompt_template is not None and (not isinstance(prompt_template, str) or "{}" not in prompt_template):
+            raise ValueError(f"{name}: prompt_template={prompt_template!r} has no '{{}}' for the class name; "
+                             "allowed: None (class-conditional pipelines) or e.g. 'a photo of a {}'")
+        self.class_names = None if class_names is None else list(class_names)
+        self.prompt_template = prompt_template
         self._setup_classifier(name, classifier, target)
         self.reset()
 
@@ -123,6 +143,25 @@ class GFCG(ClassifierInput, GuidanceStrategy):
 
     def reference_labels(self, ctx: StepContext) -> torch.Tensor:
         return self._ref
+
+    def to_config(self) -> dict:
+        config = super().to_config()
+        for f in ("class_names", "prompt_template"):  # unset: left out, so configs (and run folders) made
+            if config["params"][f] is None:           # before these options existed stay equal
+                del config["params"][f]
+        return config
+
+    def reference_prompts(self) -> list[str] | None:
+        """The prompt of each class id, for the reference branch on text-to-image pipelines; None
+        without a prompt_template. Class names: `class_names`, else the classifier's."""
+        if self.prompt_template is None:
+            return None
+        names = self.class_names or self.image_classifier.class_names
+        if not names:
+            raise ValueError(f"{type(self).__name__}: prompt_template={self.prompt_template!r} needs class names: "
+                             "pass class_names=[...] (one per classifier class, in its label order) or a classifier "
+                             "with class names (guidance.ImageClassifier(module, class_names=[...]))")
+        return [self.prompt_template.format(n) for n in names]
 
     @torch.no_grad()
     def class_probabilities(self, x0: torch.Tensor) -> torch.Tensor:

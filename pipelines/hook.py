@@ -36,6 +36,7 @@ from .guide import (check_arguments, check_guide_model, check_placement, load_gu
                     uses_guide_model)
 from .layouts import LAYOUTS, DenoiserCall, Layout
 from .parametrization import build_step_context
+from .reference import ReferencePrompts, encode_reference_prompts, unsupported_reason
 
 HOOK_NAME = "guidance_kit"
 
@@ -78,6 +79,7 @@ class CallState:
     nfe: torch.Tensor | None = None  # accumulated on the masks' device; read back once, at the end
     guide_nfe: torch.Tensor | None = None  # the guide model's rows, counted apart from the denoiser's
     guide_placed: bool = False  # the guide model's device / dtype was checked in this call
+    reference: ReferencePrompts | None = None  # text pipelines: the class prompts' inputs for REF rows
     solver: dict = field(default_factory=dict)  # build_step_context's per-call state
 
 
@@ -206,8 +208,11 @@ class GuidanceHandle:
         self._check_call(call, scales)
         self.strategy.on_call(describe_call(pipe_self, MappingProxyType(call), a))
         self.strategy.reset()
+        reference = None  # text pipelines: the class prompts, encoded once for this call (checked by _check_call)
+        if a.class_kw is None and _needs_reference(self.strategy):
+            reference = encode_reference_prompts(pipe_self, self.pipe_name, self._reference_prompts(), call)
         self.call = CallState([None if s is None else float(s) for s in scales[: len(self.denoisers)]],
-                              float(call.get("guidance_rescale") or 0.0))
+                              float(call.get("guidance_rescale") or 0.0), reference=reference)
         self.layout.start_call()
         # diffusers' cache hooks (FasterCache, PyramidAttentionBroadcast, FirstBlockCache, ...) keep state
         # across steps that assumes the pipeline's own batch; see `masks`.
@@ -253,10 +258,20 @@ class GuidanceHandle:
                     f"exactly; call with {kw}=0 (the strategy replaces the pipeline's guidance)"
                 )
         if a.class_kw is None and _needs_reference(self.strategy):
-            raise NotImplementedError(
-                f"{name} needs a reference-class branch, which only class-conditional pipelines provide (the "
-                f"embedded ClassConditionalPipeline, DiTPipeline); {self.pipe_name} has no class ids to swap"
-            )
+            reason = unsupported_reason(self.pipe_name, name)
+            if reason is not None:
+                raise NotImplementedError(reason)
+            self._reference_prompts()  # refuses a strategy that gives no reference prompts
+
+    def _reference_prompts(self) -> list[str]:
+        """The prompt of each reference class id, from the strategy (text-to-image pipelines)."""
+        prompts = getattr(self.strategy, "reference_prompts", lambda: None)()
+        if not prompts:
+            name = type(self.strategy).__name__
+            raise ValueError(f"{name}: {self.pipe_name} has no class ids, so the reference-class branch needs the "
+                             f"reference class's prompt; pass prompt_template (e.g. 'a photo of a {{}}') and "
+                             f"class_names (or a classifier with class names) to {name}")
+        return list(prompts)
 
     # --- shared by the layouts ----------------------------------------------------------------------
     def _context(self, x: torch.Tensor, timestep, expert: int = 0) -> StepContext:
@@ -287,11 +302,12 @@ class GuidanceHandle:
             raise NotImplementedError(f"{type(self.strategy).__name__}: every sample needs its conditional branch")
         out = {COND: masks[COND], UNCOND: masks.get(UNCOND, ctx.none())}
         if REF in masks and bool(masks[REF].any()):
-            if self.layout.sequential or ctx.labels is None:
+            if self.layout.sequential or (ctx.labels is None and self.call.reference is None):
                 raise NotImplementedError(
-                    f"{type(self.strategy).__name__} needs a reference-class branch, which only class-conditional "
-                    f"pipelines provide (the embedded ClassConditionalPipeline, DiTPipeline); "
-                    f"{self.pipe_name} has no class ids to swap"
+                    f"{type(self.strategy).__name__} needs a reference-class branch, which only batched "
+                    f"class-conditional pipelines (the embedded ClassConditionalPipeline, DiTPipeline) and "
+                    f"Stable Diffusion / SDXL (with reference prompts) provide; {self.pipe_name} has neither class "
+                    "ids nor prompt embeddings to swap"
                 )
             out[REF] = masks[REF]
         if GUIDE in masks:  # kept even when no row asks: the strategy then reads NaN rows, no call is made
@@ -308,6 +324,17 @@ class GuidanceHandle:
                 f"evaluates every branch at every step (CFG, APG, Rescale) or disable the cache (disable_cache())"
             )
         return out
+
+    def reference_kwargs(self, kwargs: dict, rows: torch.Tensor, labels: torch.Tensor) -> dict:
+        """The denoiser keywords with the conditional `rows` conditioned on reference classes `labels`:
+        their class ids swapped (class-conditional pipelines), or their prompt's text inputs
+        (text-to-image pipelines, `pipelines.reference`). A new dict; the call's tensors are untouched."""
+        if self.call.reference is not None:
+            return self.call.reference.swap(kwargs, rows, labels, self.pipe_name)
+        key = self.adapter.class_kw
+        ids = kwargs[key].clone()
+        ids[rows.to(ids.device)] = labels.to(ids)
+        return {**kwargs, key: ids}
 
     def combine(self, ctx: StepContext, masks: dict, preds: dict, channels: int) -> torch.Tensor:
         """The strategy's guided prediction for this step, in the denoiser's output format; counts the NFE.

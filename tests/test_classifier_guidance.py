@@ -293,10 +293,10 @@ def test_gfcg_alone_skips_the_unconditional_pass_and_is_per_sample(embedded):
     torch.testing.assert_close(both, alone, atol=1e-5, rtol=0)
 
 
-def test_gfcg_needs_a_class_conditional_pipeline():
-    sd = build("sd")
+def test_gfcg_on_a_text_pipeline_needs_the_reference_prompts():
+    sd = build("sd")  # (the reference branch with class prompts: tests/test_gfcg_text.py)
     with apply_guidance(sd, GFCG(Constant(1, classes=3), scale=1.0, adaptive="constant", target=[0, 0])):
-        with pytest.raises(NotImplementedError, match=r"only class-conditional pipelines provide"):
+        with pytest.raises(ValueError, match=r"has no class ids, so the reference-class branch needs the reference"):
             sd(**call_kwargs("sd"), generator=torch.Generator().manual_seed(0))
 
 

@@ -486,3 +486,24 @@ def test_the_data_setting_skips_without_data_and_fails_when_wrong(tmp_path, monk
     (tmp_path / "cifar10").mkdir()
     (tmp_path / "cifar10" / "test.npz").write_bytes(b"")
     assert cifar10_folder() == tmp_path / "cifar10"
+
+
+def test_run_prints_the_guide_models_evaluations_apart(tmp_path, capsys, monkeypatch):
+    """Autoguidance's guide model (registered under a test-only name) gets its own NFE column in the table."""
+    from test_autoguidance import smaller
+
+    from pipelines import load_embedded, register_guide_model
+    from pipelines.guide import GUIDE_MODELS
+
+    guide = smaller(load_embedded("cpu").pipe.unet, block_out_channels=[16, 32, 32])
+    monkeypatch.setitem(GUIDE_MODELS, "cli-test-guide", None)  # undone after the test
+    register_guide_model("cli-test-guide", lambda: guide)
+    ag = {"label": "AG", "strategy": {"name": "Autoguidance", "params": {"guide_model": "cli-test-guide"}},
+          "scales": [2]}
+    code, err = cli(run_argv(tmp_path / "o", [CFG, ag]), capsys)
+    assert code == 0, err
+    table = [line for line in (tmp_path / "o" / "table.md").read_text().splitlines()]
+    cols = [c.strip() for c in table[0].strip("|").split("|")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:]]
+    i, j = cols.index("nfe_per_image"), cols.index("guide_nfe_per_image")
+    assert [(r[0], r[i], r[j]) for r in cells] == [("CFG@2", "4", "0"), ("AG@2", "2", "2")]  # 2 steps

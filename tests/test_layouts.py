@@ -51,7 +51,8 @@ def test_reference_branch_refused_before_any_step_on_a_text_pipeline():
     calls = []
     pipe.unet.register_forward_pre_hook(lambda *a: calls.append(1))
     with apply_guidance(pipe, GFCG(Constant(), scale=1.0, adaptive="constant", target=[0, 0])):
-        with pytest.raises(NotImplementedError, match="reference-class branch.*StableDiffusionPipeline has no class"):
+        # (no prompt_template: no reference prompt to swap in; with one, tests/test_gfcg_text.py)
+        with pytest.raises(ValueError, match="StableDiffusionPipeline has no class ids, so the reference-class branch"):
             pipe(**tiny_kwargs("sd"), generator=torch.Generator().manual_seed(0))
     assert calls == []
 

@@ -108,3 +108,93 @@ def test_clear_errors(reference, tmp_path, capsys):
 def test_shipped_references_by_name(name, n):
     source = load_source(spec(name, metrics=("fid",)))
     assert source.inputs.reference.n == n
+
+
+# --- the guide model's evaluations (autoguidance) ------------------------------------------------------
+
+AG_SPECS = [
+    {"label": "CFG", "strategy": {"name": "CFG", "params": {}}, "scales": [2.0]},
+    {"label": "AG", "strategy": {"name": "Autoguidance", "params": {"guide_model": "runner-test-guide"}},
+     "scales": [2.0]},
+    {"label": "AG+CFG", "strategy": {"name": "Autoguidance", "params": {"mix": 0.5, "guide_model": "runner-test-guide"}},
+     "scales": [2.0]},
+]
+
+
+@pytest.fixture
+def test_guide(source, monkeypatch):
+    """A guide model registered under a test-only name: a smaller random UNet of the embedded family."""
+    from test_autoguidance import smaller
+
+    from pipelines import register_guide_model
+    from pipelines.guide import GUIDE_MODELS
+
+    guide = smaller(source.pipe.unet, block_out_channels=[16, 32, 32])
+    monkeypatch.setitem(GUIDE_MODELS, "runner-test-guide", None)  # undone after the test
+    register_guide_model("runner-test-guide", lambda: guide)
+    return guide
+
+
+def ag_spec(reference, **kw):
+    return spec(reference, **{"strategies": [StrategySpec.parse(s) for s in AG_SPECS], "num_images": 4,
+                              "batch_size": 2, "steps": 2, "metrics": ("saturation",), **kw})
+
+
+def test_guide_model_evaluations_are_reported_apart(reference, source, test_guide, tmp_path, capsys):
+    from evaluation.report import format_table, load_rows, write_report
+
+    rows = run(ag_spec(reference), tmp_path, progress=False, source=source)
+    cfg, ag, mixed = rows
+    # denoiser rows: CFG cond + uncond, AG cond only, AG+CFG cond + uncond; guide rows: one a step with a guide
+    assert cfg["nfe_per_image"] == 4.0 and "guide_nfe_per_image" not in cfg
+    assert ag["nfe_per_image"] == 2.0 and ag["guide_nfe_per_image"] == 2.0
+    assert mixed["nfe_per_image"] == 4.0 and mixed["guide_nfe_per_image"] == 2.0
+    table = write_report(tmp_path)
+    header, _, *lines = table.splitlines()
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    guide_col = cols.index("guide_nfe_per_image")
+    assert cols[guide_col - 1] == "nfe_per_image"
+    assert [line.strip("|").split("|")[guide_col].strip() for line in lines] == ["0", "2", "2"]
+    csv_lines = (tmp_path / "results.csv").read_text().splitlines()
+    assert "guide_nfe_per_image" in csv_lines[0] and len(csv_lines) == 4
+    # a run folder written before the column existed still renders (no guide column at all)
+    old = [{k: v for k, v in r.items() if k != "guide_nfe_per_image"} for r in load_rows(tmp_path)]
+    assert "guide_nfe" not in format_table(old) and "nfe_per_image" in format_table(old)
+
+
+def test_guide_nfe_survives_kill_and_resume_and_old_checkpoints_are_read(reference, source, test_guide, tmp_path,
+                                                                        monkeypatch):
+    full = run(ag_spec(reference), tmp_path / "full", progress=False, source=source, checkpoint_seconds=0)
+    from evaluation import suite
+
+    calls = {"n": 0}
+    original = suite.MetricSuite.update
+
+    def dying_update(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:  # second batch of the AG setting
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(suite.MetricSuite, "update", dying_update)
+    with pytest.raises(KeyboardInterrupt):
+        run(ag_spec(reference), tmp_path / "killed", progress=False, source=source, checkpoint_seconds=0)
+    monkeypatch.setattr(suite.MetricSuite, "update", original)
+    state = tmp_path / "killed" / "state" / "AG@2.rank0-of-1.pt"
+    saved = torch.load(state, weights_only=True)
+    assert saved["done_batches"] == 1 and saved["guide_nfe_sum"] == 4.0  # 2 images x 2 steps
+    resumed = run(ag_spec(reference), tmp_path / "killed", progress=False, source=source)
+    assert comparable(resumed) == comparable(full)
+    # Checkpoints written before guide counting: a guide setting is recomputed, any other one is resumed.
+    for name in ("AG@2", "CFG@2"):
+        path = tmp_path / "full" / "state" / f"{name}.rank0-of-1.pt"
+        old = torch.load(path, weights_only=True)
+        del old["guide_nfe_sum"]
+        torch.save(old, path)
+    (tmp_path / "full" / "results.json").unlink()
+    calls["n"] = 0
+    monkeypatch.setattr(suite.MetricSuite, "update", lambda self, *a, **k: calls.__setitem__("n", calls["n"] + 1)
+                        or original(self, *a, **k))
+    again = run(ag_spec(reference), tmp_path / "full", progress=False, source=source)
+    assert calls["n"] == 2  # CFG (finished) is read; AG recomputes its 2 batches; AG+CFG has the key
+    assert [r["guide_nfe_per_image"] for r in again[1:]] == [2.0, 2.0]

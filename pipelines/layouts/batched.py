@@ -62,19 +62,17 @@ class UncondCond(Layout):
                        uncond_rows: torch.Tensor):
         """One denoiser call on only the rows the strategy asked for, REF rows appended.
 
-        REF rows are copies of the conditional rows with the class ids the strategy chose, so the
-        reference prediction shares the batch with the other branches (one call, not two)."""
+        REF rows are copies of the conditional rows with the class ids the strategy chose (on text
+        pipelines: that class's prompt), so the reference prediction shares the batch with the other
+        branches (one call, not two)."""
         h = self.handle
         n = call.x.shape[0]
         rows = torch.cat([uncond_rows[masks[UNCOND].cpu()], cond_rows[masks[COND].cpu()]]).sort().values
         ref_rows = cond_rows[masks[REF].cpu()] if REF in masks else rows[:0]
         ref_kwargs = call.kwargs
         if len(ref_rows):
-            labels = h.strategy.reference_labels(ctx)
-            key = h.adapter.class_kw
-            ref_ids = call.kwargs[key].clone()
-            ref_ids[cond_rows.to(ref_ids.device)] = labels.to(ref_ids)
-            ref_kwargs = {**call.kwargs, key: ref_ids}
+            labels = h.strategy.reference_labels(ctx)[masks[REF]]
+            ref_kwargs = h.reference_kwargs(call.kwargs, ref_rows, labels)
         skip, per_frame = h.adapter.unbatched, h.adapter.per_frame_kws
         out = call.run(gather_rows(call.args, call.args, rows, ref_rows, n, skip),
                        gather_rows(call.kwargs, ref_kwargs, rows, ref_rows, n, skip, per_frame))

@@ -6,6 +6,7 @@ from .guide import register_guide_model
 from .hook import GuidanceHandle, apply_guidance
 from .layouts import LAYOUTS
 from .parametrization import scheduler_parametrization
+from .skip_layer import SkipLayerGuide
 
 __all__ = [
     "Adapter",
@@ -20,6 +21,7 @@ __all__ = [
     "register_adapter",
     "register_guide_model",
     "scheduler_parametrization",
+    "SkipLayerGuide",
     "supported_pipelines",
 ]
 from .embedded import ClassConditionalPipeline, EmbeddedModel, load_embedded  # noqa: E402  (registers its adapter)

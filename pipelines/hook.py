@@ -36,6 +36,7 @@ from .guide import (check_arguments, check_guide_model, check_placement, load_gu
                     uses_guide_model)
 from .layouts import LAYOUTS, DenoiserCall, Layout
 from .parametrization import build_step_context
+from .skip_layer import SkipLayerGuide
 
 HOOK_NAME = "guidance_kit"
 
@@ -146,6 +147,9 @@ class GuidanceHandle:
         if len(self.denoisers) > 1:
             raise NotImplementedError(f"{self.pipe_name} has {len(self.denoisers)} denoisers (experts); a guide model "
                                       "is supported on single-denoiser pipelines only")
+        if isinstance(guide_model, SkipLayerGuide):  # the denoiser itself, blocks skipped: check the blocks
+            guide_model.stack(self.denoiser, self.pipe_name)
+            return guide_model, owned
         prediction_type = getattr(getattr(self.pipe, "scheduler", None), "config", {}).get("prediction_type")
         check_guide_model(guide_model, self.denoiser, self.pipe_name, prediction_type)
         return guide_model, owned
@@ -331,6 +335,8 @@ class GuidanceHandle:
         guide = self.guide_model
         if guide is self.denoisers[call.expert]:
             return call.forward
+        if isinstance(guide, SkipLayerGuide):  # the denoiser below our hook, its blocks skipped for this call only
+            return guide.bind(self.denoisers[call.expert], call.forward, self.pipe_name)
         if not self.call.guide_placed:
             dtype = getattr(self.denoiser, "dtype", None)
             if self._owns_guide:

@@ -73,9 +73,9 @@ def load_guide_model(name: str) -> torch.nn.Module:
         return SkipLayerGuide.from_name(name)
     if name not in GUIDE_MODELS:
         raise ValueError(f"guide_model={name!r} is not a registered guide model; allowed: "
-                         f"{', '.join(sorted(GUIDE_MODELS)) or '(none registered)'}, '{NAME_PREFIX}<i>,<j>' (SkipLayerGuide), "
-                         "or pass the model object to "
-                         "apply_guidance(pipe, strategy, guide_model=model)")
+                         f"{', '.join(sorted(GUIDE_MODELS)) or '(none registered)'}, "
+                         f"'{NAME_PREFIX}<i>,<j>' (SkipLayerGuide), "
+                         "or pass the model object to apply_guidance(pipe, strategy, guide_model=model)")
     loader = GUIDE_MODELS[name]
     if name not in _LOADED or _LOADED[name][0] is not loader:
         _LOADED[name] = (loader, loader())

@@ -15,7 +15,10 @@ guiders/skip_layer_guidance.py, transformer_sd3.py `skip_layers`]. That a block-
 in the way autoguidance needs (same condition, errors of the same kind) is OUR READING, not a result of
 the paper; which blocks to skip is model-specific and untested here (SLG's 7, 8, 9 for SD3.5 Medium is
 Stability's recommendation). Used with `Autoguidance(mix=1)`, the rule is `D_skip + w (D - D_skip)`:
-SLG's difference `D - D_skip` alone, with no CFG term; `mix` < 1 adds CFG as for any guide model.
+SLG's difference `D - D_skip` alone, with no CFG term; `mix` < 1 adds CFG as for any guide model. SD3's
+built-in SLG, `u + s (c - u) + s_slg (c - c_skip)`, is `Autoguidance(scale=s + s_slg,
+mix=s_slg / (s + s_slg - 1))` with this guide (algebra; tested against the pipeline's own SLG to 1e-5 on
+a tiny SD3, with its step window opened to every step; wrap in `Interval` for a window).
 
 What is skipped: whole transformer blocks (attention and feed-forward together; each skipped block passes
 its inputs through unchanged), of one stack of the denoiser: `transformer_blocks` for DiT

@@ -125,6 +125,21 @@ def test_the_guide_is_the_skipped_model_and_the_main_passes_are_the_full_model(p
     assert torch.equal(sample(pipe, name)[0], native)  # removal: the pipeline as before, bit for bit
 
 
+def test_mixed_with_cfg_it_is_sd3s_own_skip_layer_guidance(pipes):
+    """SD3's built-in SLG, u + s (c - u) + s_slg (c - c_skip) at every step, is Autoguidance with the skip
+    guide at w = s + s_slg, mix = s_slg / (w - 1) (the same three rows a step)."""
+    pipe, s, s_slg = pipes["sd3"], 3.0, 2.0
+    kw = call_kwargs("sd3", guidance_scale=s)
+    native = pipe(**kw, generator=gen(), skip_guidance_layers=[0], skip_layer_guidance_scale=s_slg,
+                  skip_layer_guidance_start=-1.0, skip_layer_guidance_stop=1.0).images  # on at every step
+    strategy = Autoguidance(scale=s + s_slg, mix=s_slg / (s + s_slg - 1))
+    with apply_guidance(pipe, strategy, guide_model=SkipLayerGuide([0])) as handle:
+        ours = pipe(**kw, generator=gen()).images
+    torch.testing.assert_close(ours, native, atol=1e-5, rtol=0)
+    assert not torch.allclose(ours, pipe(**kw, generator=gen()).images, atol=1e-3)  # not CFG alone
+    assert handle.nfe.tolist() == [2 * STEPS] * 2 and handle.guide_nfe.tolist() == [STEPS] * 2
+
+
 def test_diffusers_block_skip_swaps_the_sd3_streams(pipes):
     """Why SkipLayerGuide registers its own ordered subclass of diffusers' TransformerBlockSkipHook: diffusers
     0.42.1's hook returns (hidden, encoder) where SD3's JointTransformerBlock returns (encoder, hidden). If this
@@ -186,8 +201,9 @@ def test_bad_layers_blocks_and_families_are_refused(pipes):
         (sd3, SkipLayerGuide([0], "single_transformer_blocks"),
          r"blocks='single_transformer_blocks' is not a block stack of SD3Transformer2DModel; "
          r"allowed: 'transformer_blocks'"),
-        (build("sd"), SkipLayerGuide([0]), r"StableDiffusionPipeline's denoiser is a UNet2DConditionModel; "
-                                           r"allowed: DiTTransformer2DModel, .*SD3Transformer2DModel, FluxTransformer2DModel"),
+        (build("sd"), SkipLayerGuide([0]),
+         r"StableDiffusionPipeline's denoiser is a UNet2DConditionModel; "
+         r"allowed: DiTTransformer2DModel, .*SD3Transformer2DModel, FluxTransformer2DModel"),
     ]
     for pipe, guide, message in cases:
         with pytest.raises(ValueError, match=message):

@@ -356,7 +356,8 @@ class GuidanceHandle:
         return self.layout.forward(DenoiserCall(forward, args, kwargs, x, timestep, context_name, expert))
 
 
-def apply_guidance(pipe, strategy: GuidanceStrategy, guide_model: torch.nn.Module | None = None) -> GuidanceHandle:
+def apply_guidance(pipe, strategy: GuidanceStrategy,
+                   guide_model: torch.nn.Module | SkipLayerGuide | None = None) -> GuidanceHandle:
     """Swap the guidance rule of a diffusers pipeline.
 
         with apply_guidance(pipe, APG(eta=0.0, norm_threshold=15, momentum=-0.5)) as handle:
@@ -366,6 +367,7 @@ def apply_guidance(pipe, strategy: GuidanceStrategy, guide_model: torch.nn.Modul
     The strategy's scale defaults to the call's own `guidance_scale` (`true_cfg_scale` for Flux).
     guide_model: the second denoiser of strategies that ask for the GUIDE branch (Autoguidance): same
     inputs and outputs as the pipeline's denoiser, on its device and dtype; called with the
-    conditional call's arguments. Its evaluations are counted in `handle.guide_nfe`.
+    conditional call's arguments; or `pipelines.SkipLayerGuide(layers)`, the denoiser itself with those
+    transformer blocks skipped (an approximation). Its evaluations are counted in `handle.guide_nfe`.
     """
     return GuidanceHandle(pipe, strategy, guide_model)

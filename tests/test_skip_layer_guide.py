@@ -8,7 +8,7 @@ from diffusers.hooks.layer_skip import LayerSkipConfig, apply_layer_skip
 from test_hook import count_rows
 from tiny_pipelines import build, call_kwargs, denoiser
 
-from guidance import COND, GUIDE, Autoguidance, from_config
+from guidance import COND, GUIDE, Autoguidance, Interval, from_config
 from pipelines import SkipLayerGuide, apply_guidance, register_guide_model
 from pipelines.skip_layer import SKIP_HOOK_NAME, active_skip_hooks
 
@@ -186,6 +186,9 @@ def test_named_guide_round_trips_and_equals_the_object(pipes):
     by_name, handle = sample(pipe, "dit", strategy)
     by_object, _ = sample(pipe, "dit", Autoguidance(scale=3.0), SkipLayerGuide([1]))
     assert torch.equal(by_name, by_object) and handle.guide_nfe.tolist() == [STEPS, STEPS]
+    calls = []
+    _, handle = sample(pipe, "dit", Interval(Autoguidance(scale=3.0), start=0.5), recording(SkipLayerGuide([1]), calls))
+    assert handle.guide_nfe.tolist() == [2, 2] and len(calls) == 2  # steps 1 and 2 of 3 only
     guide = SkipLayerGuide.from_name("skip-layers:single_transformer_blocks:0,2")
     assert (guide.layers, guide.blocks) == ([0, 2], "single_transformer_blocks")
     assert SkipLayerGuide.from_name("skip-layers:").layers == []

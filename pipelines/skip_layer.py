@@ -5,20 +5,21 @@ its transformer blocks skipped, during the guide evaluation only.
         images = pipe(prompt, guidance_scale=3.0).images
     # or, in a config: Autoguidance(guide_model="skip-layers:7,8,9")
 
-AN APPROXIMATION OF AUTOGUIDANCE. The paper [P: Karras et al. 2024, arXiv 2406.02507] guides with a
-separately trained model of the same family, smaller and/or trained for less time, whose errors resemble
-the main model's in kind but are larger; the paper does not skip layers. Skipping blocks of the main model
-to make its "bad version" is what diffusers' `AutoGuidance` guider (layer-skip hooks during its
-unconditional pass) and Stability's skip-layer guidance (SLG, SD3.5: blocks 7, 8, 9 of SD3.5 Medium
-skipped in an extra conditional pass) do [O: diffusers 0.42.1 guiders/auto_guidance.py,
+AN APPROXIMATION OF AUTOGUIDANCE. The paper [P: Karras et al. 2024, arXiv 2406.02507, abstract] guides
+with a separately trained, smaller and/or less-trained version of the model; it skips no layers. Skipping
+blocks of the main model to make its "bad version" is what diffusers' `AutoGuidance` guider (layer-skip
+hooks during its unconditional pass) and Stability's skip-layer guidance (SLG, SD3.5: blocks 7, 8, 9 of
+SD3.5 Medium skipped in an extra conditional pass) do [O: diffusers 0.42.1 guiders/auto_guidance.py,
 guiders/skip_layer_guidance.py, transformer_sd3.py `skip_layers`]. That a block-skipped denoiser degrades
-in the way autoguidance needs (same condition, errors of the same kind) is OUR READING, not a result of
-the paper; which blocks to skip is model-specific and untested here (SLG's 7, 8, 9 for SD3.5 Medium is
-Stability's recommendation). Used with `Autoguidance(mix=1)`, the rule is `D_skip + w (D - D_skip)`:
-SLG's difference `D - D_skip` alone, with no CFG term; `mix` < 1 adds CFG as for any guide model. SD3's
-built-in SLG, `u + s (c - u) + s_slg (c - c_skip)`, is `Autoguidance(scale=s + s_slg,
-mix=s_slg / (s + s_slg - 1))` with this guide (algebra; tested against the pipeline's own SLG to 1e-5 on
-a tiny SD3, with its step window opened to every step; wrap in `Interval` for a window).
+in the way autoguidance needs (errors of the same kind as the main model's, only larger) is OUR READING,
+not a result of the paper; which blocks to skip is model-specific and untested here (SLG's 7, 8, 9 for
+SD3.5 Medium is Stability's recommendation). Used with `Autoguidance(mix=1)`, the rule is
+`D_skip + w (D - D_skip)`: SLG's difference `D - D_skip` alone, with no CFG term; `mix` < 1 adds CFG as
+for any guide model. SD3's built-in SLG, `u + s (c - u) + s_slg (c - c_skip)`, is
+`Autoguidance(scale=s + s_slg, mix=s_slg / (s + s_slg - 1))` with this guide (algebra; tested against the
+pipeline's own SLG to 1e-5 on a tiny SD3, with its step window opened to every step; SLG's window, CFG
+alone outside it, is not one strategy here: `Interval` gives the conditional prediction outside its
+window).
 
 What is skipped: whole transformer blocks (attention and feed-forward together; each skipped block passes
 its inputs through unchanged), of one stack of the denoiser: `transformer_blocks` for DiT

@@ -44,7 +44,8 @@ class Autoguidance(GuidanceStrategy):
     mix: the share of the total guidance given to the guide model, the rest to CFG (1: autoguidance
     alone, 0: CFG; see the module docstring). guide_model: None (pass the model to
     `pipelines.apply_guidance(pipe, strategy, guide_model=...)`), or the name of a guide model
-    registered with `pipelines.register_guide_model` (e.g. "embedded"), so configs can name it.
+    registered with `pipelines.register_guide_model` (e.g. "embedded"), so configs can name it, or
+    "skip-layers:7,8" (`pipelines.SkipLayerGuide`: the main model with blocks skipped, an approximation).
     For a guidance interval wrap it: `Interval(Autoguidance(), sigma_min=..., sigma_max=...)`.
     """
 

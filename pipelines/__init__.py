@@ -7,6 +7,7 @@ from .guider import StrategyGuider
 from .hook import GuidanceHandle, apply_guidance
 from .layouts import LAYOUTS
 from .parametrization import scheduler_parametrization
+from .skip_layer import SkipLayerGuide
 
 __all__ = [
     "Adapter",
@@ -22,6 +23,7 @@ __all__ = [
     "register_adapter",
     "register_guide_model",
     "scheduler_parametrization",
+    "SkipLayerGuide",
     "StrategyGuider",
     "supported_pipelines",
 ]

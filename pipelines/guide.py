@@ -19,6 +19,8 @@ import torch
 
 from guidance.base import GuidanceStrategy
 
+from .skip_layer import NAME_PREFIX, SkipLayerGuide
+
 # Name -> loader of a registered guide model (the embedded package registers "embedded").
 GUIDE_MODELS: dict[str, Callable[[], torch.nn.Module]] = {}
 
@@ -37,6 +39,9 @@ def register_guide_model(name: str, loader: Callable[[], torch.nn.Module]) -> No
     """Let strategies name a guide model (`Autoguidance(guide_model=name)`); `loader()` returns it."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"register_guide_model: name={name!r}; allowed: a non-empty string")
+    if name.startswith(NAME_PREFIX):
+        raise ValueError(f"register_guide_model: name={name!r}; allowed: a name not starting with {NAME_PREFIX!r} "
+                         "(reserved for SkipLayerGuide)")
     GUIDE_MODELS[name] = loader
 
 
@@ -64,10 +69,13 @@ _LOADED: dict[str, tuple[Callable, torch.nn.Module]] = {}  # name -> (its loader
 def load_guide_model(name: str) -> torch.nn.Module:
     """The registered guide model `name`, loaded once per process (the batch runner applies a strategy
     per batch; the weights are read the first time only)."""
+    if name.startswith(NAME_PREFIX):  # "skip-layers:7,8": the denoiser itself, blocks skipped (skip_layer.py)
+        return SkipLayerGuide.from_name(name)
     if name not in GUIDE_MODELS:
         raise ValueError(f"guide_model={name!r} is not a registered guide model; allowed: "
-                         f"{', '.join(sorted(GUIDE_MODELS)) or '(none registered)'}, or pass the model object to "
-                         "apply_guidance(pipe, strategy, guide_model=model)")
+                         f"{', '.join(sorted(GUIDE_MODELS)) or '(none registered)'}, "
+                         f"'{NAME_PREFIX}<i>,<j>' (SkipLayerGuide), "
+                         "or pass the model object to apply_guidance(pipe, strategy, guide_model=model)")
     loader = GUIDE_MODELS[name]
     if name not in _LOADED or _LOADED[name][0] is not loader:
         _LOADED[name] = (loader, loader())

@@ -37,6 +37,7 @@ from .guide import (check_arguments, check_guide_model, check_placement, load_gu
 from .layouts import LAYOUTS, DenoiserCall, Layout
 from .parametrization import build_step_context
 from .reference import ReferencePrompts, encode_reference_prompts, unsupported_reason
+from .skip_layer import SkipLayerGuide
 
 HOOK_NAME = "guidance_kit"
 
@@ -149,6 +150,9 @@ class GuidanceHandle:
         if len(self.denoisers) > 1:
             raise NotImplementedError(f"{self.pipe_name} has {len(self.denoisers)} denoisers (experts); a guide model "
                                       "is supported on single-denoiser pipelines only")
+        if isinstance(guide_model, SkipLayerGuide):  # the denoiser itself, blocks skipped: check the blocks
+            guide_model.stack(self.denoiser, self.pipe_name)
+            return guide_model, owned
         prediction_type = getattr(getattr(self.pipe, "scheduler", None), "config", {}).get("prediction_type")
         check_guide_model(guide_model, self.denoiser, self.pipe_name, prediction_type)
         return guide_model, owned
@@ -370,6 +374,8 @@ class GuidanceHandle:
         guide = self.guide_model
         if guide is self.denoisers[call.expert]:
             return call.forward
+        if isinstance(guide, SkipLayerGuide):  # the denoiser below our hook, its blocks skipped for this call only
+            return guide.bind(self.denoisers[call.expert], call.forward, self.pipe_name)
         if not self.call.guide_placed:
             dtype = getattr(self.denoiser, "dtype", None)
             if self._owns_guide:
@@ -389,7 +395,8 @@ class GuidanceHandle:
         return self.layout.forward(DenoiserCall(forward, args, kwargs, x, timestep, context_name, expert))
 
 
-def apply_guidance(pipe, strategy: GuidanceStrategy, guide_model: torch.nn.Module | None = None) -> GuidanceHandle:
+def apply_guidance(pipe, strategy: GuidanceStrategy,
+                   guide_model: torch.nn.Module | SkipLayerGuide | None = None) -> GuidanceHandle:
     """Swap the guidance rule of a diffusers pipeline.
 
         with apply_guidance(pipe, APG(eta=0.0, norm_threshold=15, momentum=-0.5)) as handle:
@@ -399,6 +406,7 @@ def apply_guidance(pipe, strategy: GuidanceStrategy, guide_model: torch.nn.Modul
     The strategy's scale defaults to the call's own `guidance_scale` (`true_cfg_scale` for Flux).
     guide_model: the second denoiser of strategies that ask for the GUIDE branch (Autoguidance): same
     inputs and outputs as the pipeline's denoiser, on its device and dtype; called with the
-    conditional call's arguments. Its evaluations are counted in `handle.guide_nfe`.
+    conditional call's arguments; or `pipelines.SkipLayerGuide(layers)`, the denoiser itself with those
+    transformer blocks skipped (an approximation). Its evaluations are counted in `handle.guide_nfe`.
     """
     return GuidanceHandle(pipe, strategy, guide_model)

@@ -72,6 +72,8 @@ def check_guidable(strategy: GuidanceStrategy) -> None:
         kind = type(node)
         if kind.reference_labels is not GuidanceStrategy.reference_labels:
             what = "a reference-class branch (class ids to swap), which guider pipelines do not have"
+        elif getattr(node, "uses_guide_model", False):
+            what = "a guide model's prediction (autoguidance), which a diffusers guider cannot evaluate"
         elif kind.on_call is not GuidanceStrategy.on_call:
             what = ("the pipeline call itself (on_call: its pipeline, prompts, decoder or labels), which a guider "
                     "never sees")

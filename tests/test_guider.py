@@ -24,7 +24,7 @@ from diffusers.modular_pipelines.stable_diffusion_xl.before_denoise import (
 from diffusers.modular_pipelines.stable_diffusion_xl.denoise import StableDiffusionXLDenoiseStep
 
 import tiny_pipelines as tp
-from guidance import APG, CFG, AdaptiveGuidance, DynamicCFG, GuidanceStrategy, Interval
+from guidance import APG, CFG, AdaptiveGuidance, Autoguidance, DynamicCFG, GuidanceStrategy, Interval
 from pipelines.guider import StrategyGuider
 
 SCALE, STEPS, BATCH = 5.0, 4, 2
@@ -178,6 +178,9 @@ def test_refuses_what_a_guider_cannot_give():
 
     with pytest.raises(ValueError, match="reference-class branch"):
         StrategyGuider(Interval(Reference()))
+    with pytest.raises(ValueError, match="Autoguidance needs a guide model's prediction"):
+        StrategyGuider(Interval(Autoguidance()))
+    assert StrategyGuider(Autoguidance(mix=0.0)).strategy.mix == 0.0  # mix=0 is CFG: no guide model needed
     with pytest.raises(ValueError, match="guidance_scale"):
         StrategyGuider(CFG(), guidance_scale=float("nan"))
     with pytest.raises(ValueError, match="strategy"):

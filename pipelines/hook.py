@@ -378,8 +378,9 @@ class GuidanceHandle:
             return guide.bind(self.denoisers[call.expert], call.forward, self.pipe_name)
         if not self.call.guide_placed:
             dtype = getattr(self.denoiser, "dtype", None)
-            if self._owns_guide:
-                guide.to(call.x.device, dtype)
+            param = next(guide.parameters(), None)
+            if self._owns_guide and param is not None and (param.device, param.dtype) != (call.x.device, dtype):
+                guide.to(call.x.device, dtype)  # only when needed: diffusers' .to(dtype) logs a warning each time
             check_placement(guide, call.x, dtype, self.pipe_name)
             check_arguments(guide, call.kwargs, self.pipe_name)
             self.call.guide_placed = True

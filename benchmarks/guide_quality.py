@@ -201,7 +201,10 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    quality(args) if args.part == "quality" else noise_levels(args)
+    if args.part == "quality":
+        quality(args)
+    else:
+        noise_levels(args)
 
 
 if __name__ == "__main__":

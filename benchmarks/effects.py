@@ -111,7 +111,8 @@ def load_rows(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {"rows": []}
 
 
-def main(argv=None) -> None:
+def main(argv=None, make_plan=plan) -> None:
+    """make_plan(steps) -> rows: another measurement's plan run by the same machinery (elucd_step_rule.py)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stages", type=int, nargs="+", default=[500, 2000])
     p.add_argument("--state", type=Path, default=Path("runs/effects"))
@@ -136,10 +137,10 @@ def main(argv=None) -> None:
                              f"{previous[name]}; allowed: the same, or a new --out and --state")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.state / "state").mkdir(parents=True, exist_ok=True)
-    todo = [r for r in plan(args.steps) if args.only is None or r["key"] in args.only]
+    todo = [r for r in make_plan(args.steps) if args.only is None or r["key"] in args.only]
     unknown = set(args.only or ()) - {r["key"] for r in todo}
     if unknown:
-        raise ValueError(f"--only: {sorted(unknown)} not in the plan; allowed: {[r['key'] for r in plan(args.steps)]}")
+        raise ValueError(f"--only: {sorted(unknown)} not in the plan; allowed: {[r['key'] for r in make_plan(args.steps)]}")
     spec = RunSpec([StrategySpec("CFG", None, [3.0])], num_images=args.stages[0], batch_size=args.batch_size,
                    seed=args.seed, steps=args.steps, metrics=METRICS, reference="cifar10-train", device=args.device)
     source = load_source(spec)

@@ -1,7 +1,6 @@
 """Dynamic CFG: candidate next latents from the scheduler, same noise, uncorrupted multistep state,
 per-sample choice, and the evaluators."""
 
-from pathlib import Path
 
 import pytest
 import torch

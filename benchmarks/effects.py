@@ -140,7 +140,8 @@ def main(argv=None, make_plan=plan) -> None:
     todo = [r for r in make_plan(args.steps) if args.only is None or r["key"] in args.only]
     unknown = set(args.only or ()) - {r["key"] for r in todo}
     if unknown:
-        raise ValueError(f"--only: {sorted(unknown)} not in the plan; allowed: {[r['key'] for r in make_plan(args.steps)]}")
+        allowed = [r["key"] for r in make_plan(args.steps)]
+        raise ValueError(f"--only: {sorted(unknown)} not in the plan; allowed: {allowed}")
     spec = RunSpec([StrategySpec("CFG", None, [3.0])], num_images=args.stages[0], batch_size=args.batch_size,
                    seed=args.seed, steps=args.steps, metrics=METRICS, reference="cifar10-train", device=args.device)
     source = load_source(spec)

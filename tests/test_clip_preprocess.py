@@ -116,8 +116,8 @@ def test_embeddings_through_the_pil_transform_agree_closely(tiny_open_clip):
     from PIL import Image
 
     name, weights = tiny_open_clip
-    model, _, transform = open_clip.create_model_and_transforms(name, pretrained=str(weights),
-                                                                image_mean=PREPROCESS["mean"], image_std=PREPROCESS["std"])
+    mean_std = {"image_mean": PREPROCESS["mean"], "image_std": PREPROCESS["std"]}
+    model, _, transform = open_clip.create_model_and_transforms(name, pretrained=str(weights), **mean_std)
     for images in (images_uint8("smooth", 48, 64), images_uint8("noise", 40, 40)):
         with torch.no_grad():
             theirs = model.encode_image(torch.stack([transform(Image.fromarray(i.permute(1, 2, 0).numpy()))

@@ -64,7 +64,7 @@ def plan(steps: int = STEPS) -> list[dict]:
         row("d", "DynamicCFG default", DynamicCFG(), 3),
         row("a", "APG", APG(), 15),
         # (c) classifier-based methods against the CFG curve
-        row("c", "EluCD 0.05", CalibratedClassifierGuidance("embedded-guidance", scale=0.05), 3),
+        row("c", "EluCD 0.05", CalibratedClassifierGuidance("embedded-guidance", scale=0.05, step_rule="x0"), 3),
         row("c", "GFCG 2 + CFG", GFCG("embedded-guidance", scale=2.0), 3),
         # the rest of the curves
         row("a", "CFG", CFG(), 5), row("a", "APG", APG(), 5),
@@ -75,7 +75,7 @@ def plan(steps: int = STEPS) -> list[dict]:
         row("b", "AG eps 0.995", AdaptiveGuidance(threshold=0.995, similarity_space="eps"), 3),
         row("a", "unguided", None, 1), row("a", "CFG", CFG(), 1.5), row("a", "APG", APG(), 1.5),
         row("a", "APG", APG(), 3),
-        row("c", "EluCD 0.02", CalibratedClassifierGuidance("embedded-guidance", scale=0.02), 3),
+        row("c", "EluCD 0.02", CalibratedClassifierGuidance("embedded-guidance", scale=0.02, step_rule="x0"), 3),
         row("c", "GFCG 4 alone", GFCG("embedded-guidance", scale=4.0, inner=None), 3),
         row("c", "GFCG 4 + CFG", GFCG("embedded-guidance", scale=4.0), 3),
         row("a", "APG r=5", APG(norm_threshold=5.0), 10), row("a", "APG r=1", APG(norm_threshold=1.0), 10),

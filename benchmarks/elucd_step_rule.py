@@ -47,8 +47,8 @@ def plan(steps: int = effects.STEPS) -> list[dict]:
 
     rows = []
     for i in (1, 0, 2):  # pairs of about equal accuracy (probe), the middle one first; CFG, the anchor, last
-        rows.append(row(f"EluCD x0 {X0_SCALES[i]:g}", CalibratedClassifierGuidance("embedded-guidance",
-                                                                                   scale=X0_SCALES[i]), "x0"))
+        rows.append(row(f"EluCD x0 {X0_SCALES[i]:g}", CalibratedClassifierGuidance(
+            "embedded-guidance", scale=X0_SCALES[i], step_rule="x0"), "x0"))
         rows.append(row(f"EluCD x_t {XT_SCALES[i]:g}", CalibratedClassifierGuidance(
             "embedded-guidance", scale=XT_SCALES[i], step_rule="x_t"), "x_t"))
     return rows + [row("CFG", CFG())]

@@ -13,9 +13,10 @@ parameters are the class defaults (tau1 1, tau2 0.5, softplus 3, gamma 0.3, norm
 
 The decision (made in `report`): the x_t rule is worse if some x0 row dominates some x_t row at 95%
 (higher accuracy by Newcombe's interval and lower FID by the paired bootstrap), or if at matched
-accuracy (accuracy difference undecided) an x0 row has the lower FID at 95%; better or no worse
-otherwise. The x_t scales were picked by a 50-image class-accuracy probe to span the x0 rows'
-accuracy range.
+accuracy (accuracy difference undecided) an x0 row has the lower FID at 95%; better only in the
+mirror of the matched-accuracy case (dominating a weaker x0 row says little where the x0 curve's own
+FID falls as its accuracy rises); no worse (undecided) otherwise. The x_t scales were picked by a
+50-image class-accuracy probe to span the x0 rows' accuracy range.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def decide(rows: Rows, n: int) -> dict:
             pairs.append(pair)
             if ci_fid[0] > 0 and (matched or ci_acc[1] < 0):
                 worse.append(pair)  # x0 dominates, or equal accuracy and lower FID
-            if ci_fid[1] < 0 and (matched or ci_acc[0] > 0):
+            if ci_fid[1] < 0 and matched:  # not by dominance: along the x0 curve FID may fall as accuracy rises
                 better.append(pair)
     verdict = ("x_t worse" if worse and not better else "x_t better" if better and not worse
                else "mixed" if worse else "x_t no worse (undecided)")
@@ -97,6 +98,15 @@ def report(out: Path = OUT, n: int = N) -> dict:
     for p in result["decision"]["pairs"]:
         lines.append(f"| {p['x_t']} | {p['x0']} | {_ci(p['accuracy_diff'], p['accuracy_ci'], '+.3f')} | "
                      f"{_ci(p['fid_diff'], p['fid_ci'], '+.2f')} | {'yes' if p['matched_accuracy'] else 'no'} |")
+    curve = sorted((r for (k, m), r in rows.by.items() if m == n and r["group"] == "x0"),
+                   key=lambda r: r["strategy"]["params"]["scale"])
+    if len(curve) > 1:  # the x0 curve's own steps: how FID moves with accuracy along it
+        lines += ["", "Along the x0 curve (next scale minus previous):", "", "| x0 rows | accuracy | FID |",
+                  "|---|---|---|"]
+        for a, b in zip(curve, curve[1:]):
+            d_acc, ci_acc = difference(b, a, "class_accuracy")
+            d_fid, ci_fid = difference(b, a, "fid")
+            lines.append(f"| {b['key']} - {a['key']} | {_ci(d_acc, ci_acc, '+.3f')} | {_ci(d_fid, ci_fid, '+.2f')} |")
     lines += ["", f"Verdict: **{result['decision']['verdict']}**", ""]
     (out / "results.md").write_text("\n".join(lines))
     return result

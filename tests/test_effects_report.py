@@ -137,8 +137,11 @@ def test_step_rule_decision_pairs_rows_at_matched_accuracy():
     close = decide(Rows(x0 + [row("xt a@3", "x_t", 178, 122.3)]), 200)
     assert close["verdict"] == "x_t no worse (undecided)" and len(close["pairs"]) == 2
     worse = decide(Rows(x0 + [row("xt a@3", "x_t", 177, 130.0)]), 200)  # same accuracy as "x0 a", FID +8
-    # worse than "x0 a" at matched accuracy, and dominated by "x0 b" (more accurate, lower FID)
-    assert worse["verdict"] == "x_t worse" and worse["x_t_worse_in"] == [("xt a@3", "x0 a@3"), ("xt a@3", "x0 b@3")]
+    # worse than "x0 a" at matched accuracy; dominated by "x0 b" too, which is not counted (another scale)
+    assert worse["verdict"] == "x_t worse" and worse["x_t_worse_in"] == [("xt a@3", "x0 a@3")]
+    dominated = decide(Rows(x0 + [row("xt e@3", "x_t", 150, 125.0)]), 200)
+    assert dominated["verdict"] == "x_t no worse (undecided)"
+    assert dominated["interpolated"][0]["extrapolated"] and dominated["interpolated"][0]["fid_diff"] > 0
     # higher accuracy at higher FID is a trade-off, not a loss; dominating a weaker x0 row is not a win
     assert decide(Rows(x0[:1] + [row("xt b@3", "x_t", 199, 124.0)]), 200)["verdict"] == "x_t no worse (undecided)"
     assert decide(Rows(x0[:1] + [row("xt c@3", "x_t", 199, 118.0)]), 200)["verdict"] == "x_t no worse (undecided)"

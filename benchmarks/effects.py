@@ -64,7 +64,7 @@ def plan(steps: int = STEPS) -> list[dict]:
         row("d", "DynamicCFG default", DynamicCFG(), 3),
         row("a", "APG", APG(), 15),
         # (c) classifier-based methods against the CFG curve
-        row("c", "EluCD 0.05", CalibratedClassifierGuidance("embedded-guidance", scale=0.05), 3),
+        row("c", "EluCD 0.05", CalibratedClassifierGuidance("embedded-guidance", scale=0.05, step_rule="x0"), 3),
         row("c", "GFCG 2 + CFG", GFCG("embedded-guidance", scale=2.0), 3),
         # the rest of the curves
         row("a", "CFG", CFG(), 5), row("a", "APG", APG(), 5),
@@ -75,7 +75,7 @@ def plan(steps: int = STEPS) -> list[dict]:
         row("b", "AG eps 0.995", AdaptiveGuidance(threshold=0.995, similarity_space="eps"), 3),
         row("a", "unguided", None, 1), row("a", "CFG", CFG(), 1.5), row("a", "APG", APG(), 1.5),
         row("a", "APG", APG(), 3),
-        row("c", "EluCD 0.02", CalibratedClassifierGuidance("embedded-guidance", scale=0.02), 3),
+        row("c", "EluCD 0.02", CalibratedClassifierGuidance("embedded-guidance", scale=0.02, step_rule="x0"), 3),
         row("c", "GFCG 4 alone", GFCG("embedded-guidance", scale=4.0, inner=None), 3),
         row("c", "GFCG 4 + CFG", GFCG("embedded-guidance", scale=4.0), 3),
         row("a", "APG r=5", APG(norm_threshold=5.0), 10), row("a", "APG r=1", APG(norm_threshold=1.0), 10),
@@ -111,7 +111,8 @@ def load_rows(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {"rows": []}
 
 
-def main(argv=None) -> None:
+def main(argv=None, make_plan=plan) -> None:
+    """make_plan(steps) -> rows: another measurement's plan run by the same machinery (elucd_step_rule.py)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stages", type=int, nargs="+", default=[500, 2000])
     p.add_argument("--state", type=Path, default=Path("runs/effects"))
@@ -136,10 +137,11 @@ def main(argv=None) -> None:
                              f"{previous[name]}; allowed: the same, or a new --out and --state")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.state / "state").mkdir(parents=True, exist_ok=True)
-    todo = [r for r in plan(args.steps) if args.only is None or r["key"] in args.only]
+    todo = [r for r in make_plan(args.steps) if args.only is None or r["key"] in args.only]
     unknown = set(args.only or ()) - {r["key"] for r in todo}
     if unknown:
-        raise ValueError(f"--only: {sorted(unknown)} not in the plan; allowed: {[r['key'] for r in plan(args.steps)]}")
+        allowed = [r["key"] for r in make_plan(args.steps)]
+        raise ValueError(f"--only: {sorted(unknown)} not in the plan; allowed: {allowed}")
     spec = RunSpec([StrategySpec("CFG", None, [3.0])], num_images=args.stages[0], batch_size=args.batch_size,
                    seed=args.seed, steps=args.steps, metrics=METRICS, reference="cifar10-train", device=args.device)
     source = load_source(spec)

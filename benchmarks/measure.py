@@ -55,7 +55,8 @@ def adaptive_settings(pipe, steps: int, args) -> list[tuple[str, object]]:
 
 
 def classifier_settings(pipe, steps: int, args) -> list[tuple[str, object]]:
-    elucd = [(f"EluCD {s:g}", CalibratedClassifierGuidance("embedded-guidance", scale=s)) for s in args.elucd_scale]
+    elucd = [(f"EluCD {s:g}", CalibratedClassifierGuidance("embedded-guidance", scale=s, step_rule="x0"))
+             for s in args.elucd_scale]  # the x0 rule, whose scales the shipped results use
     gfcg = [(f"GFCG {s:g} alone", GFCG("embedded-guidance", scale=s, inner=None)) for s in args.gfcg_scale]
     gfcg_cfg = [(f"GFCG {s:g} + CFG", GFCG("embedded-guidance", scale=s)) for s in args.gfcg_scale]
     return elucd + gfcg + gfcg_cfg

@@ -36,7 +36,8 @@ DEMO_STRATEGIES = [
      "scales": [3.0]},
     # Classifier-based, with the shipped guidance classifier (scales from benchmarks/results/classifier).
     {"label": "EluCD", "strategy": {"name": "CalibratedClassifierGuidance",
-                                    "params": {"classifier": "embedded-guidance", "scale": 0.05}}, "scales": [3.0]},
+                                    "params": {"classifier": "embedded-guidance", "scale": 0.05, "step_rule": "x0"}},
+     "scales": [3.0]},
     {"label": "GFCG+CFG", "strategy": {"name": "GFCG", "params": {"classifier": "embedded-guidance", "scale": 2.0}},
      "scales": [3.0]},
     {"label": "DynamicCFG", "strategy": {"name": "DynamicCFG", "params": {}}, "scales": [3.0]},

@@ -3,7 +3,12 @@
 The clamp is per sample (the definition in torchmetrics' docstring and Hessel et al.); torchmetrics' code clamps
 the mean instead, which differs only when some cosines are negative. Two backends:
 
-* open_clip: a model name plus a local checkpoint file (or a pretrained tag when online). For OpenAI weights
+* open_clip: a model name plus a local checkpoint file (or a pretrained tag when online). Images are
+  preprocessed by ``guidance.evaluators.clip_preprocess`` with the model's own settings (size, mean / std,
+  interpolation, resize mode from open_clip's model config), on tensors and on the model's device: the
+  same function DynamicCFG's CLIP evaluator steers by, so the score it reports and the one it steers by
+  see the same pixels. open_clip's own PIL transform differs from it only by PIL's uint8 rounding
+  (measured in tests/test_clip_preprocess.py). For OpenAI weights
   loaded from a file use the ``-quickgelu`` model name (e.g. ``ViT-L-14-quickgelu``): open_clip checks the
   activation only for tags, and a plain GELU gives silently wrong embeddings.
 * transformers: a ``CLIPModel`` and ``CLIPProcessor``, or a local folder holding both.
@@ -17,11 +22,11 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor, nn
 from torchmetrics import Metric
+
+from guidance.evaluators import clip_preprocess, clip_preprocess_config
 
 
 def _check_images(images: Tensor) -> None:
@@ -39,7 +44,7 @@ def _looks_like_path(pretrained) -> bool:
 
 
 class OpenClipBackend(nn.Module):
-    """open_clip model + its own eval preprocessing (PIL) and tokenizer (the BPE vocab ships with open_clip)."""
+    """open_clip model + `clip_preprocess` with its settings + its tokenizer (the BPE vocab ships with open_clip)."""
 
     def __init__(self, model_name: str, pretrained: str | os.PathLike | None = None,
                  device: str | torch.device = "cpu", **create_kwargs):
@@ -48,20 +53,19 @@ class OpenClipBackend(nn.Module):
 
         if pretrained is not None and _looks_like_path(pretrained) and not os.path.isfile(pretrained):
             raise FileNotFoundError(f"open_clip checkpoint not found: {pretrained}")
-        self.model, _, self.preprocess = open_clip.create_model_and_transforms(
-            model_name, pretrained=None if pretrained is None else str(pretrained), device=device, **create_kwargs)
-        self.model.eval()
+        self.model = open_clip.create_model(model_name, pretrained=None if pretrained is None else str(pretrained),
+                                            device=device, **create_kwargs).eval()
+        self.preprocess_config = clip_preprocess_config(self.model)
         self.tokenizer = open_clip.get_tokenizer(model_name)
         self.model_name, self.pretrained = model_name, pretrained
 
     def describe(self) -> dict:
         return {"backend": "open_clip", "model": self.model_name, "pretrained": str(self.pretrained),
-                "preprocessing": repr(self.preprocess)}
+                "preprocessing": f"guidance.evaluators.clip_preprocess {self.preprocess_config}"}
 
     def embed(self, images: Tensor, texts: list[str]) -> tuple[Tensor, Tensor]:
         device = _device_of(self.model)
-        pil = [Image.fromarray(np.ascontiguousarray(img.permute(1, 2, 0).cpu().numpy())) for img in images]
-        pixels = torch.stack([self.preprocess(p) for p in pil]).to(device)
+        pixels = clip_preprocess(images.to(device).float() / 255, **self.preprocess_config)
         return self.model.encode_image(pixels), self.model.encode_text(self.tokenizer(texts).to(device))
 
 

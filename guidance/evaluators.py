@@ -173,24 +173,60 @@ class DiscriminatorEvaluator(_NetEvaluator):
         return self.logits(x, timestep)[:, 0]
 
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip's OPENAI_DATASET_MEAN / _STD, its defaults
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_INTERPOLATIONS = ("bicubic", "bilinear")
+CLIP_RESIZE_MODES = ("shortest", "squash")
 
 
-def clip_preprocess(images: torch.Tensor, size: int | Sequence[int], mean: Sequence[float] = CLIP_MEAN,
-                    std: Sequence[float] = CLIP_STD) -> torch.Tensor:
-    """Images in [0, 1] (B, 3, H, W) -> CLIP input: open_clip's eval transform on tensors (shortest
-    side resized to `size` with antialiased bicubic, centre crop, mean/std normalisation), so a
-    guidance evaluator and a CLIP score see the same pixels. Differentiable."""
+def clip_preprocess_config(model: nn.Module) -> dict[str, Any]:
+    """An open_clip model's own eval preprocessing settings (size, mean, std, interpolation, resize_mode):
+    `model.visual.preprocess_cfg`, which `open_clip.create_model` sets from the model's config and
+    pretrained tag, else the older `image_size` / `image_mean` / `image_std` attributes, else
+    open_clip's defaults (read as open_clip's `get_model_preprocess_cfg` does, without importing it)."""
+    visual = getattr(model, "visual", model)
+    cfg = dict(getattr(visual, "preprocess_cfg", None) or {})
+    size = cfg.get("size", getattr(visual, "image_size", None) or 224)
+    return {"size": tuple(size) if isinstance(size, (tuple, list)) else (int(size), int(size)),
+            "mean": tuple(cfg.get("mean") or getattr(visual, "image_mean", None) or CLIP_MEAN),
+            "std": tuple(cfg.get("std") or getattr(visual, "image_std", None) or CLIP_STD),
+            "interpolation": cfg.get("interpolation", "bicubic"),
+            "resize_mode": cfg.get("resize_mode", "shortest")}
+
+
+def _resized_size(h: int, w: int, target: tuple[int, int]) -> tuple[int, int]:
+    """Output size of open_clip's 'shortest' resize: torchvision's Resize(int) for square targets
+    (short side exactly the target, long side truncated), timm's ResizeKeepRatio otherwise (rounded)."""
+    th, tw = target
+    if th == tw:
+        return (th, int(th * w / h)) if h <= w else (int(tw * h / w), tw)
+    ratio = min(h / th, w / tw)
+    return round(h / ratio), round(w / ratio)
+
+
+def clip_preprocess(images: torch.Tensor, size: int | Sequence[int] = 224, mean: Sequence[float] = CLIP_MEAN,
+                    std: Sequence[float] = CLIP_STD, interpolation: str = "bicubic",
+                    resize_mode: str = "shortest") -> torch.Tensor:
+    """Images in [0, 1] (B, 3, H, W) -> CLIP input: open_clip's eval transform written on tensors
+    (resize with antialias, centre crop, mean/std), so it runs on the images' device and keeps
+    gradients. The one preprocessing of both DynamicCFG's CLIP evaluator and `evaluation`'s CLIP score;
+    pass `**clip_preprocess_config(model)` for a model's own settings. Against open_clip's PIL
+    transform it differs only by PIL's uint8 rounding between and after its two resampling passes
+    (same kernel; measured in tests/test_clip_preprocess.py)."""
+    if interpolation not in CLIP_INTERPOLATIONS:
+        raise ValueError(f"clip_preprocess: interpolation={interpolation!r}; allowed: {', '.join(CLIP_INTERPOLATIONS)}")
+    if resize_mode not in CLIP_RESIZE_MODES:  # 'longest' pads with a fill colour: not needed by any CLIP we use
+        raise ValueError(f"clip_preprocess: resize_mode={resize_mode!r}; allowed: {', '.join(CLIP_RESIZE_MODES)}")
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"clip_preprocess: images of shape {tuple(images.shape)}; allowed: (B, 3, H, W) in [0, 1]")
     h, w = (size, size) if isinstance(size, int) else tuple(size)
-    scale = max(h / images.shape[-2], w / images.shape[-1])
-    resized = (int(images.shape[-2] * scale), int(images.shape[-1] * scale))  # torchvision's Resize truncates
-    x = torch.nn.functional.interpolate(images.float(), size=resized, mode="bicubic", align_corners=False,
-                                        antialias=True).clamp(0, 1)
-    top, left = (resized[0] - h) // 2, (resized[1] - w) // 2
+    resized = (h, w) if resize_mode == "squash" else _resized_size(images.shape[-2], images.shape[-1], (h, w))
+    x = torch.nn.functional.interpolate(images.float(), size=resized, mode=interpolation, align_corners=False,
+                                        antialias=True).clamp(0, 1)  # PIL's kernel (a = -0.5) and its clipping
+    top, left = int(round((resized[0] - h) / 2)), int(round((resized[1] - w) / 2))  # torchvision's CenterCrop
     x = x[..., top:top + h, left:left + w]
-    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).expand(3).view(1, 3, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).expand(3).view(1, 3, 1, 1)
     return (x - m) / s
 
 
@@ -202,12 +238,12 @@ class CLIPEvaluator(Evaluator):
     for class-conditional pipelines (e.g. "a photo of a cat"); prompts are used as given otherwise.
     decode: maps x0 to images in [-1, 1] (a VAE decode for latent pipelines; identity for pixel
     models such as the embedded one); None takes the call's own (DynamicCFG sets it per call).
-    Images go through `clip_preprocess` (open_clip's eval transform). Text features are cached per
+    Images go through `clip_preprocess` with the model's own settings (`clip_preprocess_config`), the
+    preprocessing of `evaluation`'s CLIP score. Text features are cached per
     text for the evaluator's life (moved with the model when its device changes).
     """
 
     space = "x0"
-    MEAN, STD = CLIP_MEAN, CLIP_STD
 
     def __init__(self, model: nn.Module, tokenizer: Callable, texts: Sequence[str] | None = None,
                  decode: Callable | None = None, name: str = "clip"):
@@ -215,8 +251,7 @@ class CLIPEvaluator(Evaluator):
         self.tokenizer, self.decode, self.name = tokenizer, decode, name
         self.texts = list(texts) if texts is not None else None
         self._text_cache: dict[str, torch.Tensor] = {}
-        size = getattr(getattr(model, "visual", None), "image_size", 224)
-        self.image_size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        self.preprocess_config = clip_preprocess_config(model)
 
     def to(self, device) -> "CLIPEvaluator":
         self.model.to(device)
@@ -250,8 +285,8 @@ class CLIPEvaluator(Evaluator):
         images = self.decode(x) if self.decode is not None else x
         images = (images.float().to(device).clamp(-1, 1) + 1) / 2
         with torch.no_grad():
-            f = torch.nn.functional.normalize(self.model.encode_image(clip_preprocess(images, self.image_size)).float(),
-                                              dim=-1)
+            pixels = clip_preprocess(images, **self.preprocess_config)
+            f = torch.nn.functional.normalize(self.model.encode_image(pixels).float(), dim=-1)
         return (f * self._text_features(self._texts_for(condition, x.shape[0]), device)).sum(dim=1)
 
 

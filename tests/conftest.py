@@ -43,6 +43,17 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def one_thread_per_module():
+    """One torch thread for a whole module, its module-scoped fixtures included (`one_thread` above starts
+    too late for those). Tiny models run fastest single-threaded; more threads only oversubscribe a busy
+    CPU. Use with `pytestmark = pytest.mark.usefixtures("one_thread_per_module")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def reference(tmp_path_factory) -> str:
     """Statistics of 24 images through our Inception: CIFAR-10 test images when the data setting is given,

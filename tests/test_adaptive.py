@@ -85,16 +85,17 @@ def test_flow_models_measure_similarity_where_it_carries_information(name):
     pipe = build(name)
     steps = 4
     kw = call_kwargs(name, num_inference_steps=steps)
+    auto = AdaptiveGuidance(threshold=0.9999)  # the default similarity space
+    with apply_guidance(pipe, auto) as handle:
+        pipe(**kw, generator=torch.Generator().manual_seed(0))
+    # Guidance runs past the first step (an eps-space cosine would stop every sample at step 0: steps + 1 NFE).
+    assert auto.switch_step.tolist() != [0, 0] and all(n > steps + 1 for n in handle.nfe.tolist())
+    first = auto.similarity_history[0]
+    assert bool((first < 1 - 1e-5).all()) and first[0] != first[1]
     eps = AdaptiveGuidance(threshold=0.9999, similarity_space="eps")
     with apply_guidance(pipe, eps):
         pipe(**kw, generator=torch.Generator().manual_seed(0))
     assert bool((eps.similarity_history[0] >= 1 - 1e-6).all())  # no information at s = 1
-    auto = AdaptiveGuidance(threshold=0.9999)
-    with apply_guidance(pipe, auto) as handle:
-        pipe(**kw, generator=torch.Generator().manual_seed(0))
-    first = auto.similarity_history[0]
-    assert bool((first < 1 - 1e-5).all()) and first[0] != first[1]
-    assert auto.switch_step.tolist() != [0, 0] and all(n > steps + 1 for n in handle.nfe.tolist())
 
 
 def test_auto_is_the_papers_eps_on_epsilon_models():

@@ -127,7 +127,7 @@ def test_scale_zero_is_the_inner_strategy_exactly_and_a_step_raises_the_objectiv
     net = tiny_classifier()
     zero = CalibratedClassifierGuidance(net, scale=0.0)
     assert torch.equal(zero.combine(ctx, p), CFG().combine(ctx, p))
-    s = CalibratedClassifierGuidance(net, scale=0.05, gamma=0.0)
+    s = CalibratedClassifierGuidance(net, scale=0.05, gamma=0.0, step_rule="x0")
     base_x0 = ctx.to_x0(CFG().combine(ctx, p))
     guided_x0 = ctx.to_x0(s.combine(ctx, p))
     # normalized form: each sample's x0 moves by exactly lambda_i in RMS (step 0 of 10: lambda = scale)
@@ -361,8 +361,11 @@ def test_presets_are_the_authors_setups_and_round_trip():
     ddpm = CalibratedClassifierGuidance.preset("ddpm", "embedded-guidance", scale=2.0)
     assert (ddpm.step_rule, ddpm.tau2, ddpm.softplus_beta, ddpm.scale, ddpm.normalize) == ("x0", 0.5, 3.0, 2.0, False)
     assert guidance_from_config(edm.to_config()).to_config() == edm.to_config()
-    with pytest.raises(ValueError, match="step_rule='x_t' normalises the gradient"):
-        CalibratedClassifierGuidance("embedded-guidance", step_rule="x_t", normalize=False)
+    with pytest.raises(ValueError, match="step_rule='x_t' normalises the gradient.*or step_rule='x0'"):
+        CalibratedClassifierGuidance("embedded-guidance", normalize=False)  # the default rule is x_t
+    default = CalibratedClassifierGuidance("embedded-guidance")  # measured no worse: elucd_step_rule results
+    assert (default.step_rule, default.scale, default.normalize) == ("x_t", 0.01, True)
+    assert ClassifierGuidance("embedded-guidance").step_rule == "x0"  # its score form is unnormalised
     with pytest.raises(ValueError, match="step_rule='xt' is unknown; allowed: x0, x_t"):
         CalibratedClassifierGuidance("embedded-guidance", step_rule="xt")
 

@@ -1,7 +1,6 @@
 """Dynamic CFG: candidate next latents from the scheduler, same noise, uncorrupted multistep state,
 per-sample choice, and the evaluators."""
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -240,6 +239,26 @@ def test_x0_space_clip_evaluator_runs_with_random_open_clip():
     assert x0.shape == (len(SCALES) * 4, 3, 32, 32) and float(t[0]) == float(pipe.scheduler.timesteps[0])
     scores = clip(x0, t, torch.tensor(LABELS).repeat(len(SCALES)))
     assert scores.shape == (12,) and bool(((scores >= -1) & (scores <= 1)).all())
+
+
+def test_clip_text_features_survive_the_per_step_device_move():
+    """DynamicCFG moves its evaluators to the latents' device at every step; the CLIP evaluator's text
+    features must stay cached across those moves (they were once dropped by every .to())."""
+    import open_clip
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    torch.manual_seed(0)
+    model = open_clip.CLIP(embed_dim=16, vision_cfg=CLIPVisionCfg(layers=1, width=32, head_width=16, patch_size=8,
+                                                                  image_size=32),
+                           text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=32, heads=2, layers=1))
+    clip = CLIPEvaluator(model, open_clip.get_tokenizer("ViT-B-32"))
+    encoded, original = [], model.encode_text
+    model.encode_text = lambda tokens: (encoded.append(len(tokens)), original(tokens))[1]
+    x0, prompts = torch.rand(2, 3, 32, 32) * 2 - 1, ["a cat", "a dog"]
+    first = clip(x0, torch.zeros(2), prompts)
+    for _ in range(3):  # three more steps, each preceded by the move DynamicCFG makes
+        torch.testing.assert_close(clip.to("cpu")(x0, torch.zeros(2), prompts), first)
+    assert encoded == [2]
 
 
 def test_deeper_noise_aware_net_is_residual_and_round_trips(tmp_path):

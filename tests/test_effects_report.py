@@ -119,3 +119,31 @@ def test_effects_run_continues_a_row_to_the_next_stage_exactly(tmp_path):
         assert staged[1][name] == direct[0][name], name
     assert staged[1]["boot"] == direct[0]["boot"]
     assert staged[0]["fid"] != staged[1]["fid"]  # the second stage really added images
+
+
+def test_step_rule_decision_pairs_rows_at_matched_accuracy():
+    """benchmarks/elucd_step_rule.py: x_t is judged worse only where an x0 row has lower FID at 95% and no
+    lower accuracy; a difference inside the intervals leaves it undecided (no worse)."""
+    from elucd_step_rule import decide
+
+    rng = np.random.default_rng(0)
+
+    def row(key, group, correct, fid, spread=0.5):
+        boot = {"fid": list(fid + spread * rng.standard_normal(200))}
+        return {"key": key, "group": group, "num_images": 200, "class_correct": correct,
+                "class_accuracy": correct / 200, "fid": fid, "boot": boot}
+
+    x0 = [row("x0 a@3", "x0", 176, 122.0), row("x0 b@3", "x0", 198, 121.0)]
+    close = decide(Rows(x0 + [row("xt a@3", "x_t", 178, 122.3)]), 200)
+    assert close["verdict"] == "x_t no worse (undecided)" and len(close["pairs"]) == 2
+    worse = decide(Rows(x0 + [row("xt a@3", "x_t", 177, 130.0)]), 200)  # same accuracy as "x0 a", FID +8
+    # worse than "x0 a" at matched accuracy; dominated by "x0 b" too, which is not counted (another scale)
+    assert worse["verdict"] == "x_t worse" and worse["x_t_worse_in"] == [("xt a@3", "x0 a@3")]
+    dominated = decide(Rows(x0 + [row("xt e@3", "x_t", 150, 125.0)]), 200)
+    assert dominated["verdict"] == "x_t no worse (undecided)"
+    assert dominated["interpolated"][0]["extrapolated"] and dominated["interpolated"][0]["fid_diff"] > 0
+    # higher accuracy at higher FID is a trade-off, not a loss; dominating a weaker x0 row is not a win
+    assert decide(Rows(x0[:1] + [row("xt b@3", "x_t", 199, 124.0)]), 200)["verdict"] == "x_t no worse (undecided)"
+    assert decide(Rows(x0[:1] + [row("xt c@3", "x_t", 199, 118.0)]), 200)["verdict"] == "x_t no worse (undecided)"
+    better = decide(Rows(x0[:1] + [row("xt d@3", "x_t", 175, 118.0)]), 200)  # matched accuracy, FID -4
+    assert better["verdict"] == "x_t better" and better["x_t_better_in"] == [("xt d@3", "x0 a@3")]

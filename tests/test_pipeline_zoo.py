@@ -11,15 +11,8 @@ from guidance import APG, CFG, Interval
 from pipelines import apply_guidance
 from pipelines.adapters import DIFFUSERS_ADAPTERS, adapter_for
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning"),
+              pytest.mark.usefixtures("one_thread_per_module")]
 
 
 def run(pipe, kwargs) -> torch.Tensor:

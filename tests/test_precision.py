@@ -62,7 +62,7 @@ STRATEGIES = {
     "interval-apg": lambda: Interval(APG(norm_threshold=50.0), start=0.0, stop=1.0),
     "ag-apg": lambda: AdaptiveGuidance(APG(norm_threshold=50.0), threshold=1.0),
     "linear-ag": lambda: LinearAG.unfitted(3, plan=["cfg", "estimate", "estimate"]),
-    "elucd": lambda: CalibratedClassifierGuidance(tiny_classifier(), scale=0.2, target=[1]),
+    "elucd": lambda: CalibratedClassifierGuidance(tiny_classifier(), scale=0.2, target=[1], step_rule="x0"),
 }
 
 

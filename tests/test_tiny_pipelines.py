@@ -9,22 +9,10 @@ import torch
 
 import tiny_pipelines as tp
 
-# diffusers schedulers + numpy 2 emit this on every set_timesteps; it is upstream noise.
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
-)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")  # numpy's scheduler warnings: pyproject.toml
 
 NAMES = tp.PIPELINE_NAMES
 PROMPT_NAMES = [n for n in NAMES if tp.SUPPORTS_NUM_IMAGES_PER_PROMPT[n]]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest single-threaded; extra threads only oversubscribe a busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _run(pipe, **kwargs):

@@ -35,8 +35,8 @@ from effects_stats import bootstrap_counts, weighted_fid, weighted_mean  # noqa:
 
 from evaluation.runner import RunSpec, StrategySpec, load_source, run_setting  # noqa: E402
 from evaluation.spec import safe_name  # noqa: E402
-from guidance import (APG, CFG, GFCG, AdaptiveGuidance, CalibratedClassifierGuidance, DynamicCFG,  # noqa: E402
-                      Interval, LinearAG)
+from guidance import (APG, CFG, GFCG, AdaptiveGuidance, Autoguidance, CalibratedClassifierGuidance,  # noqa: E402
+                      DynamicCFG, Interval, LinearAG)
 
 STEPS = 20
 Tensor = torch.Tensor
@@ -63,6 +63,11 @@ def plan(steps: int = STEPS) -> list[dict]:
         row("a", "CFG", CFG(), 15), row("d", "DynamicCFG alignment", DynamicCFG(evaluators=["alignment"]), 3),
         row("d", "DynamicCFG default", DynamicCFG(), 3),
         row("a", "APG", APG(), 15),
+        # (e) autoguidance (#18): the embedded guide (a quarter of the capacity, a fifth of the training)
+        row("e", "ATG", Autoguidance(guide_model="embedded"), 2),
+        row("e", "GFCG 2 + ATG", GFCG("embedded-guidance", scale=2.0, inner=Autoguidance(guide_model="embedded")), 2),
+        row("e", "ATG", Autoguidance(guide_model="embedded"), 3),
+        row("e", "ATG", Autoguidance(guide_model="embedded"), 1.5),
         # (c) classifier-based methods against the CFG curve
         row("c", "EluCD 0.05", CalibratedClassifierGuidance("embedded-guidance", scale=0.05, step_rule="x0"), 3),
         row("c", "GFCG 2 + CFG", GFCG("embedded-guidance", scale=2.0), 3),

@@ -35,6 +35,7 @@ STATIC = ("Interval 0-0.25@3", "Interval 0-0.4@3", "Interval 0-0.6@3", "CFG@3")
 AGAINST_CURVE = ("EluCD 0.05@3", "EluCD 0.02@3", "GFCG 2 + CFG@3", "GFCG 4 + CFG@3", "GFCG 4 alone@3",
                  "DynamicCFG alignment@3", "DynamicCFG default@3", "DynamicCFG fixed weights@3")
 DYNAMIC = ("DynamicCFG alignment@3", "DynamicCFG default@3", "DynamicCFG fixed weights@3")
+AUTOGUIDANCE = ("ATG@1.5", "ATG@2", "ATG@3", "GFCG 2 + ATG@2")  # (e) issue #18, the embedded guide model
 
 
 class Rows:
@@ -156,10 +157,14 @@ def conclusions(rows: Rows) -> list[dict]:
         pair("b", f"{key} loses class accuracy against full CFG@3", key, "CFG@3", "class_accuracy", -1)
     # (a) APG's headline: better FID at comparable accuracy is a point above the CFG curve; (c), (d)
     apg = tuple(f"APG@{w:g}" for w in APG_SCALES) + ("APG r=5@10", "APG r=1@10")
-    for key in apg + AGAINST_CURVE:
-        result = curve_verdict(rows, key, "a" if key in apg else "d" if key in DYNAMIC else "c")
+    for key in apg + AGAINST_CURVE + AUTOGUIDANCE:
+        group = "a" if key in apg else "d" if key in DYNAMIC else "e" if key in AUTOGUIDANCE else "c"
+        result = curve_verdict(rows, key, group)
         if result:
             out.append(result)
+    # (e) the GFCG paper's headline setting: GFCG's push on top of autoguidance raises class accuracy
+    pair("e", "GFCG 2 + ATG@2 raises class accuracy over ATG@2 alone", "GFCG 2 + ATG@2", "ATG@2", "class_accuracy", +1)
+    pair("e", "GFCG 2 + ATG@2 has lower FID than ATG@2 alone", "GFCG 2 + ATG@2", "ATG@2", "fid", -1)
     # (d) issue #7: Dynamic CFG above the best fixed scale's class accuracy
     for key in DYNAMIC:
         for n in reversed(rows.sizes()):

@@ -36,7 +36,7 @@ import torch
 
 from guidance import from_config
 
-from .atomic import atomic_save, atomic_write_text, remove_stale_tmp
+from guidance.atomic import atomic_save, atomic_write_text, remove_stale_tmp
 from .distributed import Dist, init_distributed
 from .spec import (EMBEDDED_DEFAULT_REFERENCE, SHIPPED_REFERENCES, InputError, RunSpec, StrategySpec, check_device,
                    check_local_pipeline, reference_path, safe_name)

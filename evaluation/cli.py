@@ -71,7 +71,7 @@ def _read_prompts(value: str | None) -> list[str] | None:
     if not path.is_file():
         raise InputError(f"--prompts {value!r}: the prompt file does not exist; pass a text file, one prompt a line")
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark would otherwise start the first prompt
     except UnicodeDecodeError:
         raise InputError(f"--prompts {value!r} is not a UTF-8 text file; pass a text file, one prompt a line") from None
     prompts = [line.strip() for line in text.splitlines() if line.strip()]

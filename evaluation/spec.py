@@ -153,7 +153,7 @@ def read_strategies(value: str) -> list[StrategySpec]:
                              f"e.g. '[{SPEC_EXAMPLE}]'")
         source = f"--strategies {value}"
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark (Windows editors) is not JSON
         except UnicodeDecodeError:
             raise InputError(f"{source} is not a UTF-8 text file; pass a JSON file") from None
     try:

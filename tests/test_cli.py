@@ -661,3 +661,33 @@ def test_campaign_named_evaluators_are_known_when_the_cli_reads_a_spec():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           cwd=Path(__file__).resolve().parents[1], env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0 and done.stdout.strip() == "2", done.stderr[-500:]
+
+
+@pytest.mark.parametrize("case, message", [
+    # before: exit 1 after the first batch ("expected uint8 images, got float32 ... rerun the same command")
+    ("float images", "expected uint8 images, got float32"),
+    # before: the same, naming the shape of one batch
+    ("NCHW images", "expected images (N, H, W, 3) in NHWC layout, got (3, 3, 8, 8)"),
+    # before: exit 1, "BadZipFile: File is not a zip file"
+    ("inception a text file", "are not a torch file (not a zip archive)"),
+])
+def test_campaign_stats_inputs_refused_up_front(case, message, tmp_path, capsys):
+    images = np.zeros((3, 8, 8, 3), np.uint8)
+    np.savez(tmp_path / "src.npz", images={"float images": images.astype(np.float32),
+                                           "NCHW images": images.transpose(0, 3, 1, 2)}.get(case, images))
+    (tmp_path / "w.pt").write_text("not weights")
+    extra = ["--inception", tmp_path / "w.pt"] if case == "inception a text file" else []
+    code, err = cli(["stats", "--source", tmp_path / "src.npz", "--out", tmp_path / "ref.npz", "--device", "cpu",
+                     *extra], capsys)
+    assert code == 2
+    assert_one_line(err, 2, message, "w.pt" if extra else "src.npz")
+    assert not (tmp_path / "ref.npz").exists()
+
+
+def test_campaign_strategies_file_with_a_byte_order_mark_runs(tmp_path, capsys):
+    # before: "not valid JSON (Unexpected UTF-8 BOM ...)" for a file saved by a Windows editor
+    (tmp_path / "s.json").write_bytes(("\ufeff" + json.dumps([CFG])).encode("utf-8"))
+    argv = run_argv(tmp_path / "o")
+    argv[2] = str(tmp_path / "s.json")
+    code, err = cli(argv, capsys)
+    assert code == 0, err

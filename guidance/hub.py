@@ -57,6 +57,9 @@ def read_config(source: str | os.PathLike, what: str, hint: str, **hub_kwargs: A
     """config.json of a local model folder or a Hub repo id, with errors that name `source`.
 
     what: the kind of model, for messages ("classifier", "evaluator"); hint: how to make one."""
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"{what}={source!r} is a {type(source).__name__}; allowed: a folder path or a Hub repo id "
+                        "'owner/name'")
     path = Path(source)
     if path.is_dir():
         missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (path / n).is_file()]
@@ -85,8 +88,13 @@ def read_config(source: str | os.PathLike, what: str, hint: str, **hub_kwargs: A
 def load_pretrained(cls: type, source: str | os.PathLike, what: str, device: Any = "cpu", **hub_kwargs: Any):
     """`cls.from_pretrained(source)` frozen in eval mode on `device`; a weights file that does not fit
     the config (missing or unexpected tensors, other shapes, not safetensors) is a ValueError naming it."""
+    import torch
     from safetensors import SafetensorError
 
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{what}: device={device!r} is not a device name; allowed: cpu, cuda, cuda:N, mps") from None
     try:
         model = cls.from_pretrained(str(source), **hub_kwargs)
     except (RuntimeError, SafetensorError, OSError) as e:

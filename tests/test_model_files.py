@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 from guidance.atomic import TMP_SUFFIX
 from guidance.evaluators import NoiseAwareNet, load_net
 from pipelines.embedded import WEIGHTS_DIR
-from pipelines.embedded.classifiers import ARCHITECTURES, ConvNetClassifier, ResNetClassifier, load_classifier
+from pipelines.embedded.classifiers import (ARCHITECTURES, ConvNetClassifier, ResNetClassifier, build_classifier,
+                                            load_classifier)
 from pipelines.embedded.training.common import save_checkpoint
 
 CLASSIFIERS = ["guidance_classifier", "eval_classifier"]
@@ -131,6 +132,15 @@ def test_bad_config_json_is_named(tmp_path, config, match):
         load_classifier(folder)
 
 
+@pytest.mark.parametrize("source", [3, None])
+def test_a_source_of_another_type_is_named(source):
+    # before: pathlib's "expected str, bytes or os.PathLike object, not int"
+    with pytest.raises(TypeError, match=f"classifier={source!r} is a {type(source).__name__}"):
+        load_classifier(source)
+    with pytest.raises(TypeError, match=f"evaluator={source!r}"):
+        load_net(source)
+
+
 @pytest.mark.parametrize("source, match", [
     ("/nonexistent/clf", "'/nonexistent/clf' is not a folder"),
     ("./relative/clf", "is not a folder"),
@@ -149,6 +159,14 @@ def test_missing_folder_is_not_taken_for_a_hub_id(source, match):
     (lambda: NoiseAwareNet(widths="abc"), "widths='abc'"),
     (lambda: NoiseAwareNet(out_dim=2.5), "out_dim=2.5"),
     (lambda: NoiseAwareNet(temb_dim=31), "temb_dim=31"),
+    # session 5 campaign; before: "could not convert string to float: 'a'", "'int' object is not iterable",
+    # "Trying to create tensor with negative dimension -3", "'str' object has no attribute 'get'"
+    (lambda: ResNetClassifier(softplus_beta="a"), "softplus_beta='a'"),
+    (lambda: ConvNetClassifier(dropout="x"), "dropout='x'"),
+    (lambda: ResNetClassifier(widths=5), "widths=5"),
+    (lambda: ConvNetClassifier(stem_width=-3), "stem_width=-3"),
+    (lambda: build_classifier("resnet"), "config='resnet'"),
+    (lambda: load_classifier(WEIGHTS_DIR / "eval_classifier", device="gpu"), "device='gpu'"),
 ])
 def test_bad_network_arguments_are_named(make, match):
     with pytest.raises(ValueError, match=match):

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from guidance.base import check_range
 from guidance.hub import CONFIG_NAME, WEIGHTS_NAME, SafetensorsHubMixin, load_pretrained, read_config
 
 
@@ -49,6 +50,12 @@ def make_norm(kind: str, channels: int, groups: int = 8) -> nn.Module:
     raise ValueError(f"norm={kind!r}: expected 'batch' or 'group'")
 
 
+def _sequence(name: str, value: Any) -> list:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise ValueError(f"{name}={value!r}: expected a list")
+    return list(value)
+
+
 def _width(name: str, value: Any) -> int:
     """A positive int (numpy / torch integers accepted), or a ValueError naming the parameter."""
     if isinstance(value, bool) or not hasattr(value, "__index__") or int(value) < 1:
@@ -65,9 +72,10 @@ class _Classifier(nn.Module, SafetensorsHubMixin, library_name="guidance-kit", t
     image_size = 32
 
     def _setup(self, norm: str, norm_groups: int, activation: str, softplus_beta: float, num_classes: int) -> None:
-        make_activation(activation, softplus_beta), make_norm(norm, 8, norm_groups)  # validate the names early
+        make_activation(activation), make_norm(norm, 8)  # validate the names early
         self.norm, self.norm_groups = str(norm).lower(), _width("norm_groups", norm_groups)
-        self.activation, self.softplus_beta = str(activation).lower(), float(softplus_beta)
+        self.activation = str(activation).lower()
+        self.softplus_beta = check_range(type(self).__name__, "softplus_beta", softplus_beta, 0.0, low_open=True)
         self.num_classes = _width("num_classes", num_classes)
 
     @property
@@ -113,8 +121,8 @@ class ResNetClassifier(_Classifier):
         super().__init__()
         self._setup(norm, norm_groups, activation, softplus_beta, num_classes)
         stem_width = _width("stem_width", stem_width)
-        widths = [_width("widths", w) for w in widths]
-        blocks = [int(b) for b in blocks]
+        widths = [_width("widths", w) for w in _sequence("widths", widths)]
+        blocks = [int(b) for b in _sequence("blocks", blocks)]
         if len(widths) != len(blocks) or min(blocks, default=0) < 0:
             raise ValueError(f"ResNetClassifier: widths={widths} and blocks={blocks} must have the same length, "
                              "blocks >= 0")
@@ -151,10 +159,9 @@ class ConvNetClassifier(_Classifier):
                  dropout: float = 0.0, num_classes: int = 10) -> None:
         super().__init__()
         self._setup(norm, norm_groups, activation, softplus_beta, num_classes)
-        stem_width = int(stem_width) if stem_width else 0  # 0: no stem layer
-        stages = [[_width("stages", w) for w in stage] for stage in stages]
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"dropout={dropout!r}: expected a probability in [0, 1)")
+        stem_width = _width("stem_width", stem_width) if stem_width != 0 else 0  # 0: no stem layer
+        stages = [[_width("stages", w) for w in _sequence("stages", stage)] for stage in _sequence("stages", stages)]
+        dropout = check_range("ConvNetClassifier", "dropout", dropout, 0.0, 1.0, high_open=True)
         self.set_config(architecture=self.architecture, stem_width=stem_width, stages=stages, norm=self.norm,
                         norm_groups=self.norm_groups, activation=self.activation, softplus_beta=self.softplus_beta,
                         dropout=float(dropout), num_classes=self.num_classes)
@@ -197,6 +204,9 @@ def _architecture(config: dict, source: str) -> type[_Classifier]:
 
 def build_classifier(config: dict) -> _Classifier:
     """A freshly initialised classifier from a config dict with an "architecture" key."""
+    if not isinstance(config, dict):
+        raise ValueError(f"classifier config={config!r}; allowed: a dict with an 'architecture' key "
+                         f"({', '.join(sorted(ARCHITECTURES))}) and that class's arguments")
     cls = _architecture(config, "classifier config")
     return cls(**{k: v for k, v in config.items() if k != "architecture"})
 

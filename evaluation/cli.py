@@ -67,10 +67,12 @@ def _read_prompts(value: str | None) -> list[str] | None:
     if value is None:
         return None
     path = Path(value)
+    if path.is_dir():
+        raise InputError(f"--prompts {value!r} is a folder; pass a text file, one prompt a line")
     if not path.is_file():
         raise InputError(f"--prompts {value!r}: the prompt file does not exist; pass a text file, one prompt a line")
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark would otherwise start the first prompt
     except UnicodeDecodeError:
         raise InputError(f"--prompts {value!r} is not a UTF-8 text file; pass a text file, one prompt a line") from None
     prompts = [line.strip() for line in text.splitlines() if line.strip()]
@@ -103,6 +105,21 @@ def _int_at_least(low: int):
     return parse
 
 
+def _threads(text: str) -> int:
+    value = _int_at_least(1)(text)
+    most = max(os.cpu_count() or 1, 1) * 4
+    if value > most:  # far more threads than cores only slows torch down (and can exhaust memory)
+        raise argparse.ArgumentTypeError(f"{value} is more than 4x this machine's {os.cpu_count()} CPUs; allowed: "
+                                         f"1..{most}")
+    return value
+
+
+def _folder(text: str) -> Path:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("'' is empty; allowed: a folder path")
+    return Path(text)
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -114,7 +131,7 @@ def _seconds(text: str) -> float:
 
 
 def _add_run_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
-    p.add_argument("--out", type=Path, default=Path("runs/demo") if demo else None, required=not demo,
+    p.add_argument("--out", type=_folder, default=Path("runs/demo") if demo else None, required=not demo,
                    help="run folder (new, or an earlier run's: resumes it and adds new settings)")
     p.add_argument("--num-images", type=_int_at_least(1), default=100 if demo else 1000)
     p.add_argument("--batch-size", type=_int_at_least(1), default=50)
@@ -130,21 +147,35 @@ def _add_run_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
                    "or a local transformers CLIP folder")
     p.add_argument("--clip-pretrained", default=None, help="for clip_score: an open_clip pretrained tag "
                    "(e.g. laion2b_s34b_b79k; downloads once) or a local weights file")
-    p.add_argument("--threads", type=_int_at_least(1), default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=_threads, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--checkpoint-every", type=_seconds, default=None, metavar="SECONDS",
                    help="seconds between checkpoints of a setting (default 60; 0: after every batch)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
 
 
-def _spec(args, strategies: list[StrategySpec]) -> RunSpec:
-    from .spec import default_device
+def _check_unused_flags(args, metrics: tuple[str, ...]) -> None:
+    """A flag that no asked metric reads would be ignored without a word: refuse it."""
+    asked = ",".join(metrics)
+    if args.reference is not None and not any(m in metrics for m in ("fid", "kid", "pr")):
+        raise InputError(f"--reference {args.reference!r} is given but no metric uses it (--metrics {asked}); "
+                         "add fid, kid or pr, or drop --reference")
+    for flag, value in (("--clip-model", args.clip_model), ("--clip-pretrained", args.clip_pretrained)):
+        if value is not None and "clip_score" not in metrics:
+            raise InputError(f"{flag} {value!r} is given but --metrics {asked} has no clip_score; add clip_score "
+                             f"or drop {flag}")
 
+
+def _spec(args, strategies: list[StrategySpec]) -> RunSpec:
+    from .spec import check_metrics, default_device
+
+    metrics = check_metrics(tuple(m for m in args.metrics.split(",") if m.strip()))
+    _check_unused_flags(args, metrics)
     return RunSpec(
         strategies=strategies, pipeline=getattr(args, "pipeline", "embedded"),
         class_labels=_read_labels(getattr(args, "class_labels", None)),
         prompts=_read_prompts(getattr(args, "prompts", None)),
         num_images=args.num_images, batch_size=args.batch_size, seed=args.seed, steps=args.steps,
-        scheduler=args.scheduler, metrics=tuple(m for m in args.metrics.split(",") if m.strip()),
+        scheduler=args.scheduler, metrics=metrics,
         reference=args.reference, device=args.device or default_device(),
         clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
     )
@@ -177,6 +208,8 @@ def prepare_demo(args):
 def prepare_report(args):
     from .report import load_rows, write_report
 
+    if args.folder.is_file():
+        raise InputError(f"folder {str(args.folder)!r} is a file; pass a guidance-eval run folder (the --out of a run)")
     if not args.folder.is_dir():
         raise InputError(f"folder {str(args.folder)!r} does not exist; pass a guidance-eval run folder")
     load_rows(args.folder)

@@ -17,7 +17,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from tqdm import tqdm  # plain text bars: tqdm.auto wants ipywidgets in notebooks
 
-from .atomic import atomic_save, atomic_write
+from guidance.atomic import atomic_save, atomic_write
 from .images import batches_from, load_image_source
 
 

@@ -76,6 +76,11 @@ def load_image_source(source, limit: int | None = None,
         order = np.random.default_rng(shuffle_seed).permutation(len(items))
         items = items[order] if isinstance(items, np.ndarray) else [items[i] for i in order]
     items = items[:limit] if limit is not None else items
+    if isinstance(items, np.ndarray):  # dtype and layout refused now, not after the first batch has run
+        if items.dtype != np.uint8:
+            raise ValueError(f"expected uint8 images, got {items.dtype}")
+        if not (items.ndim == 3 or (items.ndim == 4 and items.shape[-1] in (1, 3))):
+            raise ValueError(f"expected images (N, H, W, 3) in NHWC layout, got {items.shape}")
     return items, len(items)
 
 

@@ -131,8 +131,12 @@ def resolve_inception_path(path: str | os.PathLike | None = None) -> Path:
 
 def _is_torchscript(path: Path) -> bool:
     # Both formats are zip archives; only TorchScript archives carry compiled code.
-    with zipfile.ZipFile(path) as archive:
-        return any("/code/" in name for name in archive.namelist())
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any("/code/" in name for name in archive.namelist())
+    except zipfile.BadZipFile:
+        raise ValueError(f"Inception weights {str(path)!r} are not a torch file (not a zip archive). "
+                         f"{_INSTALL_HINT}") from None
 
 
 def _jit_load(path: Path) -> torch.jit.ScriptModule:

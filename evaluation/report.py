@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .atomic import atomic_write, atomic_write_text
+from guidance.atomic import atomic_write, atomic_write_text
 
 TABLE_COLUMNS = ("setting", "fid", "kid_mean", "precision", "recall", "class_accuracy", "clip_score",
                  "saturation_mean", "colourfulness_mean", "nfe_per_image", "guide_nfe_per_image", "seconds_per_image")

@@ -36,7 +36,7 @@ import torch
 
 from guidance import from_config
 
-from .atomic import atomic_save, atomic_write_text, remove_stale_tmp
+from guidance.atomic import atomic_save, atomic_write_text, remove_stale_tmp
 from .distributed import Dist, init_distributed
 from .spec import (EMBEDDED_DEFAULT_REFERENCE, SHIPPED_REFERENCES, InputError, RunSpec, StrategySpec, check_device,
                    check_local_pipeline, reference_path, safe_name)
@@ -114,6 +114,8 @@ def load_reference(reference: str, feature_dim: int):
 
     path = reference_path(reference)
     hint = "make one with `guidance-eval stats --source IMAGES --out ref.npz`, or pass cifar10-test / cifar10-train"
+    if path.is_dir():
+        raise InputError(f"--reference {reference!r} is a folder; pass an .npz file; {hint}")
     if not path.is_file():
         raise InputError(f"--reference {reference!r}: no such file; {hint}")
     try:
@@ -195,7 +197,7 @@ def _load_source(spec: RunSpec, clip_backend, classifier, device: str | None) ->
     if spec.pipeline == "embedded":
         from pipelines import load_embedded
 
-        model = load_embedded(device, scheduler=_check_scheduler(spec.scheduler))
+        model = load_embedded(device, scheduler=_check_scheduler(spec.scheduler))  # a class or None
         num_classes = model.pipe.num_classes
         labels = spec.class_labels if spec.class_labels is not None else list(range(num_classes))
         out_of_range = [c for c in labels if c >= num_classes]
@@ -225,7 +227,13 @@ def _check_scheduler(name: str | None):
     import diffusers
 
     cls = getattr(diffusers, name, None)
-    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin) and cls is not diffusers.SchedulerMixin):
+        if isinstance(cls, type) and hasattr(cls, "_backends"):  # diffusers' placeholder for a missing extra
+            import importlib.util
+
+            missing = [b for b in cls._backends if importlib.util.find_spec(b) is None] or list(cls._backends)
+            raise InputError(f"--scheduler {name!r} needs {', '.join(missing)}, not installed here; install it or "
+                             "pick another scheduler")
         known = sorted(n for n in dir(diffusers) if n.endswith("Scheduler") and n[0].isupper())
         raise InputError(f"--scheduler {name!r} is not a diffusers scheduler class; allowed: {', '.join(known)}")
     return cls
@@ -280,6 +288,13 @@ def _check_run_folder(out: Path, spec: RunSpec, dist: Dist) -> dict:
         old, new = previous["run"], record["run"]
         diff = [f"{k} (folder: {old.get(k)!r}, now: {new.get(k)!r})"
                 for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        started = (out / "results.json").is_file() or any((out / "state").glob("*.pt"))
+        if diff and not started:
+            # a start that failed before its first checkpoint (e.g. a strategy refusing the scheduler at its
+            # first step): nothing to keep, so the corrected command may take the folder over
+            _log(f"{settings_file}: no setting was started with the folder's settings; using the new ones")
+            previous = {"run": new, "settings": {}}
+            diff = []
         if diff:
             raise InputError(f"run folder {out} was made with other settings (differing: {'; '.join(diff)}); "
                              "rerun with the folder's values, or use a new --out")
@@ -483,6 +498,33 @@ class Prepared:
     record: dict
 
 
+def _per_step_scales(config: Any, path: str = "params"):
+    """(where, list) for every per-step scale list in a strategy config (nested strategies included)."""
+    if isinstance(config, dict):
+        for key, value in (config.get("params") or {}).items():
+            if key in ("scale", "scale_2") and isinstance(value, list):
+                yield f"{config.get('name')} {path}.{key}", value
+            elif isinstance(value, dict):
+                yield from _per_step_scales(value, f"{path}.{key}.params")
+
+
+def _check_steps(spec: RunSpec, pipe: Any) -> None:
+    """What only the loaded pipeline can tell, checked before anything is written: the step count its
+    scheduler allows, and per-step scale lists one entry per step (first-order schedulers)."""
+    scheduler = getattr(pipe, "scheduler", None)
+    trained = getattr(getattr(scheduler, "config", None), "num_train_timesteps", None)
+    if isinstance(trained, int) and spec.steps > trained:
+        raise InputError(f"--steps {spec.steps}: {type(scheduler).__name__} allows at most {trained} "
+                         f"(the model's training timesteps)")
+    if getattr(scheduler, "order", 1) != 1:
+        return  # two-stage solvers make a scheduler-specific number of evaluations; the strategy checks it
+    for key, config, _ in spec.settings():
+        for where, scales in _per_step_scales(config):
+            if len(scales) != spec.steps:
+                raise InputError(f"setting {key!r}: {where} has {len(scales)} entries but --steps is {spec.steps}; "
+                                 "allowed: one scale per step")
+
+
 def prepare(spec: RunSpec, out: str | Path, source: Source | None = None) -> Prepared:
     """Check the spec, the output folder, the device, the reference, the pipeline and the metrics;
     write nothing. Every refusal is an InputError naming the input and the fix."""
@@ -493,6 +535,7 @@ def prepare(spec: RunSpec, out: str | Path, source: Source | None = None) -> Pre
         raise InputError(f"num_images={spec.num_images} is below the number of processes ({dist.world_size})")
     record = _check_run_folder(out, spec, dist)
     source = source or load_source(spec, device=device)
+    _check_steps(spec, source.pipe)
     MetricSuite(spec.metrics, source.inputs, torch.device(device), spec.num_images)  # its own checks
     return Prepared(spec, out, dist, device, source, record)
 

@@ -25,6 +25,10 @@ SPEC_KEYS = ("label", "strategy", "scales")
 SPEC_EXAMPLE = '{"label": "APG", "strategy": {"name": "APG", "params": {"norm_threshold": 8}}, "scales": [2, 3]}'
 # KID's unbiased MMD needs 2 samples; precision/recall a k-th neighbour (k = 3) among the generated ones.
 MIN_IMAGES = {"fid": 2, "kid": 2, "pr": 4}
+# The runner keeps one index per image in memory; 10M is 200x a 50k FID evaluation.
+MAX_IMAGES = 10_000_000
+# Checkpoint file names are '<label>@<scale>.rank<r>-of-<n>.pt'; 255 bytes is the usual file-name limit.
+MAX_LABEL_BYTES = 160
 
 
 class InputError(ValueError):
@@ -69,6 +73,12 @@ class StrategySpec:
         label = item["label"]
         if not isinstance(label, str) or not label.strip():
             raise InputError(f"{where}: label={label!r}; allowed: a non-empty string")
+        if any(not c.isprintable() for c in label):  # a newline or tab would break table.md and results.csv
+            raise InputError(f"{where}: label={label!r} holds a control character; allowed: printable text")
+        if len(safe_name(label).encode("utf-8")) > MAX_LABEL_BYTES:  # file names are limited to 255 bytes
+            raise InputError(f"{where}: label={label[:40]!r}... is {len(label)} characters long; allowed: a label "
+                             f"whose file name takes at most {MAX_LABEL_BYTES} bytes (about {MAX_LABEL_BYTES} "
+                             "ASCII characters)")
         where = f"strategy spec {label!r}"
         config = item["strategy"]
         if config is not None:
@@ -98,6 +108,7 @@ class StrategySpec:
 
 
 def _build(config: dict, where: str):
+    import pipelines  # noqa: F401  (registers the names configs may use: embedded classifiers and evaluators)
     from guidance import from_config
 
     try:
@@ -107,21 +118,46 @@ def _build(config: dict, where: str):
         raise InputError(f"{where}: {text if isinstance(e, (TypeError, ValueError, KeyError)) else f'{type(e).__name__}: {text}'}") from None
 
 
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]], source: str) -> dict:
+    """json's default keeps the last of two equal keys without a word; a spec must say what it means once."""
+    keys = [k for k, _ in pairs]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise InputError(f"{source}: key(s) {twice} appear twice in one JSON object; allowed: each key once")
+    return dict(pairs)
+
+
 def read_strategies(value: str) -> list[StrategySpec]:
     """--strategies: a JSON file, or the JSON itself (a list of specs, or one spec)."""
     text, source = value, "--strategies (inline JSON)"
+    if not value.strip():
+        raise InputError(f"--strategies {value!r} is empty; pass a JSON file or the JSON itself, e.g. "
+                         f"'[{SPEC_EXAMPLE}]'")
     if not value.strip().startswith(("[", "{")):
         path = Path(value)
+        if path.is_dir():
+            raise InputError(f"--strategies {value!r} is a folder; pass a JSON file or the JSON itself")
+        if not path.is_file() and _is_json(value):
+            raise InputError(f"--strategies {value!r} is JSON but neither a list nor an object; allowed: a list of "
+                             f"specs like '[{SPEC_EXAMPLE}]'")
         if not path.is_file():
             raise InputError(f"--strategies {value!r}: no such file; pass a JSON file or the JSON itself, "
                              f"e.g. '[{SPEC_EXAMPLE}]'")
         source = f"--strategies {value}"
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark (Windows editors) is not JSON
         except UnicodeDecodeError:
             raise InputError(f"{source} is not a UTF-8 text file; pass a JSON file") from None
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=lambda pairs: _no_duplicates(pairs, source))
     except json.JSONDecodeError as e:
         raise InputError(f"{source}: not valid JSON ({e})") from None
     items = data if isinstance(data, list) else [data]
@@ -219,6 +255,11 @@ class RunSpec:
             value = getattr(self, name)
             if not _is_int(value) or value < 0:
                 raise InputError(f"{name}={value!r} is invalid; allowed: an integer >= 0")
+        if self.num_images > MAX_IMAGES:
+            raise InputError(f"num_images={self.num_images} is too many; allowed: at most {MAX_IMAGES:,} per run")
+        if self.steps > 10_000:
+            raise InputError(f"steps={self.steps} is too many; allowed: at most 10000 (and at most the scheduler's "
+                             "training timesteps)")
         for metric, n in MIN_IMAGES.items():
             if metric in self.metrics and self.num_images < n:
                 raise InputError(f"num_images={self.num_images} is too few for {metric}; allowed: >= {n}")
@@ -227,6 +268,9 @@ class RunSpec:
             raise InputError(f"class_labels={self.class_labels!r}; allowed: a non-empty list of class ids >= 0")
         if self.prompts is not None and self.class_labels is not None:
             raise InputError("--prompts and --class-labels were both given; a pipeline is conditioned on one")
+        if not isinstance(self.pipeline, str) or not self.pipeline.strip():
+            raise InputError(f"--pipeline {self.pipeline!r} is empty; allowed: 'embedded', a hub id (owner/name) or a "
+                             "local diffusers pipeline folder")
         if self.pipeline != "embedded":
             check_local_pipeline(self.pipeline)
         if self.pipeline != "embedded" and self.prompts is None and self.class_labels is None:

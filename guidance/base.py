@@ -102,12 +102,24 @@ def is_finite_number(value: Any) -> bool:
         return False
 
 
+def _is_scalar(value: Any) -> bool:
+    """A numpy scalar, or a tensor / array holding one real number (not a bool)."""
+    if isinstance(value, bool) or not hasattr(value, "item") or getattr(value, "dtype", None) is None:
+        return False
+    size = value.numel() if hasattr(value, "numel") else getattr(value, "size", 0)
+    kind = str(value.dtype)
+    return size == 1 and "bool" not in kind and "complex" not in kind
+
+
 def check_range(owner: str, name: str, value: Any, low: float | None = None, high: float | None = None,
                 low_open: bool = False, high_open: bool = False) -> float:
     """Validate a number and return it as float; the error names the parameter, value and range."""
     lo = "(-inf" if low is None else ("(" if low_open else "[") + f"{low:g}"
     hi = "inf)" if high is None else f"{high:g}" + (")" if high_open else "]")
     allowed = f"a finite number in {lo}, {hi}"
+    # numpy scalars and one-element tensors / arrays are numbers too (users pass np.float32(3), x.mean())
+    if _is_scalar(value):
+        value = value.item() if hasattr(value, "item") else value
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{owner}: {name}={value!r} is invalid; allowed: {allowed}")
     bad_low = low is not None and (value <= low if low_open else value < low)
@@ -121,6 +133,8 @@ def check_scale(owner: str, name: str, scale: Scale) -> Scale:
     """A scale is None (the call's own), a number, a per-step list of numbers, or a callable."""
     if scale is None or callable(scale):
         return scale
+    if hasattr(scale, "tolist") and getattr(scale, "ndim", 0) == 1:  # a 1-D numpy array / tensor: per step
+        scale = scale.tolist()
     if isinstance(scale, (list, tuple)):
         if not scale:
             raise ValueError(f"{owner}: {name}=[] is empty; allowed: one number per sampling step")
@@ -244,27 +258,35 @@ def register_strategy(cls: type[GuidanceStrategy], name: str | None = None) -> t
     return cls
 
 
-def from_config(config: Mapping | str) -> GuidanceStrategy:
+def from_config(config: Mapping | str, where: str = "config") -> GuidanceStrategy:
     """Rebuild a strategy from `to_config()` output (a dict or its JSON text)."""
     if isinstance(config, str):
         try:
             config = json.loads(config)
         except json.JSONDecodeError as e:
-            raise ValueError(f"config={config[:80]!r} is not valid JSON: {e}") from None
+            raise ValueError(f"{where}={config[:80]!r} is not valid JSON: {e}") from None
     if not isinstance(config, Mapping) or "name" not in config:
-        raise ValueError(f"config={config!r} is malformed; allowed: a mapping with 'name' and optional 'params'")
+        raise ValueError(f"{where}={config!r} is malformed; allowed: a mapping with 'name' and optional 'params'")
+    unknown = sorted(set(config) - {"name", "params"}, key=str)
+    if unknown:  # a misplaced parameter must not be dropped without a word
+        raise ValueError(f"{where} has unknown keys {unknown}; allowed: 'name' and 'params' "
+                         '(parameters go inside "params")')
     name = config["name"]
-    if name not in REGISTRY:
-        raise ValueError(f"config name={name!r} is not a known strategy; allowed: {', '.join(sorted(REGISTRY))}")
-    params = dict(config.get("params") or {})
+    if not isinstance(name, str) or name not in REGISTRY:
+        raise ValueError(f"{where} name={name!r} is not a known strategy; allowed: {', '.join(sorted(REGISTRY))}")
+    params = config.get("params")
+    if params is not None and not isinstance(params, Mapping):
+        raise ValueError(f"{where} params={params!r} is a {type(params).__name__}; allowed: a mapping of keyword "
+                         f"arguments of {name}")
+    params = dict(params or {})
     for key, value in params.items():
-        if isinstance(value, Mapping) and "name" in value and value["name"] in REGISTRY:
-            params[key] = from_config(value)
+        if isinstance(value, Mapping) and "name" in value:  # a nested strategy (Interval's inner, ...)
+            params[key] = from_config(value, f"{where} params.{key}")
         elif isinstance(value, Mapping) and value.get("schedule"):
             from .schedules import Schedule
 
-            params[key] = Schedule.from_config(value)
+            params[key] = Schedule.from_config(value, f"{where} params.{key}")
     try:
         return REGISTRY[name](**params)
     except TypeError as e:
-        raise ValueError(f"config for {name} has invalid params {sorted(params)}: {e}") from None
+        raise ValueError(f"{where} for {name} has invalid params {sorted(params)}: {e}") from None

@@ -176,6 +176,12 @@ class ClassifierInput:
 
     def _setup_classifier(self, owner: str, classifier: Any, target: Any) -> None:
         self._owner = owner
+        if isinstance(classifier, str) and classifier not in NAMED_CLASSIFIERS:
+            # as for DynamicCFG's evaluators: an unknown name is refused when the strategy is built, not
+            # at the first sampling step (the shipped names are registered by `import pipelines`)
+            raise ValueError(f"{owner}: classifier={classifier!r} is not a registered classifier name; allowed: "
+                             f"{', '.join(sorted(NAMED_CLASSIFIERS)) or '(none registered: import pipelines)'}, or an "
+                             "nn.Module / ImageClassifier (guidance.register_classifier adds names)")
         self.classifier = classifier  # a registered name (serialisable) or the object itself
         self._classifier_obj = None if isinstance(classifier, str) else resolve_classifier(owner, classifier)
         self._classifier_name = classifier if isinstance(classifier, str) else None

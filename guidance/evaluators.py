@@ -25,14 +25,14 @@ their weights. No diffusers import here, and no path of pipelines/.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
+
+from .hub import SafetensorsHubMixin, load_pretrained, read_config
 
 SPACES = ("latent", "x0")
 
@@ -47,19 +47,28 @@ def timestep_features(t: torch.Tensor, dim: int, max_period: float = 1000.0) -> 
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
 
-class NoiseAwareNet(nn.Module):
+class NoiseAwareNet(nn.Module, SafetensorsHubMixin, library_name="guidance-kit", tags=["dynamic-cfg-evaluator"]):
     """Stride-2 conv blocks (GroupNorm, SiLU) with the timestep embedding added after every conv,
     global average pooling, one linear head. `depth` > 1 adds residual stride-1 convs per stage.
     Small enough that scoring every candidate costs a few percent of a denoiser call (the paper's
-    ~1%): ~67k parameters at widths (24, 48, 96), depth 1."""
+    ~1%): ~67k parameters at widths (24, 48, 96), depth 1.
+
+    Saved and loaded with huggingface_hub's model mixin (`guidance.hub`): `net.save_pretrained(folder,
+    config={**net.config, "kind": ...})`, `NoiseAwareNet.from_pretrained(folder_or_repo)`."""
 
     def __init__(self, widths: Sequence[int] = (16, 32, 64), out_dim: int = 10, in_channels: int = 3,
                  temb_dim: int = 32, groups: int = 8, depth: int = 1):
         super().__init__()
-        if depth < 1:
-            raise ValueError(f"NoiseAwareNet: depth={depth} must be >= 1")
-        self.config = {"widths": list(widths), "out_dim": out_dim, "in_channels": in_channels,
-                       "temb_dim": temb_dim, "groups": groups, "depth": depth}
+        if isinstance(widths, (str, bytes)) or not hasattr(widths, "__iter__"):
+            raise ValueError(f"NoiseAwareNet: widths={widths!r}: expected a list of positive integers")
+        widths = [_positive_int("widths", w) for w in widths]
+        out_dim, in_channels = _positive_int("out_dim", out_dim), _positive_int("in_channels", in_channels)
+        groups, depth = _positive_int("groups", groups), _positive_int("depth", depth)
+        temb_dim = _positive_int("temb_dim", temb_dim)
+        if not widths or temb_dim % 2:
+            raise ValueError(f"NoiseAwareNet: widths={widths} must be non-empty and temb_dim={temb_dim} even")
+        self.set_config(widths=widths, out_dim=out_dim, in_channels=in_channels, temb_dim=temb_dim, groups=groups,
+                        depth=depth)
         self.temb_dim = temb_dim
         self.temb = nn.Sequential(nn.Linear(temb_dim, 64), nn.SiLU())
         convs, norms, biases = [], [], []
@@ -73,6 +82,11 @@ class NoiseAwareNet(nn.Module):
         self.convs, self.norms, self.biases = nn.ModuleList(convs), nn.ModuleList(norms), nn.ModuleList(biases)
         self.head = nn.Linear(cin, out_dim)
 
+    @property
+    def config(self) -> dict:
+        """The arguments the network was built from (what config.json holds, besides extra keys)."""
+        return dict(self._hub_mixin_config)
+
     def forward(self, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         emb = self.temb(timestep_features(timestep.to(x.device).expand(x.shape[0]), self.temb_dim))
         h = x
@@ -83,26 +97,17 @@ class NoiseAwareNet(nn.Module):
         return self.head(h.mean(dim=(2, 3)))
 
 
-def save_net(net: NoiseAwareNet, folder: str | os.PathLike, extra: dict | None = None) -> Path:
-    """`model.safetensors` + `config.json` (network config plus `extra`, e.g. the evaluator kind)."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}, folder / "model.safetensors")
-    (folder / "config.json").write_text(json.dumps({**net.config, **(extra or {})}, indent=2) + "\n")
-    return folder
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not hasattr(value, "__index__") or int(value) < 1:
+        raise ValueError(f"NoiseAwareNet: {name}={value!r}: expected a positive integer")
+    return int(value)
 
 
-def load_net(folder: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[NoiseAwareNet, dict]:
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    config = json.loads((folder / "config.json").read_text())
-    keys = ("widths", "out_dim", "in_channels", "temb_dim", "groups", "depth")
-    net = NoiseAwareNet(**{k: config[k] for k in keys if k in config})
-    net.load_state_dict(load_file(folder / "model.safetensors"))
-    return net.to(device).eval().requires_grad_(False), config
+def load_net(source: str | os.PathLike, device: str | torch.device = "cpu", **hub_kwargs: Any) -> NoiseAwareNet:
+    """A `NoiseAwareNet` saved with `save_pretrained` (a folder or a Hub repo id), frozen, in eval mode."""
+    read_config(source, "evaluator", "train and export one with python -m pipelines.embedded.training.train_evaluators",
+                **hub_kwargs)
+    return load_pretrained(NoiseAwareNet, source, "evaluator", device, **hub_kwargs)
 
 
 # --- evaluators ------------------------------------------------------------------------------------

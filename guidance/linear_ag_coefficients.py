@@ -219,6 +219,9 @@ class LinearAGCoefficients:
         from safetensors import safe_open
 
         path = os.fspath(path)
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"LinearAG coefficients file {path!r} is a folder; pass the .safetensors file "
+                                    "written by python -m pipelines.linear_ag_fit ... --out FILE")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"LinearAG coefficients file {path!r} does not exist; write one with "
                                     "python -m pipelines.linear_ag_fit ... --out FILE")

@@ -26,8 +26,9 @@ class Schedule:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"Schedule: kind={self.kind!r} is unknown; allowed: {', '.join(KINDS)}")
-        check_range("Schedule", "start", self.start)
-        check_range("Schedule", "end", self.end)
+        # stored as plain floats, so that to_config() stays JSON whatever number type came in
+        object.__setattr__(self, "start", check_range("Schedule", "start", self.start))
+        object.__setattr__(self, "end", check_range("Schedule", "end", self.end))
 
     def __call__(self, ctx: StepContext) -> float:
         t = ctx.step / max(ctx.num_steps - 1, 1)
@@ -39,5 +40,9 @@ class Schedule:
         return {"schedule": True, **asdict(self)}
 
     @classmethod
-    def from_config(cls, config: dict) -> "Schedule":
+    def from_config(cls, config: dict, where: str = "schedule config") -> "Schedule":
+        keys = {"schedule", "kind", "start", "end"}
+        if set(config) != keys:
+            raise ValueError(f"{where}={dict(config)!r}: allowed: exactly the keys {sorted(keys)}, e.g. "
+                             '{"schedule": true, "kind": "linear", "start": 9, "end": 3}')
         return cls(config["kind"], config["start"], config["end"])

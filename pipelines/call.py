@@ -102,10 +102,7 @@ def load_embedded_evaluator(kind: str, device: str | torch.device = "cpu",
         raise ValueError(f"evaluator={kind!r} is not a shipped evaluator; allowed: {', '.join(EMBEDDED_EVALUATORS)}"
                          " (or pass an evaluator object / callable)")
     path = Path(folder) if folder is not None else EVALUATORS_DIR / kind
-    if not (path / "model.safetensors").is_file():
-        raise FileNotFoundError(f"evaluator {kind!r}: no weights at {path}; train and export them with "
-                                "python -m pipelines.embedded.training.train_evaluators")
-    net, _ = load_net(path, device)
+    net = load_net(path, device)
     return ClassifierEvaluator(net) if kind == "alignment" else DiscriminatorEvaluator(net)
 
 

@@ -507,3 +507,208 @@ def test_run_prints_the_guide_models_evaluations_apart(tmp_path, capsys, monkeyp
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:]]
     i, j = cols.index("nfe_per_image"), cols.index("guide_nfe_per_image")
     assert [(r[0], r[i], r[j]) for r in cells] == [("CFG@2", "4", "0"), ("AG@2", "2", "2")]  # 2 steps
+
+
+# ------------------------------------------------- session 5 campaign: inputs not listed in issue 16
+# Each entry: the input, and what the one-line answer must name. "before" = what the previous code did.
+
+def _spec(strategy, scales=(2,), label="x"):
+    return [{"label": label, "strategy": strategy, "scales": list(scales)}]
+
+
+CAMPAIGN_SPECS = {
+    # before: silently accepted (the key was dropped)
+    "strategy with an unknown key": (_spec({"name": "CFG", "params": {}, "extra": 1}), "unknown keys ['extra']"),
+    # before: "inner={'name': 'Nope'} is not a guidance strategy"
+    "nested strategy of unknown name": (_spec({"name": "Interval", "params": {"inner": {"name": "Nope"}}}),
+                                        "params.inner name='Nope' is not a known strategy"),
+    # before: one word, "'kind'"
+    "schedule without its keys": (_spec({"name": "CFG", "params": {"scale": {"schedule": True}}}),
+                                  "params.scale={'schedule': True}: allowed: exactly the keys"),
+    # before: exit 1 at the first step, after settings.json was written
+    "unknown classifier name": (_spec({"name": "GFCG", "params": {"classifier": "resnet50"}}),
+                                "classifier='resnet50' is not a registered classifier name"),
+    # before: "LinearAG coefficients file ... does not exist"
+    "coefficients path is a folder": (_spec({"name": "LinearAG", "params": {"coefficients": "TMPDIR"}}),
+                                      "is a folder"),
+    # before: exit 1 at the first step (after writing)
+    "per-step scale list of the wrong length": (_spec({"name": "CFG", "params": {"scale": [3, 3, 3]}}),
+                                                "CFG params.scale has 3 entries but --steps is 2"),
+    # before: exit 1, "File name too long", after writing
+    "label of 300 characters": ([{**CFG, "label": "L" * 300}], "is 300 characters long"),
+    # before: accepted, broke table.md / results.csv rows
+    "label with a newline": ([{**CFG, "label": "a\nb"}], "label='a\\nb' holds a control character"),
+    # before: silently kept the last value
+    "a key twice in one object": ('[{"label": "a", "label": "b", "strategy": null, "scales": [1]}]',
+                                  "key(s) ['label'] appear twice"),
+    # before: "--strategies '3': no such file"
+    "JSON that is a number": ("3", "is JSON but neither a list nor an object"),
+    # before: "no such file"
+    "strategies path is a folder": ("TMPDIR", "is a folder"),
+    # before: "--strategies '': no such file"
+    "strategies empty string": ("", "--strategies '' is empty"),
+    # unchanged (already clear): kept as regression checks of the campaign
+    "strategy param a string": (_spec({"name": "CFG", "params": {"scale": "3"}}), "scale='3' is invalid"),
+    "strategy param a bool": (_spec({"name": "CFG", "params": {"scale": True}}), "scale=True is invalid"),
+    "JSON 1e309 (infinite) momentum": ('[{"label": "x", "strategy": {"name": "APG", "params": {"momentum": 1e309}}, '
+                                       '"scales": [2]}]', "momentum=inf is invalid"),
+    "dotted user class name": (_spec({"name": "mymodule.MyCFG"}), "name='mymodule.MyCFG' is not a known strategy"),
+    "Interval start > stop": (_spec({"name": "Interval", "params": {"inner": {"name": "CFG"}, "start": 0.8,
+                                                                    "stop": 0.2}}), "stop=0.2 is below start=0.8"),
+    "Interval without inner": (_spec({"name": "Interval", "params": {"start": 0}}), "argument: 'inner'"),
+    "DynamicCFG unknown evaluator": (_spec({"name": "DynamicCFG", "params": {"evaluators": ["nope"]}}),
+                                     "evaluators[0]='nope' is not a registered evaluator"),
+    "DynamicCFG empty candidate scales": (_spec({"name": "DynamicCFG", "params": {"scales": []}}), "scales=[]"),
+    "EluCD classifier an int": (_spec({"name": "CalibratedClassifierGuidance", "params": {"classifier": 5}}),
+                                "classifier=int is neither"),
+}
+
+
+@pytest.mark.parametrize("specs, message", CAMPAIGN_SPECS.values(), ids=CAMPAIGN_SPECS.keys())
+def test_campaign_bad_specs_exit_2_naming_them(specs, message, tmp_path, capsys):
+    (tmp_path / "d").mkdir()
+    text = specs if isinstance(specs, str) else json.dumps(specs)
+    argv = run_argv(tmp_path / "o")
+    argv[2] = str(tmp_path / "d") if text == "TMPDIR" else text.replace("TMPDIR", str(tmp_path / "d"))
+    code, err = cli(argv, capsys)
+    assert code == 2, err
+    assert_one_line(err, 2, message)
+    assert not (tmp_path / "o").exists()
+
+
+CAMPAIGN_FLAGS = {
+    # before: --out '' meant the current folder
+    "--out empty": (["--out", ""], "argument --out: '' is empty"),
+    # before: MemoryError (exit 1) after writing settings.json
+    "--num-images 10**15": (["--num-images", str(10**15)], "num_images=1000000000000000 is too many"),
+    # before: diffusers' message, exit 1, after writing
+    "--steps 10**12": (["--steps", str(10**12)], "steps=1000000000000 is too many"),
+    "--steps 1001 (over the training timesteps)": (["--steps", "1001"], "--steps 1001: DDIMScheduler allows at most 1000"),
+    # before: silently ignored
+    "--reference without a metric using it": (["--reference", "cifar10-train"],
+                                              "--reference 'cifar10-train' is given but no metric uses it"),
+    "--clip-model without clip_score": (["--clip-model", "ViT-B-32"], "--clip-model 'ViT-B-32' is given but"),
+    "--clip-pretrained without clip_score": (["--clip-pretrained", "w.bin"], "--clip-pretrained 'w.bin' is given"),
+    # before: "no such file"
+    "--reference a folder": (["--metrics", "fid", "--reference", "TMPDIR"], "is a folder"),
+    "--prompts a folder": (["--pipeline", "owner/x", "--prompts", "TMPDIR"], "--prompts"),
+    # before: ImportError / OSError from exhausted memory, exit 1
+    "--threads 100000": (["--threads", "100000"], "argument --threads: 100000 is more than"),
+    # before: "'' is not a diffusers pipeline folder (no model_index.json)" about the current folder
+    "--pipeline empty": (["--pipeline", "", "--class-labels", "1"], "--pipeline '' is empty"),
+    # before: "attribute name must be string, not 'type'"
+    "--scheduler SchedulerMixin": (["--scheduler", "SchedulerMixin"], "--scheduler 'SchedulerMixin' is not a diffusers"),
+    # before: "is not a diffusers scheduler class" (it is one; its extra is missing)
+    "--scheduler needing torchsde": (["--scheduler", "DPMSolverSDEScheduler"], "needs torchsde, not installed here"),
+    # unchanged (already clear)
+    "--metrics upper case": (["--metrics", "FID"], "unknown ['FID']"),
+    "--class-labels 1,,2": (["--class-labels", "1,,2"], "--class-labels '1,,2'"),
+    "--class-labels 1e3": (["--class-labels", "1e3"], "--class-labels '1e3'"),
+    "--device cuda:abc": (["--device", "cuda:abc"], "--device 'cuda:abc' is not a device name"),
+    "--device CPU": (["--device", "CPU"], "--device 'CPU' is not a device name"),
+    "--device meta": (["--device", "meta"], "--device 'meta': not supported"),
+    "--checkpoint-every nan": (["--checkpoint-every", "nan"], "argument --checkpoint-every: 'nan'"),
+    "--checkpoint-every 1e400": (["--checkpoint-every", "1e400"], "argument --checkpoint-every: '1e400'"),
+    "--reference in another case": (["--metrics", "fid", "--reference", "CIFAR10-test"], "CIFAR10-test'"),
+}
+
+
+@pytest.mark.parametrize("extra, message", CAMPAIGN_FLAGS.values(), ids=CAMPAIGN_FLAGS.keys())
+def test_campaign_bad_flags_exit_2_naming_them(extra, message, tmp_path, capsys):
+    (tmp_path / "d").mkdir()
+    extra = [str(tmp_path / "d") if a == "TMPDIR" else a for a in extra]
+    argv = run_argv(tmp_path / "o", [CFG], *extra)
+    if "--out" in extra:  # the flag under test replaces run_argv's own --out
+        argv = ["run", "--strategies", json.dumps([CFG]), *TINY, *extra]
+    code, err = cli(argv, capsys)
+    assert code == 2, err
+    assert_one_line(err, 2, message)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("what", ["a file", "missing"])
+def test_campaign_report_on_a_file_or_nothing(what, tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    code, err = cli(["report", tmp_path / ("f" if what == "a file" else "nothing")], capsys)
+    assert code == 2
+    assert_one_line(err, 2, "is a file" if what == "a file" else "does not exist")
+
+
+def test_campaign_scheduler_flag_works_on_the_embedded_model(tmp_path, capsys):
+    # before: every --scheduler on the embedded model failed ("attribute name must be string, not 'type'")
+    code, err = cli(run_argv(tmp_path / "o", [CFG], "--scheduler", "DPMSolverMultistepScheduler"), capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "o" / "settings.json").read_text())["run"]["scheduler"] == "DPMSolverMultistepScheduler"
+
+
+def test_campaign_start_failing_at_the_first_step_can_be_rerun_fixed(tmp_path, capsys):
+    # APG needs x0, which an EDM scheduler does not give: refused at the first step (exit 1). The folder then
+    # holds settings.json but no checkpoint; before, the corrected command was refused ("differing: scheduler").
+    out = tmp_path / "o"
+    apg = _spec({"name": "APG", "params": {}})
+    code, err = cli(run_argv(out, apg, "--scheduler", "EDMEulerScheduler"), capsys)
+    assert code == 1
+    assert_one_line(err, 1, "EDM-preconditioned")
+    code, err = cli(run_argv(out, apg), capsys)
+    assert code == 0, err
+    assert json.loads((out / "settings.json").read_text())["run"]["scheduler"] is None
+
+
+@pytest.mark.parametrize("flags", [["--batch-size", "64"], ["--metrics", "saturation,saturation"],
+                                   ["--metrics", "saturation, class_accuracy"], ["--seed", str(2**70)]])
+def test_campaign_odd_but_valid_flags_run_correctly(flags, tmp_path, capsys):
+    """Accepted on purpose, with the meaning they have: a batch larger than the run is one short batch,
+    duplicated or spaced metric names are one metric, and seeds beyond 64 bits stay distinct
+    (numpy's SeedSequence hashes the full integer)."""
+    code, err = cli(run_argv(tmp_path / "o", [CFG], *flags), capsys)
+    assert code == 0, err
+    row = json.loads((tmp_path / "o" / "results.json").read_text())["rows"][0]
+    assert row["num_images"] == 2 and "saturation_mean" in row
+
+
+def test_campaign_seeds_beyond_64_bits_differ():
+    from evaluation.runner import image_seed
+
+    assert image_seed(2**70, 0) != image_seed(2**70 + 2**64, 0) != image_seed(0, 0)
+
+
+def test_campaign_named_evaluators_are_known_when_the_cli_reads_a_spec():
+    # before: in a fresh process the CLI read specs before `pipelines` registered the shipped evaluator and
+    # classifier names, so a valid {"evaluators": ["alignment"]} was refused ("none registered")
+    code = ("from evaluation.spec import read_strategies; import json; s = read_strategies(json.dumps("
+            "[{'label': 'd', 'strategy': {'name': 'DynamicCFG', 'params': {'evaluators': ['alignment']}}, "
+            "'scales': [2]}, {'label': 'g', 'strategy': {'name': 'GFCG', 'params': {'classifier': "
+            "'embedded-guidance'}}, 'scales': [2]}])); print(len(s))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0 and done.stdout.strip() == "2", done.stderr[-500:]
+
+
+@pytest.mark.parametrize("case, message", [
+    # before: exit 1 after the first batch ("expected uint8 images, got float32 ... rerun the same command")
+    ("float images", "expected uint8 images, got float32"),
+    # before: the same, naming the shape of one batch
+    ("NCHW images", "expected images (N, H, W, 3) in NHWC layout, got (3, 3, 8, 8)"),
+    # before: exit 1, "BadZipFile: File is not a zip file"
+    ("inception a text file", "are not a torch file (not a zip archive)"),
+])
+def test_campaign_stats_inputs_refused_up_front(case, message, tmp_path, capsys):
+    images = np.zeros((3, 8, 8, 3), np.uint8)
+    np.savez(tmp_path / "src.npz", images={"float images": images.astype(np.float32),
+                                           "NCHW images": images.transpose(0, 3, 1, 2)}.get(case, images))
+    (tmp_path / "w.pt").write_text("not weights")
+    extra = ["--inception", tmp_path / "w.pt"] if case == "inception a text file" else []
+    code, err = cli(["stats", "--source", tmp_path / "src.npz", "--out", tmp_path / "ref.npz", "--device", "cpu",
+                     *extra], capsys)
+    assert code == 2
+    assert_one_line(err, 2, message, "w.pt" if extra else "src.npz")
+    assert not (tmp_path / "ref.npz").exists()
+
+
+def test_campaign_strategies_file_with_a_byte_order_mark_runs(tmp_path, capsys):
+    # before: "not valid JSON (Unexpected UTF-8 BOM ...)" for a file saved by a Windows editor
+    (tmp_path / "s.json").write_bytes(("\ufeff" + json.dumps([CFG])).encode("utf-8"))
+    argv = run_argv(tmp_path / "o")
+    argv[2] = str(tmp_path / "s.json")
+    code, err = cli(argv, capsys)
+    assert code == 0, err

@@ -1,6 +1,7 @@
 """Dynamic CFG: candidate next latents from the scheduler, same noise, uncorrupted multistep state,
 per-sample choice, and the evaluators."""
 
+import json
 
 import pytest
 import torch
@@ -262,7 +263,7 @@ def test_clip_text_features_survive_the_per_step_device_move():
 
 
 def test_deeper_noise_aware_net_is_residual_and_round_trips(tmp_path):
-    from guidance.evaluators import NoiseAwareNet, load_net, save_net
+    from guidance.evaluators import NoiseAwareNet, load_net
 
     torch.manual_seed(0)
     net = NoiseAwareNet((8, 16), out_dim=10, depth=2)
@@ -282,8 +283,10 @@ def test_deeper_noise_aware_net_is_residual_and_round_trips(tmp_path):
                          (shallow.biases[j], net.biases[i])):
                 a.load_state_dict(b.state_dict())
     torch.testing.assert_close(net(x, t), shallow(x, t))
-    loaded, config = load_net(save_net(net, tmp_path / "net", {"kind": "alignment"}))
-    assert config["depth"] == 2 and config["kind"] == "alignment"
+    net.save_pretrained(tmp_path / "net", config={**net.config, "kind": "alignment"})
+    loaded = load_net(tmp_path / "net")
+    config = json.loads((tmp_path / "net" / "config.json").read_text())
+    assert config["depth"] == 2 and config["kind"] == "alignment" and loaded.config["depth"] == 2
     torch.testing.assert_close(loaded(x, t), net(x, t))
     with pytest.raises(ValueError, match="depth=0"):
         NoiseAwareNet(depth=0)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,23 +40,54 @@ def _require(folder: Path, what: str) -> Path:
     return folder
 
 
+def _check_device(device) -> torch.device:
+    """A device torch can use here (default: cuda when available), or a ValueError naming it."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"load_embedded: device={device!r} is a {type(device).__name__}; allowed: 'cpu', 'cuda', "
+                        "'cuda:N', 'mps' or a torch.device")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"load_embedded: device={device!r} is not a device name; allowed: cpu, cuda, cuda:N, "
+                         "mps") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"load_embedded: device={device!r}, but torch sees {torch.cuda.device_count()} CUDA "
+                         "device(s) here; use device='cpu'")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"load_embedded: device={device!r}, but MPS is not available here; use device='cpu'")
+    return dev
+
+
+def _scheduler_class(scheduler) -> type:
+    """A diffusers scheduler class, given as the class or its name."""
+    cls = getattr(diffusers, scheduler, None) if isinstance(scheduler, str) else scheduler
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin) and cls is not diffusers.SchedulerMixin):
+        raise ValueError(f"load_embedded: scheduler={scheduler!r} is not a diffusers scheduler class (or its name), "
+                         "e.g. 'DPMSolverMultistepScheduler'")
+    return cls
+
+
 def load_embedded(device: str | torch.device | None = None, scheduler: str | None = None,
                   weights_dir: str | Path = WEIGHTS_DIR) -> EmbeddedModel:
     """Load the embedded model with no network access.
 
     device: "cpu", "cuda", ... (default: cuda when available). scheduler: a diffusers scheduler
-    class name to use instead of the shipped DDIM (e.g. "DPMSolverMultistepScheduler").
+    class, or its name, to use instead of the shipped DDIM (e.g. "DPMSolverMultistepScheduler").
     """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _check_device(device)
+    if not isinstance(weights_dir, (str, os.PathLike)) or str(weights_dir) == "":
+        raise TypeError(f"load_embedded: weights_dir={weights_dir!r}; allowed: a folder path (default: the shipped "
+                        "weights)")
     weights_dir = Path(weights_dir)
+    if scheduler is not None:
+        scheduler = _scheduler_class(scheduler)
     pipe = ClassConditionalPipeline.from_pretrained(
         _require(weights_dir / "pipeline", "the embedded diffusion pipeline"), local_files_only=True
     )
     if scheduler is not None:
-        cls = getattr(diffusers, scheduler, None)
-        if cls is None or not hasattr(cls, "from_config") or "Scheduler" not in scheduler:
-            raise ValueError(f"scheduler={scheduler!r} is not a diffusers scheduler class name")
-        pipe.scheduler = cls.from_config(pipe.scheduler.config)
+        pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     guidance_clf = load_classifier(_require(weights_dir / "guidance_classifier", "the guidance classifier"), device)

@@ -95,6 +95,9 @@ class ClassConditionalPipeline(DiffusionPipeline):
         size = self.unet.config.sample_size
         shape = (batch, self.unet.config.in_channels, size, size)
         device, dtype = self._execution_device, self.unet.dtype
+        if isinstance(generator, list) and len(generator) not in (1, batch):  # as diffusers' own pipelines check
+            raise ValueError(f"generator: a list of {len(generator)} generators for {batch} images; allowed: one "
+                             "generator, or one per image")
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         elif tuple(latents.shape) != shape:

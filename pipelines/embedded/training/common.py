@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from guidance.atomic import atomic_save
+
 DEFAULT_DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "cifar10"
 
 
@@ -92,11 +94,9 @@ def _crop(padded: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, h: int, w: i
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Atomic write: a kill during the save never leaves a truncated checkpoint behind."""
+    """Atomic write (`guidance.atomic`): a kill during the save never leaves a truncated checkpoint behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_save(state, path)
 
 
 def load_checkpoint(path: Path) -> dict | None:

@@ -217,7 +217,7 @@ def train(cfg: dict, data_dir: Path, out: Path, device: str, max_minutes: float 
 
 
 def export(cfg: dict, out: Path, dest: Path, data_dir: Path, device: str, threads: int | None) -> None:
-    """Write the classifier folder (save()) plus training.json with the fp32 test accuracy."""
+    """Write the classifier folder (`save_pretrained`: model.safetensors + config.json) plus training.json with the fp32 test accuracy."""
     if threads:
         torch.set_num_threads(threads)
     state = load_checkpoint(out / "checkpoint.pt")
@@ -228,7 +228,7 @@ def export(cfg: dict, out: Path, dest: Path, data_dir: Path, device: str, thread
     model.to(device)
     test_images, test_labels = load_cifar10(data_dir, "test")
     acc = evaluate(model, test_images, test_labels, device)
-    model.cpu().save(dest)
+    model.cpu().save_pretrained(dest)
     step, total = int(state["step"]), int(cfg["steps"])
     info = {
         "architecture": cfg["model"]["architecture"],

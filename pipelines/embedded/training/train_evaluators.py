@@ -34,7 +34,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from guidance.evaluators import NoiseAwareNet, save_net
+from guidance.atomic import atomic_write
+from guidance.evaluators import NoiseAwareNet
 
 from .common import BatchSampler, load_checkpoint, load_cifar10, load_config, save_checkpoint, to_model_range
 from .train_classifier import hardware
@@ -75,9 +76,7 @@ def generate_samples(cfg: dict, out: Path) -> None:
         g = torch.Generator().manual_seed(s["seed"] * 100_003 + b)
         images = pipe(labels, guidance_scale=scale, num_inference_steps=s["steps"], generator=g, output_type="pt").images
         u8 = (images * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        tmp = out / f"batch{b:04d}.tmp.npz"
-        np.savez(tmp, images=u8, labels=np.array(labels), scale=np.array(scale))
-        tmp.replace(path)
+        atomic_write(path, lambda f: np.savez(f, images=u8, labels=np.array(labels), scale=np.array(scale)))
 
 
 def load_samples(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,7 +220,8 @@ def export(cfg: dict, kind: str, data: Path, samples: Path | None, out: Path, de
     net.load_state_dict(state["model"])
     net.eval()
     acc = accuracy_per_timestep(net, kind, cfg, data, samples)
-    save_net(net, dest, {"kind": kind, "timestep_grid": "embedded DDIM training timesteps 0..999 (VP, squaredcos_cap_v2)"})
+    net.save_pretrained(dest, config={**net.config, "kind": kind,
+                                      "timestep_grid": "embedded DDIM training timesteps 0..999 (VP, squaredcos_cap_v2)"})
     info = {
         "kind": kind,
         "steps": int(state["step"]),

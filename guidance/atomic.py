@@ -1,4 +1,9 @@
-"""One way to write a file so that a kill, a full disk or Ctrl-C never leaves a half-written one behind."""
+"""One way to write a file so that a kill, a full disk or Ctrl-C never leaves a half-written one behind.
+
+Here, in the bottom layer, because both the evaluation package (metric checkpoints, reports, reference
+statistics) and the embedded model's training scripts (training checkpoints) use it, and the diffusers
+integration must not import the evaluation package (which imports it). Plain files only: no diffusers,
+no strategy."""
 
 from __future__ import annotations
 

@@ -35,6 +35,7 @@ from effects_stats import bootstrap_counts, weighted_fid, weighted_mean  # noqa:
 
 from evaluation.runner import RunSpec, StrategySpec, load_source, run_setting  # noqa: E402
 from evaluation.spec import safe_name  # noqa: E402
+from guidance.atomic import atomic_write_text  # noqa: E402
 from guidance import (APG, CFG, GFCG, AdaptiveGuidance, Autoguidance, CalibratedClassifierGuidance,  # noqa: E402
                       DynamicCFG, Interval, LinearAG)
 
@@ -187,9 +188,7 @@ def main(argv=None, make_plan=plan) -> None:
                             "batch_size": args.batch_size, "device": args.device,
                             "threads": torch.get_num_threads(), "stages": args.stages}
             data["rows"].append(row)
-            tmp = rows_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(data, indent=1))
-            tmp.replace(rows_path)
+            atomic_write_text(rows_path, json.dumps(data, indent=1))
             print(f"{time.strftime('%H:%M:%S')} {item['key']} N={n}: fid {row['fid']:.2f} "
                   f"acc {row['class_accuracy']:.3f} "
                   f"sat {row['saturation_mean']:.4f} nfe {row['nfe_per_image']:.1f} "

@@ -48,7 +48,7 @@ def demo_strategies(steps: int) -> list[dict]:
     from pipelines.embedded import WEIGHTS_DIR
 
     # CFG and APG differ most at high w; truncation and AG are compared at equal w by their NFE, so
-    # w = 3 stays theirs. 13 settings: 9 min 7 s measured (below) minus two settings on 2 free cores.
+    # w = 3 stays theirs. 13 settings: 8 min 30 s on the 2 free cores from a fresh clone (README).
     curves = {"CFG": [3.0, 7.5, 15.0], "APG": [3.0, 7.5, 15.0]}
     strategies = [{**s, "scales": curves.get(s["label"], s["scales"])} for s in DEMO_STRATEGIES]
     coefficients = WEIGHTS_DIR / "linear_ag" / f"embedded-ddim-{steps}.safetensors"

@@ -94,12 +94,17 @@ def _sd_like(cls_name: str, base: str, inpaint: bool = False, controlnet: bool =
     return _finish(cls(**{k: v for k, v in parts.items() if k in accepted}))
 
 
-def _sd_kwargs(base: str, image: bool = False, mask: bool = False, control: bool = False) -> dict:
-    kw = tp.call_kwargs(base)
+def _with_image(kw: dict, image: bool = False, mask: bool = False) -> dict:
+    """The img2img (strength 0.75 of 4 steps: 3 run) and inpainting inputs on top of a text-to-image call."""
     if image:
-        kw.update(image=_image(), strength=0.75, num_inference_steps=4)  # 3 steps run
+        kw.update(image=_image(), strength=0.75, num_inference_steps=4)
     if mask:
         kw["mask_image"] = _mask()
+    return kw
+
+
+def _sd_kwargs(base: str, image: bool = False, mask: bool = False, control: bool = False) -> dict:
+    kw = _with_image(tp.call_kwargs(base), image, mask)
     if control:
         kw["control_image" if image else "image"] = _image(seed=2)
     return kw
@@ -127,12 +132,7 @@ def _sd3_16ch_parts() -> dict:
 
 
 def _sd3_kwargs(image: bool = False, mask: bool = False) -> dict:
-    kw = tp.call_kwargs("sd3")
-    if image:
-        kw.update(image=_image(), strength=0.75, num_inference_steps=4)
-    if mask:
-        kw["mask_image"] = _mask()
-    return kw
+    return _with_image(tp.call_kwargs("sd3"), image, mask)
 
 
 # --- Flux and Chroma (packed token latents) ------------------------------------------------------------
@@ -142,13 +142,9 @@ def _flux_parts() -> dict:
 
 
 def _flux_kwargs(image: bool = False, mask: bool = False, kontext: bool = False) -> dict:
-    kw = tp.call_kwargs("flux")
-    if image and not kontext:
-        kw.update(image=_image(), strength=0.75, num_inference_steps=4)
+    kw = _with_image(tp.call_kwargs("flux"), image and not kontext, mask)
     if kontext:
         kw.update(image=_image(), _auto_resize=False, max_area=32 * 32)
-    if mask:
-        kw["mask_image"] = _mask()
     return kw
 
 
@@ -183,9 +179,7 @@ def _chroma_parts() -> dict:
 def _chroma_kwargs(image: bool = False) -> dict:
     kw = dict(prompt=tp.PROMPTS, negative_prompt=tp.NEGATIVE_PROMPTS, guidance_scale=4.0, height=32, width=32,
               num_inference_steps=STEPS, max_sequence_length=16, output_type="pt")
-    if image:
-        kw.update(image=_image(), strength=0.75, num_inference_steps=4)
-    return kw
+    return _with_image(kw, image)
 
 
 # --- AuraFlow -------------------------------------------------------------------------------------------
@@ -279,11 +273,7 @@ def _qwen_parts() -> dict:
 
 def _qwen_kwargs(image: bool = False, mask: bool = False) -> dict:
     kw = _latent_call(height=32, width=32, true_cfg_scale=4.0, **_text(16, 63, mask="prompt_embeds_mask"))
-    if image:
-        kw.update(image=_image(), strength=0.75, num_inference_steps=4)
-    if mask:
-        kw["mask_image"] = _mask()
-    return kw
+    return _with_image(kw, image, mask)
 
 
 @functools.cache
@@ -446,9 +436,8 @@ def _kandinsky(cls_name: str, in_channels: int = 4):
 def _kandinsky_kwargs(image: bool = False, mask: bool = False) -> dict:
     kw = dict(image_embeds=_embeds(BATCH, 32, seed=141), negative_image_embeds=_embeds(BATCH, 32, seed=142),
               height=32, width=32, guidance_scale=4.0, num_inference_steps=STEPS, output_type="pt")
-    if image:
-        kw.update(image=_image(), strength=0.75, num_inference_steps=4)
-    if mask:
+    _with_image(kw, image)
+    if mask:  # Kandinsky's mask is single-channel and runs every step
         kw.update(mask_image=_mask()[:, 0], strength=1.0, num_inference_steps=STEPS)
     return kw
 

@@ -1,5 +1,6 @@
 """guidance-eval: end-to-end runs on the embedded model, kill-and-resume, and clear errors."""
 
+import contextlib
 import json
 
 import numpy as np
@@ -14,6 +15,28 @@ SPECS = [
     {"label": "CFG", "strategy": {"name": "CFG", "params": {}}, "scales": [2.0, 4.0]},
     {"label": "APG", "strategy": {"name": "APG", "params": {"norm_threshold": 8.0}}, "scales": [4.0]},
 ]
+
+
+@contextlib.contextmanager
+def killed_at_update(monkeypatch, n: int):
+    """The run inside stops with a Ctrl-C (KeyboardInterrupt) at the n-th batch any setting adds to its metrics."""
+    from evaluation import suite
+
+    calls = {"n": 0}
+    original = suite.MetricSuite.update
+
+    def dying_update(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(suite.MetricSuite, "update", dying_update)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        monkeypatch.setattr(suite.MetricSuite, "update", original)
 
 
 def spec(reference, **kw):
@@ -48,21 +71,8 @@ def test_run_writes_results_table_grids_and_plots(reference, source, tmp_path):
 
 def test_killed_run_resumes_to_identical_numbers(reference, source, tmp_path, monkeypatch):
     full = run(spec(reference), tmp_path / "full", progress=False, source=source, checkpoint_seconds=3600)
-    from evaluation import suite
-
-    calls = {"n": 0}
-    original = suite.MetricSuite.update
-
-    def dying_update(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 4:  # second batch of the second setting
-            raise KeyboardInterrupt
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(suite.MetricSuite, "update", dying_update)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at_update(monkeypatch, 4):  # second batch of the second setting
         run(spec(reference), tmp_path / "killed", progress=False, source=source)
-    monkeypatch.setattr(suite.MetricSuite, "update", original)
     # The interrupted setting saved its finished batch on the way out (Ctrl-C), despite the long interval.
     saved = torch.load(tmp_path / "killed" / "state" / "CFG@4.rank0-of-1.pt", weights_only=True)
     assert saved["done_batches"] == 1
@@ -165,21 +175,8 @@ def test_guide_model_evaluations_are_reported_apart(reference, source, test_guid
 def test_guide_nfe_survives_kill_and_resume_and_old_checkpoints_are_read(reference, source, test_guide, tmp_path,
                                                                         monkeypatch):
     full = run(ag_spec(reference), tmp_path / "full", progress=False, source=source, checkpoint_seconds=0)
-    from evaluation import suite
-
-    calls = {"n": 0}
-    original = suite.MetricSuite.update
-
-    def dying_update(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 4:  # second batch of the AG setting
-            raise KeyboardInterrupt
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(suite.MetricSuite, "update", dying_update)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at_update(monkeypatch, 4):  # second batch of the AG setting
         run(ag_spec(reference), tmp_path / "killed", progress=False, source=source, checkpoint_seconds=0)
-    monkeypatch.setattr(suite.MetricSuite, "update", original)
     state = tmp_path / "killed" / "state" / "AG@2.rank0-of-1.pt"
     saved = torch.load(state, weights_only=True)
     assert saved["done_batches"] == 1 and saved["guide_nfe_sum"] == 4.0  # 2 images x 2 steps
@@ -192,9 +189,10 @@ def test_guide_nfe_survives_kill_and_resume_and_old_checkpoints_are_read(referen
         del old["guide_nfe_sum"]
         torch.save(old, path)
     (tmp_path / "full" / "results.json").unlink()
-    calls["n"] = 0
-    monkeypatch.setattr(suite.MetricSuite, "update", lambda self, *a, **k: calls.__setitem__("n", calls["n"] + 1)
-                        or original(self, *a, **k))
+    from evaluation import suite
+
+    original, updates = suite.MetricSuite.update, []
+    monkeypatch.setattr(suite.MetricSuite, "update", lambda self, *a, **k: updates.append(1) or original(self, *a, **k))
     again = run(ag_spec(reference), tmp_path / "full", progress=False, source=source)
-    assert calls["n"] == 2  # CFG (finished) is read; AG recomputes its 2 batches; AG+CFG has the key
+    assert len(updates) == 2  # CFG (finished) is read; AG recomputes its 2 batches; AG+CFG has the key
     assert [r["guide_nfe_per_image"] for r in again[1:]] == [2.0, 2.0]

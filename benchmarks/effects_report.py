@@ -2,6 +2,8 @@
 
     python benchmarks/effects_report.py [--rows benchmarks/results/effects/rows.json] [--out benchmarks/results/effects]
 
+    python benchmarks/effects_report.py --readme README.md   # also the README's tables, between its markers
+
 Writes <out>/results.md, <out>/summary.json and, per N, <out>/accuracy_vs_fid_n<N>.png,
 saturation_vs_w_n<N>.png and accuracy_vs_nfe_n<N>.png. Runs on any subset of rows: a
 comparison whose rows have not both finished at a common N is left out, not guessed.
@@ -184,6 +186,35 @@ def _ci(value: float, interval, fmt: str) -> str:
     return f"{fmt.format(value)} [{fmt.format(interval[0])}, {fmt.format(interval[1])}]"
 
 
+def verdict_table(found: list[dict]) -> list[str]:
+    lines = ["| | claim | N | difference (a - b) [95%] | verdict |", "|---|---|---|---|---|"]
+    for c in found:
+        if "difference" in c:
+            fmt = "{:+.3f}" if c["metric"] != "fid" else "{:+.2f}"
+            diff = f"{c['metric']}: " + _ci(c["difference"], c["interval"], fmt)
+        else:
+            diff = (f"dominates {', '.join(c['dominates']) or 'none'}; dominated by "
+                    f"{', '.join(c['dominated_by']) or 'none'}")
+        lines.append(f"| {c['question']} | {c['claim']} | {c['num_images']} | {diff} | **{c['verdict']}** |")
+    return lines
+
+
+def rows_table(rows: Rows, n: int) -> list[str]:
+    lines = ["| group | setting | NFE | class accuracy | FID | saturation | precision | recall | s/img |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for key in sorted(rows.keys_at(n), key=_order):
+        s = summary(rows.get(key, n))
+        cells = [s["group"], key, f"{s['nfe_per_image']:.1f}",
+                 _ci(s["class_accuracy"], s["class_accuracy_ci"], "{:.3f}"),
+                 _ci(s["fid"], s["fid_ci"], "{:.1f}") if "fid_ci" in s else "-",
+                 _ci(s["saturation_mean"], s["saturation_mean_ci"], "{:.4f}") if "saturation_mean_ci" in s else "-",
+                 _ci(s["precision"], s["precision_ci"], "{:.3f}") if "precision_ci" in s else "-",
+                 _ci(s["recall"], s["recall_ci"], "{:.3f}") if "recall_ci" in s else "-",
+                 f"{s['seconds_per_image']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(rows: Rows, found: list[dict], meta: dict) -> str:
     lines = ["# Effects of the guidance methods on the embedded CIFAR-10 model (issue #17)", "",
              f"DDIM {meta.get('steps', 20)} steps, FID against {meta.get('reference', 'cifar10-train')}, class "
@@ -193,31 +224,33 @@ def markdown(rows: Rows, found: list[dict], meta: dict) -> str:
              "over images (FID of N images: compare rows at equal N only). Same seeds in every row.",
              "", "Produced by `python benchmarks/effects.py` (resumable) and "
              "`python benchmarks/effects_report.py`.", ""]
-    lines += ["## Verdicts at 95%", "",
-              "| | claim | N | difference (a - b) [95%] | verdict |", "|---|---|---|---|---|"]
-    for c in found:
-        if "difference" in c:
-            fmt = "{:+.3f}" if c["metric"] != "fid" else "{:+.2f}"
-            diff = f"{c['metric']}: " + _ci(c["difference"], c["interval"], fmt)
-        else:
-            diff = (f"dominates {', '.join(c['dominates']) or 'none'}; dominated by "
-                    f"{', '.join(c['dominated_by']) or 'none'}")
-        lines.append(f"| {c['question']} | {c['claim']} | {c['num_images']} | {diff} | **{c['verdict']}** |")
+    lines += ["## Verdicts at 95%", "", *verdict_table(found)]
     for n in rows.sizes():
-        lines += ["", f"## Rows at N = {n}", "",
-                  "| group | setting | NFE | class accuracy | FID | saturation | precision | recall | s/img |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for key in sorted(rows.keys_at(n), key=_order):
-            s = summary(rows.get(key, n))
-            cells = [s["group"], key, f"{s['nfe_per_image']:.1f}",
-                     _ci(s["class_accuracy"], s["class_accuracy_ci"], "{:.3f}"),
-                     _ci(s["fid"], s["fid_ci"], "{:.1f}") if "fid_ci" in s else "-",
-                     _ci(s["saturation_mean"], s["saturation_mean_ci"], "{:.4f}") if "saturation_mean_ci" in s else "-",
-                     _ci(s["precision"], s["precision_ci"], "{:.3f}") if "precision_ci" in s else "-",
-                     _ci(s["recall"], s["recall_ci"], "{:.3f}") if "recall_ci" in s else "-",
-                     f"{s['seconds_per_image']:.2f}"]
-            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", f"## Rows at N = {n}", "", *rows_table(rows, n)]
     return "\n".join(lines) + "\n"
+
+
+README_START, README_END = "<!-- effects:start -->", "<!-- effects:end -->"
+
+
+def readme_block(rows: Rows, found: list[dict]) -> str:
+    """The verdicts and the rows of every N, largest N first: what the README shows between its markers."""
+    lines = [README_START, "", "Verdicts (generated by `benchmarks/effects_report.py --readme README.md`; group a: "
+             "CFG / APG, b: adaptive vs static truncation, c: classifier-based, d: Dynamic CFG, e: autoguidance; "
+             "each at the largest N where both sides have finished):", "", *verdict_table(found)]
+    for n in reversed(rows.sizes()):
+        lines += ["", f"Rows at N = {n:,}:", "", *rows_table(rows, n)]
+    return "\n".join(lines + ["", README_END])
+
+
+def write_readme(path: Path, rows: Rows, found: list[dict]) -> None:
+    """Replace the text between the effects markers of `path`; the prose around them is written by hand."""
+    text = path.read_text()
+    start, end = text.find(README_START), text.find(README_END)
+    if not (text.count(README_START) == text.count(README_END) == 1 and start < end):
+        raise ValueError(f"--readme {path}: needs one {README_START} line followed by one {README_END} line")
+    head, rest = text.split(README_START)
+    path.write_text(head + readme_block(rows, found) + rest.split(README_END, 1)[1])
 
 
 def _order(key: str) -> tuple:
@@ -288,10 +321,12 @@ def plots(rows: Rows, out: Path) -> list[Path]:
     return written
 
 
-def report(rows_path: Path, out: Path, draw: bool = True) -> dict:
+def report(rows_path: Path, out: Path, draw: bool = True, readme: Path | None = None) -> dict:
     data = json.loads(rows_path.read_text())
     rows = Rows(data["rows"])
     found = conclusions(rows)
+    if readme is not None:
+        write_readme(readme, rows, found)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(markdown(rows, found, data.get("meta", {})))
     result = {"meta": data.get("meta", {}), "rows": [summary(r) for r in rows.by.values()], "conclusions": found}
@@ -306,8 +341,10 @@ def main(argv=None) -> None:
     p.add_argument("--rows", type=Path, default=Path("benchmarks/results/effects/rows.json"))
     p.add_argument("--out", type=Path, default=None, help="default: the folder of --rows")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--readme", type=Path, default=None,
+                   help=f"also replace the tables between {README_START} and {README_END} in this file")
     args = p.parse_args(argv)
-    result = report(args.rows, args.out or args.rows.parent, draw=not args.no_plots)
+    result = report(args.rows, args.out or args.rows.parent, draw=not args.no_plots, readme=args.readme)
     for c in result["conclusions"]:
         print(f"[{c['verdict']:>9}] N={c['num_images']}: {c['claim']}")
 

@@ -147,3 +147,26 @@ def test_step_rule_decision_pairs_rows_at_matched_accuracy():
     assert decide(Rows(x0[:1] + [row("xt c@3", "x_t", 199, 118.0)]), 200)["verdict"] == "x_t no worse (undecided)"
     better = decide(Rows(x0[:1] + [row("xt d@3", "x_t", 175, 118.0)]), 200)  # matched accuracy, FID -4
     assert better["verdict"] == "x_t better" and better["x_t_better_in"] == [("xt d@3", "x0 a@3")]
+
+
+def test_readme_tables_are_replaced_between_the_markers_only(tmp_path):
+    from effects_report import README_END, README_START, write_readme
+
+    rows = Rows([_row("CFG@3", 500, 0.65, 30.0, 0.38), _row("CFG@10", 500, 0.85, 45.0, 0.40),
+                 _row("CFG@3", 2000, 0.66, 20.0, 0.38)])
+    found = conclusions(rows)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# prose before\n\n{README_START}\nold table\n{README_END}\n\nprose after\n")
+    write_readme(readme, rows, found)
+    text = readme.read_text()
+    assert text.startswith("# prose before\n\n") and text.endswith(f"{README_END}\n\nprose after\n")
+    assert "old table" not in text
+    assert text.index("Rows at N = 2,000:") < text.index("Rows at N = 500:")  # the largest N first
+    assert "CFG oversaturates: saturation at w=10 above w=3 | 500 |" in text
+    write_readme(readme, rows, found)
+    assert readme.read_text() == text  # idempotent: a second run changes nothing
+    for broken in (f"{README_START}\n", f"{README_END}\n{README_START}\n", "no markers\n"):
+        readme.write_text(broken)
+        with pytest.raises(ValueError, match="--readme .*needs one"):
+            write_readme(readme, rows, found)
+        assert readme.read_text() == broken  # a refused file is left as it was

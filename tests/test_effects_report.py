@@ -170,3 +170,15 @@ def test_readme_tables_are_replaced_between_the_markers_only(tmp_path):
         with pytest.raises(ValueError, match="--readme .*needs one"):
             write_readme(readme, rows, found)
         assert readme.read_text() == broken  # a refused file is left as it was
+
+
+def test_readme_tables_match_the_committed_rows():
+    """The README's effects tables are the report of benchmarks/results/effects/rows.json, not hand-edited numbers."""
+    from effects_report import README_END, README_START, readme_block
+
+    root = Path(__file__).resolve().parents[1]
+    rows = Rows(json.loads((root / "benchmarks/results/effects/rows.json").read_text())["rows"])
+    text = (root / "README.md").read_text()
+    shown = README_START + text.split(README_START)[1].split(README_END)[0] + README_END
+    assert shown == readme_block(rows, conclusions(rows)), \
+        "README effects tables are stale: run python benchmarks/effects_report.py --readme README.md"

@@ -72,8 +72,8 @@ def plan(steps: int = STEPS) -> list[dict]:
         # (c) classifier-based methods against the CFG curve
         row("c", "EluCD 0.05", CalibratedClassifierGuidance("embedded-guidance", scale=0.05, step_rule="x0"), 3),
         row("c", "GFCG 2 + CFG", GFCG("embedded-guidance", scale=2.0), 3),
-        # the rest of the curves
-        row("a", "CFG", CFG(), 5), row("a", "APG", APG(), 5),
+        # the rest of the curves (CFG@4: the curve between w = 3 and 5, where Dynamic CFG's default lands)
+        row("a", "CFG", CFG(), 5), row("a", "CFG", CFG(), 4), row("a", "APG", APG(), 5),
         row("a", "CFG", CFG(), 7.5), row("a", "APG", APG(), 7.5),
         row("b", "Interval 0-0.4", Interval(CFG(), 0.0, 0.4), 3),
         row("b", "Interval 0-0.6", Interval(CFG(), 0.0, 0.6), 3),

@@ -38,6 +38,8 @@ AGAINST_CURVE = ("EluCD 0.05@3", "EluCD 0.02@3", "GFCG 2 + CFG@3", "GFCG 4 + CFG
                  "DynamicCFG alignment@3", "DynamicCFG default@3", "DynamicCFG fixed weights@3")
 DYNAMIC = ("DynamicCFG alignment@3", "DynamicCFG default@3", "DynamicCFG fixed weights@3")
 AUTOGUIDANCE = ("ATG@1.5", "ATG@2", "ATG@3", "GFCG 2 + ATG@2")  # (e) issue #18, the embedded guide model
+OLD_GUIDE = " (700-step guide)"  # rows made with the guide shipped before the 1,760-step one
+AUTOGUIDANCE_OLD = tuple(k.replace("ATG@", f"ATG{OLD_GUIDE}@") for k in AUTOGUIDANCE)
 
 
 class Rows:
@@ -110,12 +112,16 @@ def dominates(a: dict, b: dict) -> bool:
 
 def curve_verdict(rows: Rows, key: str, question: str) -> dict | None:
     """Is the row above the CFG curve? confirmed: it dominates some CFG scale and none dominates it;
-    refuted: some CFG scale dominates it; undecided otherwise. At the largest N with >= 3 CFG scales."""
+    refuted: some CFG scale dominates it; undecided otherwise. At the largest N with >= 3 CFG scales.
+    Only CFG points on the curve's frontier count as beaten: dominating a point that another CFG scale
+    already beats on both axes (e.g. the unguided row, w = 1, against w = 3) says nothing about the curve."""
     for n in reversed(rows.sizes()):
         row, curve = rows.get(key, n), rows.cfg_curve(n)
         if row is None or len(curve) < 3:
             continue
-        beats = [c["key"] for c in curve if dominates(row, c)]
+        frontier = [c for c in curve if not any(o is not c and o["class_accuracy"] >= c["class_accuracy"]
+                                                and o["fid"] <= c["fid"] for o in curve)]
+        beats = [c["key"] for c in frontier if dominates(row, c)]
         beaten_by = [c["key"] for c in curve if dominates(c, row)]
         result = "refuted" if beaten_by else "confirmed" if beats else "undecided"
         return {"question": question, "claim": f"{key} lies above the CFG curve (accuracy vs FID)", "a": key,
@@ -159,14 +165,21 @@ def conclusions(rows: Rows) -> list[dict]:
         pair("b", f"{key} loses class accuracy against full CFG@3", key, "CFG@3", "class_accuracy", -1)
     # (a) APG's headline: better FID at comparable accuracy is a point above the CFG curve; (c), (d)
     apg = tuple(f"APG@{w:g}" for w in APG_SCALES) + ("APG r=5@10", "APG r=1@10")
-    for key in apg + AGAINST_CURVE + AUTOGUIDANCE:
-        group = "a" if key in apg else "d" if key in DYNAMIC else "e" if key in AUTOGUIDANCE else "c"
+    for key in apg + AGAINST_CURVE + AUTOGUIDANCE + AUTOGUIDANCE_OLD:
+        group = "a" if key in apg else "d" if key in DYNAMIC else "e" if key in AUTOGUIDANCE + AUTOGUIDANCE_OLD else "c"
         result = curve_verdict(rows, key, group)
         if result:
             out.append(result)
     # (e) the GFCG paper's headline setting: GFCG's push on top of autoguidance raises class accuracy
-    pair("e", "GFCG 2 + ATG@2 raises class accuracy over ATG@2 alone", "GFCG 2 + ATG@2", "ATG@2", "class_accuracy", +1)
-    pair("e", "GFCG 2 + ATG@2 has lower FID than ATG@2 alone", "GFCG 2 + ATG@2", "ATG@2", "fid", -1)
+    for guide in ("", OLD_GUIDE):
+        atg, both = f"ATG{guide}@2", f"GFCG 2 + ATG{guide}@2"
+        pair("e", f"{both} raises class accuracy over {atg} alone", both, atg, "class_accuracy", +1)
+        pair("e", f"{both} has lower FID than {atg} alone", both, atg, "fid", -1)
+    # (e) the guide's training length: the shipped 1,760-step guide against the 700-step one it replaced
+    for w in ("1.5", "2"):
+        new, old = f"ATG@{w}", f"ATG{OLD_GUIDE}@{w}"
+        pair("e", f"{new} (1,760-step guide) has lower FID than {old}", new, old, "fid", -1)
+        pair("e", f"{new} (1,760-step guide) has higher class accuracy than {old}", new, old, "class_accuracy", +1)
     # (d) issue #7: Dynamic CFG above the best fixed scale's class accuracy
     for key in DYNAMIC:
         for n in reversed(rows.sizes()):

@@ -80,8 +80,12 @@ def test_conclusions_and_curve_verdicts(tmp_path):
             _row("GFCG 4 alone@3", n, 0.55, 40.0, 0.37),  # dominated by CFG@3
             _row("Interval 0-0.25@3", n, 0.50, 33.0, 0.38, nfe=25.0),
             _row("LinearAG@3", n, 0.51, 33.5, 0.38, nfe=25.0),
-            _row("APG@15", 50, 0.8, 60.0, 0.30)]  # no CFG@15 at N = 50: left out, not guessed
+            _row("APG@15", 50, 0.8, 60.0, 0.30),  # no CFG@15 at N = 50: left out, not guessed
+            _row("unguided@1", n, 0.25, 40.0, 0.37, nfe=20.0),  # beaten by CFG@3 on both axes: off the frontier
+            _row("ATG@2", n, 0.40, 29.5, 0.30, nfe=20.0)]  # beats only the unguided row: not above the curve
     found = {c["claim"]: c for c in conclusions(Rows(rows))}
+    atg = found["ATG@2 lies above the CFG curve (accuracy vs FID)"]
+    assert atg["verdict"] == "undecided" and atg["dominates"] == [] and atg["dominated_by"] == []
     assert found["APG lowers saturation against CFG at w=10"]["verdict"] == "confirmed"
     assert found["APG lowers FID against CFG at w=10"]["verdict"] == "confirmed"
     assert found["APG loses class accuracy against CFG at w=10"]["verdict"] == "undecided"

@@ -130,6 +130,55 @@ def curve_verdict(rows: Rows, key: str, question: str) -> dict | None:
     return None
 
 
+def rising_curve(curve: list[dict]) -> list[dict]:
+    """The CFG points by scale (unguided first) up to where class accuracy stops rising: along it each
+    accuracy is reached by one scale, so "CFG at the same accuracy" is a point of this curve."""
+    out = []
+    for r in sorted(curve, key=lambda r: r["scale"]):
+        if out and r["class_accuracy"] <= out[-1]["class_accuracy"]:
+            break
+        out.append(r)
+    return out
+
+
+def fid_at_accuracy(curve: list[dict], accuracy: float) -> tuple[float, np.ndarray, tuple[dict, dict], float]:
+    """FID of a curve (sorted by rising accuracy) at `accuracy`, linear between the two points around it
+    (or the nearest two), and per paired bootstrap replicate; with those two points and the weight of the
+    second (outside [0, 1]: extrapolated)."""
+    i = min(max(sum(r["class_accuracy"] < accuracy for r in curve), 1), len(curve) - 1)
+    lo, hi = curve[i - 1], curve[i]
+    w = (accuracy - lo["class_accuracy"]) / (hi["class_accuracy"] - lo["class_accuracy"])
+    replicates = (1 - w) * np.asarray(lo["boot"]["fid"]) + w * np.asarray(hi["boot"]["fid"])
+    return lo["fid"] + w * (hi["fid"] - lo["fid"]), replicates, (lo, hi), w
+
+
+def matched_accuracy_verdict(rows: Rows, key: str, question: str) -> dict | None:
+    """Does the row have a lower FID than CFG at its class accuracy? The CFG curve's FID is interpolated at
+    the row's accuracy and at both ends of its 95% Wilson interval (accuracy is uncertain too); confirmed when
+    the row's FID is lower at 95% (paired bootstrap) at all three, refuted when higher at all three. At the
+    largest N where the whole accuracy interval lies within the rising CFG curve (no extrapolation)."""
+    for n in reversed(rows.sizes()):
+        row, curve = rows.get(key, n), rising_curve(rows.cfg_curve(n))
+        if row is None or len(curve) < 2:
+            continue
+        checks = []
+        for accuracy in (wilson(row["class_correct"], n)[0], row["class_accuracy"], wilson(row["class_correct"], n)[1]):
+            cfg_fid, replicates, _, w = fid_at_accuracy(curve, accuracy)
+            estimate = row["fid"] - cfg_fid
+            checks.append({"accuracy": accuracy, "cfg_fid": cfg_fid, "difference": estimate, "inside": 0 <= w <= 1,
+                           "interval": list(normal_interval(estimate, np.asarray(row["boot"]["fid"]) - replicates))})
+        if not all(c["inside"] for c in checks):
+            continue
+        lowest, highest = max(c["interval"][1] for c in checks), min(c["interval"][0] for c in checks)
+        result = "confirmed" if lowest < 0 else "refuted" if highest > 0 else "undecided"
+        middle = checks[1]
+        return {"question": question, "claim": f"{key} has lower FID than CFG at the same class accuracy",
+                "a": key, "b": "CFG curve: " + ", ".join(c["key"] for c in curve), "metric": "fid",
+                "num_images": n, "difference": middle["difference"], "interval": middle["interval"],
+                "checks": checks, "verdict": result}
+    return None
+
+
 def conclusions(rows: Rows) -> list[dict]:
     out = []
 
@@ -167,9 +216,10 @@ def conclusions(rows: Rows) -> list[dict]:
     apg = tuple(f"APG@{w:g}" for w in APG_SCALES) + ("APG r=5@10", "APG r=1@10")
     for key in apg + AGAINST_CURVE + AUTOGUIDANCE + AUTOGUIDANCE_OLD:
         group = "a" if key in apg else "d" if key in DYNAMIC else "e" if key in AUTOGUIDANCE + AUTOGUIDANCE_OLD else "c"
-        result = curve_verdict(rows, key, group)
-        if result:
-            out.append(result)
+        for judge in (curve_verdict, matched_accuracy_verdict):
+            result = judge(rows, key, group)
+            if result:
+                out.append(result)
     # (e) the GFCG paper's headline setting: GFCG's push on top of autoguidance raises class accuracy
     for guide in ("", OLD_GUIDE):
         atg, both = f"ATG{guide}@2", f"GFCG 2 + ATG{guide}@2"

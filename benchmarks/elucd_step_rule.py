@@ -27,11 +27,13 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's packages, not an installed copy
 
 import effects  # noqa: E402
-from effects_report import Rows, difference, summary  # noqa: E402
+from effects_report import Rows, difference, fid_at_accuracy, summary  # noqa: E402
 from effects_stats import normal_interval  # noqa: E402
 
 X0_SCALES = (0.01, 0.02, 0.05)
@@ -89,13 +91,11 @@ def interpolated(x0: list[dict], xt: list[dict]) -> list[dict]:
     curve = sorted(x0, key=lambda r: r["class_accuracy"])
     out = []
     for b in xt if len(curve) > 1 else ():
-        i = min(max(sum(r["class_accuracy"] < b["class_accuracy"] for r in curve), 1), len(curve) - 1)
-        lo, hi = curve[i - 1], curve[i]
-        w = (b["class_accuracy"] - lo["class_accuracy"]) / (hi["class_accuracy"] - lo["class_accuracy"])
-        rep = [t - (a + w * (c - a)) for t, a, c in zip(b["boot"]["fid"], lo["boot"]["fid"], hi["boot"]["fid"])]
-        est = b["fid"] - (lo["fid"] + w * (hi["fid"] - lo["fid"]))
+        x0_fid, replicates, (lo, hi), w = fid_at_accuracy(curve, b["class_accuracy"])
+        est = b["fid"] - x0_fid
         out.append({"x_t": b["key"], "between": [lo["key"], hi["key"]], "weight": w, "fid_diff": est,
-                    "fid_ci": list(normal_interval(est, rep)), "extrapolated": not 0 <= w <= 1})
+                    "fid_ci": list(normal_interval(est, np.asarray(b["boot"]["fid"]) - replicates)),
+                    "extrapolated": not 0 <= w <= 1})
     return out
 
 

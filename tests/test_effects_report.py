@@ -86,6 +86,13 @@ def test_conclusions_and_curve_verdicts(tmp_path):
     found = {c["claim"]: c for c in conclusions(Rows(rows))}
     atg = found["ATG@2 lies above the CFG curve (accuracy vs FID)"]
     assert atg["verdict"] == "undecided" and atg["dominates"] == [] and atg["dominated_by"] == []
+    # ... yet at its own accuracy (0.40: between unguided and CFG@3) CFG's interpolated FID is 36.25
+    matched = found["ATG@2 has lower FID than CFG at the same class accuracy"]
+    assert matched["verdict"] == "confirmed" and matched["difference"] == pytest.approx(29.5 - 36.25)
+    assert [c["accuracy"] for c in matched["checks"]][1] == 0.40 and len(matched["checks"]) == 3
+    assert found["GFCG 4 alone@3 has lower FID than CFG at the same class accuracy"]["verdict"] == "refuted"
+    # EluCD's accuracy (0.95) is beyond the CFG curve's (0.86 at most): no extrapolated verdict
+    assert "EluCD 0.05@3 has lower FID than CFG at the same class accuracy" not in found
     assert found["APG lowers saturation against CFG at w=10"]["verdict"] == "confirmed"
     assert found["APG lowers FID against CFG at w=10"]["verdict"] == "confirmed"
     assert found["APG loses class accuracy against CFG at w=10"]["verdict"] == "undecided"

@@ -225,6 +225,16 @@ def conclusions(rows: Rows) -> list[dict]:
         atg, both = f"ATG{guide}@2", f"GFCG 2 + ATG{guide}@2"
         pair("e", f"{both} raises class accuracy over {atg} alone", both, atg, "class_accuracy", +1)
         pair("e", f"{both} has lower FID than {atg} alone", both, atg, "fid", -1)
+    # (e) the autoguidance paper compares each method at its best scale: here, against CFG's lowest FID
+    for key in AUTOGUIDANCE:
+        for n in reversed(rows.sizes()):
+            curve = rows.cfg_curve(n)
+            if rows.get(key, n) is None or len(curve) < 3:
+                continue
+            best = min(curve, key=lambda r: r["fid"])
+            out.append(claim("e", f"{key} has lower FID than CFG's lowest-FID scale ({best['key']})",
+                             rows.get(key, n), best, "fid", -1))
+            break
     # (e) the guide's training length: the shipped 1,760-step guide against the 700-step one it replaced
     for w in ("1.5", "2"):
         new, old = f"ATG@{w}", f"ATG{OLD_GUIDE}@{w}"

@@ -86,6 +86,7 @@ def test_conclusions_and_curve_verdicts(tmp_path):
     found = {c["claim"]: c for c in conclusions(Rows(rows))}
     atg = found["ATG@2 lies above the CFG curve (accuracy vs FID)"]
     assert atg["verdict"] == "undecided" and atg["dominates"] == [] and atg["dominated_by"] == []
+    assert found["ATG@2 has lower FID than CFG's lowest-FID scale (CFG@3)"]["verdict"] == "confirmed"
     # ... yet at its own accuracy (0.40: between unguided and CFG@3) CFG's interpolated FID is 36.25
     matched = found["ATG@2 has lower FID than CFG at the same class accuracy"]
     assert matched["verdict"] == "confirmed" and matched["difference"] == pytest.approx(29.5 - 36.25)

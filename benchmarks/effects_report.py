@@ -68,6 +68,14 @@ class Rows:
         rows = [r for (k, m), r in self.by.items() if m == n and (r["label"] == "CFG" or k == "unguided@1")]
         return sorted(rows, key=lambda r: r["scale"])
 
+    def with_cfg_curve(self, key: str) -> tuple[dict, list[dict]] | None:
+        """(row, CFG curve) at the largest N where the row and at least 3 CFG scales have finished."""
+        for n in reversed(self.sizes()):
+            row, curve = self.get(key, n), self.cfg_curve(n)
+            if row is not None and len(curve) >= 3:
+                return row, curve
+        return None
+
 
 def summary(row: dict) -> dict:
     """A row's numbers with their 95% intervals (no replicates)."""
@@ -115,19 +123,18 @@ def curve_verdict(rows: Rows, key: str, question: str) -> dict | None:
     refuted: some CFG scale dominates it; undecided otherwise. At the largest N with >= 3 CFG scales.
     Only CFG points on the curve's frontier count as beaten: dominating a point that another CFG scale
     already beats on both axes (e.g. the unguided row, w = 1, against w = 3) says nothing about the curve."""
-    for n in reversed(rows.sizes()):
-        row, curve = rows.get(key, n), rows.cfg_curve(n)
-        if row is None or len(curve) < 3:
-            continue
-        frontier = [c for c in curve if not any(o is not c and o["class_accuracy"] >= c["class_accuracy"]
-                                                and o["fid"] <= c["fid"] for o in curve)]
-        beats = [c["key"] for c in frontier if dominates(row, c)]
-        beaten_by = [c["key"] for c in curve if dominates(c, row)]
-        result = "refuted" if beaten_by else "confirmed" if beats else "undecided"
-        return {"question": question, "claim": f"{key} lies above the CFG curve (accuracy vs FID)", "a": key,
-                "b": "CFG curve: " + ", ".join(c["key"] for c in curve), "metric": "class_accuracy & fid",
-                "num_images": n, "dominates": beats, "dominated_by": beaten_by, "verdict": result}
-    return None
+    found = rows.with_cfg_curve(key)
+    if found is None:
+        return None
+    row, curve = found
+    frontier = [c for c in curve if not any(o is not c and o["class_accuracy"] >= c["class_accuracy"]
+                                            and o["fid"] <= c["fid"] for o in curve)]
+    beats = [c["key"] for c in frontier if dominates(row, c)]
+    beaten_by = [c["key"] for c in curve if dominates(c, row)]
+    result = "refuted" if beaten_by else "confirmed" if beats else "undecided"
+    return {"question": question, "claim": f"{key} lies above the CFG curve (accuracy vs FID)", "a": key,
+            "b": "CFG curve: " + ", ".join(c["key"] for c in curve), "metric": "class_accuracy & fid",
+            "num_images": row["num_images"], "dominates": beats, "dominated_by": beaten_by, "verdict": result}
 
 
 def rising_curve(curve: list[dict]) -> list[dict]:
@@ -161,16 +168,17 @@ def matched_accuracy_verdict(rows: Rows, key: str, question: str) -> dict | None
         row, curve = rows.get(key, n), rising_curve(rows.cfg_curve(n))
         if row is None or len(curve) < 2:
             continue
-        checks = []
-        for accuracy in (wilson(row["class_correct"], n)[0], row["class_accuracy"], wilson(row["class_correct"], n)[1]):
+        checks, (low, high) = [], wilson(row["class_correct"], n)
+        for accuracy in (low, row["class_accuracy"], high):
             cfg_fid, replicates, _, w = fid_at_accuracy(curve, accuracy)
             estimate = row["fid"] - cfg_fid
             checks.append({"accuracy": accuracy, "cfg_fid": cfg_fid, "difference": estimate, "inside": 0 <= w <= 1,
                            "interval": list(normal_interval(estimate, np.asarray(row["boot"]["fid"]) - replicates))})
         if not all(c["inside"] for c in checks):
             continue
-        lowest, highest = max(c["interval"][1] for c in checks), min(c["interval"][0] for c in checks)
-        result = "confirmed" if lowest < 0 else "refuted" if highest > 0 else "undecided"
+        # confirmed: every upper bound below zero; refuted: every lower bound above zero
+        upper, lower = max(c["interval"][1] for c in checks), min(c["interval"][0] for c in checks)
+        result = "confirmed" if upper < 0 else "refuted" if lower > 0 else "undecided"
         middle = checks[1]
         return {"question": question, "claim": f"{key} has lower FID than CFG at the same class accuracy",
                 "a": key, "b": "CFG curve: " + ", ".join(c["key"] for c in curve), "metric": "fid",
@@ -227,14 +235,11 @@ def conclusions(rows: Rows) -> list[dict]:
         pair("e", f"{both} has lower FID than {atg} alone", both, atg, "fid", -1)
     # (e) the autoguidance paper compares each method at its best scale: here, against CFG's lowest FID
     for key in AUTOGUIDANCE:
-        for n in reversed(rows.sizes()):
-            curve = rows.cfg_curve(n)
-            if rows.get(key, n) is None or len(curve) < 3:
-                continue
+        if found := rows.with_cfg_curve(key):
+            row, curve = found
             best = min(curve, key=lambda r: r["fid"])
-            out.append(claim("e", f"{key} has lower FID than CFG's lowest-FID scale ({best['key']})",
-                             rows.get(key, n), best, "fid", -1))
-            break
+            out.append(claim("e", f"{key} has lower FID than CFG's lowest-FID scale ({best['key']})", row, best,
+                             "fid", -1))
     # (e) the guide's training length: the shipped 1,760-step guide against the 700-step one it replaced
     for w in ("1.5", "2"):
         new, old = f"ATG@{w}", f"ATG{OLD_GUIDE}@{w}"
@@ -242,16 +247,13 @@ def conclusions(rows: Rows) -> list[dict]:
         pair("e", f"{new} (1,760-step guide) has higher class accuracy than {old}", new, old, "class_accuracy", +1)
     # (d) issue #7: Dynamic CFG above the best fixed scale's class accuracy
     for key in DYNAMIC:
-        for n in reversed(rows.sizes()):
-            curve = rows.cfg_curve(n)
-            if rows.get(key, n) is None or len(curve) < 3:
-                continue
+        if found := rows.with_cfg_curve(key):
+            row, curve = found
             best = max(curve, key=lambda r: r["class_accuracy"])
             out.append(claim("d", f"{key} has higher class accuracy than the best fixed CFG scale ({best['key']})",
-                             rows.get(key, n), best, "class_accuracy", +1))
+                             row, best, "class_accuracy", +1))
             out.append(claim("d", f"{key} has lower FID than the best-accuracy fixed CFG scale ({best['key']})",
-                             rows.get(key, n), best, "fid", -1))
-            break
+                             row, best, "fid", -1))
     return out
 
 

@@ -24,6 +24,7 @@ import argparse
 import json
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -117,6 +118,33 @@ def load_rows(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {"rows": []}
 
 
+@contextmanager
+def exclusive(lock_path: Path):
+    """Hold an exclusive lock on lock_path (POSIX flock; elsewhere no lock: run one job per --out there)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def append_row(rows_path: Path, row: dict, meta: dict, lock_path: Path) -> None:
+    """Append one finished row to rows.json. Two jobs may share one --out (each on its own rows, its own
+    core): the read-append-write runs under a lock, or one job's row could overwrite the other's."""
+    with exclusive(lock_path):
+        data = load_rows(rows_path)  # re-read: another job or the report may have written meanwhile
+        data["meta"] = meta
+        data["rows"].append(row)
+        atomic_write_text(rows_path, json.dumps(data, indent=1))
+
+
 def main(argv=None, make_plan=plan) -> None:
     """make_plan(steps) -> rows: another measurement's plan run by the same machinery (elucd_step_rule.py)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -184,13 +212,11 @@ def main(argv=None, make_plan=plan) -> None:
             row["recall_reference_n"] = None if real is None else int(real.shape[0])
             row["boot"] = bootstrap(state_path, reference, n, args.replicates, real, real_radii, args.device)
             row["finished_utc"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
-            data = load_rows(rows_path)  # re-read: the report may have been rendered meanwhile
-            data["meta"] = {"steps": args.steps, "scheduler": "DDIM (shipped)", "metrics": list(METRICS),
-                            "reference": "cifar10-train (50k, legacy_tf)", "seed": args.seed,
-                            "batch_size": args.batch_size, "device": args.device,
-                            "threads": torch.get_num_threads(), "stages": args.stages}
-            data["rows"].append(row)
-            atomic_write_text(rows_path, json.dumps(data, indent=1))
+            meta = {"steps": args.steps, "scheduler": "DDIM (shipped)", "metrics": list(METRICS),
+                    "reference": "cifar10-train (50k, legacy_tf)", "seed": args.seed,
+                    "batch_size": args.batch_size, "device": args.device,
+                    "threads": torch.get_num_threads(), "stages": args.stages}
+            append_row(rows_path, row, meta, args.state / "rows.lock")
             print(f"{time.strftime('%H:%M:%S')} {item['key']} N={n}: fid {row['fid']:.2f} "
                   f"acc {row['class_accuracy']:.3f} "
                   f"sat {row['saturation_mean']:.4f} nfe {row['nfe_per_image']:.1f} "

@@ -64,6 +64,7 @@ def plan(steps: int = STEPS) -> list[dict]:
         # (d) Dynamic CFG against the top of the fixed-scale curve
         row("a", "CFG", CFG(), 15), row("d", "DynamicCFG alignment", DynamicCFG(evaluators=["alignment"]), 3),
         row("d", "DynamicCFG default", DynamicCFG(), 3),
+        row("d", "DynamicCFG signed weights", DynamicCFG(weighting="signed"), 3),  # the paper's Eq. 7 as written
         row("a", "APG", APG(), 15),
         # (e) autoguidance (#18): the embedded guide (a quarter of the capacity, a fifth of the training)
         row("e", "ATG", Autoguidance(guide_model="embedded"), 2),

@@ -35,8 +35,10 @@ APG_SCALES = (1.5, 3.0, 5.0, 7.5, 10.0, 15.0)
 ADAPTIVE = ("AG x0 0.995@3", "AG x0 0.990@3", "AG eps 0.995@3", "LinearAG@3")
 STATIC = ("Interval 0-0.25@3", "Interval 0-0.4@3", "Interval 0-0.6@3", "CFG@3")
 AGAINST_CURVE = ("EluCD 0.05@3", "EluCD 0.02@3", "GFCG 2 + CFG@3", "GFCG 4 + CFG@3", "GFCG 4 alone@3",
-                 "DynamicCFG alignment@3", "DynamicCFG default@3", "DynamicCFG fixed weights@3")
-DYNAMIC = ("DynamicCFG alignment@3", "DynamicCFG default@3", "DynamicCFG fixed weights@3")
+                 "DynamicCFG alignment@3", "DynamicCFG default@3", "DynamicCFG signed weights@3",
+                 "DynamicCFG fixed weights@3")
+DYNAMIC = ("DynamicCFG alignment@3", "DynamicCFG default@3", "DynamicCFG signed weights@3",
+           "DynamicCFG fixed weights@3")
 AUTOGUIDANCE = ("ATG@1.5", "ATG@2", "ATG@3", "GFCG 2 + ATG@2")  # (e) issue #18, the embedded guide model
 OLD_GUIDE = " (700-step guide)"  # rows made with the guide shipped before the 1,760-step one
 AUTOGUIDANCE_OLD = tuple(k.replace("ATG@", f"ATG{OLD_GUIDE}@") for k in AUTOGUIDANCE)

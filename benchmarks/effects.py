@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 
 from effects_stats import bootstrap_counts, weighted_fid, weighted_mean  # noqa: E402
 
-from evaluation.runner import RunSpec, StrategySpec, load_source, run_setting  # noqa: E402
+from evaluation.runner import Progress, RunSpec, StrategySpec, load_source, run_setting  # noqa: E402
 from evaluation.spec import safe_name  # noqa: E402
 from guidance.atomic import atomic_write_text  # noqa: E402
 from guidance import (APG, CFG, GFCG, AdaptiveGuidance, Autoguidance, CalibratedClassifierGuidance,  # noqa: E402
@@ -204,8 +204,10 @@ def main(argv=None, make_plan=plan) -> None:
                                batch_size=args.batch_size, seed=args.seed, steps=args.steps, metrics=METRICS,
                                reference="cifar10-train", device=args.device)
             start = time.time()
+            bar = Progress(n, enabled=True)  # one bar per row: images done of N, rate, ETA
             result = run_setting(run_spec, source, item["key"], item["strategy"], item["scale"], state_path,
-                                 device=args.device)
+                                 progress=bar, device=args.device)
+            bar.close()
             row = {**item, **result["row"], "key": item["key"], "group": item["group"], "steps": args.steps,
                    "seed": args.seed, "replicates": args.replicates}
             row["num_images"] = n  # the metrics' own count arrives as a float

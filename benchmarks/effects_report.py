@@ -101,6 +101,11 @@ def difference(a: dict, b: dict, metric: str) -> tuple[float, tuple[float, float
     if metric == "class_accuracy":
         n = a["num_images"]
         return a[metric] - b[metric], newcombe(a["class_correct"], n, b["class_correct"], n)
+    if metric == "recall":  # a share of the same reference points for both rows: Newcombe over them
+        m = a["recall_reference_n"]
+        if m != b["recall_reference_n"]:
+            raise ValueError(f"rows {a['key']} and {b['key']} measure recall on different reference sets")
+        return a[metric] - b[metric], newcombe(round(a[metric] * m), m, round(b[metric] * m), m)
     ra, rb = np.asarray(a["boot"][metric]), np.asarray(b["boot"][metric])
     if len(ra) != len(rb):
         raise ValueError(f"rows {a['key']} and {b['key']} have different bootstrap replicate counts")
@@ -197,7 +202,7 @@ def conclusions(rows: Rows) -> list[dict]:
         if n is not None:
             out.append(claim(question, text, rows.get(key_a, n), rows.get(key_b, n), metric, sign))
 
-    # (a) APG (Sadat et al.): at high scales less saturation and better FID, precision kept
+    # (a) APG (Sadat et al.): at high scales less saturation, better FID and recall, precision kept
     for w in HIGH_SCALES:
         pair("a", f"CFG oversaturates: saturation at w={w:g} above w=3", f"CFG@{w:g}", "CFG@3", "saturation_mean", +1)
     for w in APG_SCALES:
@@ -206,6 +211,7 @@ def conclusions(rows: Rows) -> list[dict]:
         pair("a", f"APG lowers FID against CFG at w={w:g}", a, b, "fid", -1)
         pair("a", f"APG loses class accuracy against CFG at w={w:g}", a, b, "class_accuracy", -1)
         pair("a", f"APG loses precision against CFG at w={w:g}", a, b, "precision", -1)
+        pair("a", f"APG raises recall against CFG at w={w:g}", a, b, "recall", +1)
     for label in ("APG r=5", "APG r=1"):
         pair("a", f"{label} lowers FID against CFG at w=10", f"{label}@10", "CFG@10", "fid", -1)
         pair("a", f"{label} loses class accuracy against CFG at w=10", f"{label}@10", "CFG@10", "class_accuracy", -1)

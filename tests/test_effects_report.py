@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from effects_report import Rows, conclusions, curve_verdict, report  # noqa: E402
+from effects_report import Rows, conclusions, curve_verdict, difference, report  # noqa: E402
 from effects_stats import (bootstrap_counts, newcombe, normal_interval, verdict, weighted_fid,  # noqa: E402
                            weighted_mean, wilson)
 
@@ -71,6 +71,17 @@ def _row(key, n, acc, fid, sat, nfe=40.0, seed=0):
                      "precision": list(0.6 + 0.01 * noise)}}
 
 
+def test_recall_difference_is_newcombe_over_the_reference_points():
+    a, b = _row("APG@10", 500, 0.8, 40.0, 0.35), _row("CFG@10", 500, 0.8, 45.0, 0.37)
+    a["recall"], b["recall"] = 0.215, 0.104  # of 1,000 reference points: 215 and 104 covered
+    estimate, interval = difference(a, b, "recall")
+    assert estimate == pytest.approx(0.111) and interval == newcombe(215, 1000, 104, 1000)
+    assert interval[0] > 0
+    b["recall_reference_n"] = 500
+    with pytest.raises(ValueError, match="different reference sets"):
+        difference(a, b, "recall")
+
+
 def test_conclusions_and_curve_verdicts(tmp_path):
     n = 500
     rows = [_row("CFG@3", n, 0.65, 30.0, 0.38), _row("CFG@10", n, 0.85, 45.0, 0.40),
@@ -97,6 +108,7 @@ def test_conclusions_and_curve_verdicts(tmp_path):
     assert found["APG lowers saturation against CFG at w=10"]["verdict"] == "confirmed"
     assert found["APG lowers FID against CFG at w=10"]["verdict"] == "confirmed"
     assert found["APG loses class accuracy against CFG at w=10"]["verdict"] == "undecided"
+    assert found["APG raises recall against CFG at w=10"]["verdict"] == "undecided"  # 0.5 each
     assert found["CFG oversaturates: saturation at w=15 above w=3"]["verdict"] == "confirmed"
     assert not any("w=15" in c and "APG" in c for c in found)
     static = [c for c in found.values() if c["a"] == "LinearAG@3" and c["metric"] == "class_accuracy"

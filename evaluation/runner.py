@@ -73,12 +73,13 @@ class Source:
     by_class: bool
     captions: list[str] | None = None  # per class id, for CLIP score on class-conditional pipelines
 
-    def call(self, indices: list[int], scale: float, steps: int, seed: int, device: str) -> torch.Tensor:
-        """uint8 (B, 3, H, W) images for these image indices."""
+    def call(self, indices: list[int], scale: float, steps: int, seed: int, device: str,
+             **extra: Any) -> torch.Tensor:
+        """uint8 (B, 3, H, W) images for these image indices (extra: more pipeline arguments)."""
         gens = [torch.Generator(device=device if device != "mps" else "cpu").manual_seed(image_seed(seed, i))
                 for i in indices]
         conds = [self.conditions[i % len(self.conditions)] for i in indices]
-        kwargs: dict[str, Any] = {"num_inference_steps": steps, "generator": gens, "output_type": "pt"}
+        kwargs: dict[str, Any] = {"num_inference_steps": steps, "generator": gens, "output_type": "pt", **extra}
         if self.by_class:
             kwargs["class_labels"] = conds
         else:
@@ -290,8 +291,9 @@ def _check_run_folder(out: Path, spec: RunSpec, dist: Dist) -> dict:
                 for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
         started = (out / "results.json").is_file() or any((out / "state").glob("*.pt"))
         if diff and not started:
-            # a start that failed before its first checkpoint (e.g. a strategy refusing the scheduler at its
-            # first step): nothing to keep, so the corrected command may take the folder over
+            # a start that failed before its first checkpoint (e.g. the sampler diverging in the first batch, or
+            # a refusal at the first step of a pipeline the probe cannot stop): nothing to keep, so the corrected
+            # command may take the folder over
             _log(f"{settings_file}: no setting was started with the folder's settings; using the new ones")
             previous = {"run": new, "settings": {}}
             diff = []
@@ -525,6 +527,37 @@ def _check_steps(spec: RunSpec, pipe: Any) -> None:
                                  "allowed: one scale per step")
 
 
+class _FirstStepDone(Exception):
+    """Raised by the probe's step callback: the first step ran, nothing more is needed."""
+
+
+def _probe_first_step(spec: RunSpec, source: Source, device: str) -> None:
+    """Run each guided setting for one denoising step of one image, so that the refusals only a running
+    step can detect (an x0-space strategy on an EDM-preconditioned scheduler, a batch layout the hook does
+    not know) are input errors before anything is written, not failures after the run folder exists.
+    Pipelines without `callback_on_step_end` are not probed (they can still refuse at their first step)."""
+    import inspect
+
+    from pipelines import apply_guidance
+
+    if "callback_on_step_end" not in inspect.signature(source.pipe.__call__).parameters:
+        return
+
+    def stop(*_):
+        raise _FirstStepDone
+
+    for key, config, scale in spec.settings():
+        if config is None:
+            continue
+        try:
+            with apply_guidance(source.pipe, from_config(config)):
+                source.call([0], scale, spec.steps, spec.seed, device, callback_on_step_end=stop)
+        except _FirstStepDone:
+            continue
+        except ValueError as e:  # the strategy's or the hook's refusal (UnsupportedScheduler is one)
+            raise InputError(f"setting {key!r}: {' '.join(str(e).split())}") from None
+
+
 def prepare(spec: RunSpec, out: str | Path, source: Source | None = None) -> Prepared:
     """Check the spec, the output folder, the device, the reference, the pipeline and the metrics;
     write nothing. Every refusal is an InputError naming the input and the fix."""
@@ -537,6 +570,7 @@ def prepare(spec: RunSpec, out: str | Path, source: Source | None = None) -> Pre
     source = source or load_source(spec, device=device)
     _check_steps(spec, source.pipe)
     MetricSuite(spec.metrics, source.inputs, torch.device(device), spec.num_images)  # its own checks
+    _probe_first_step(spec, source, device)
     return Prepared(spec, out, dist, device, source, record)
 
 

@@ -641,14 +641,16 @@ def test_campaign_scheduler_flag_works_on_the_embedded_model(tmp_path, capsys):
     assert json.loads((tmp_path / "o" / "settings.json").read_text())["run"]["scheduler"] == "DPMSolverMultistepScheduler"
 
 
-def test_campaign_start_failing_at_the_first_step_can_be_rerun_fixed(tmp_path, capsys):
-    # APG needs x0, which an EDM scheduler does not give: refused at the first step (exit 1). The folder then
-    # holds settings.json but no checkpoint; before, the corrected command was refused ("differing: scheduler").
+def test_campaign_refusal_of_the_first_step_is_an_input_error_before_anything_is_written(tmp_path, capsys):
+    # APG needs x0, which an EDM scheduler does not give: only a running step can tell. prepare() runs each
+    # setting for one step of one image, so this is an input error (exit 2) naming the setting, and the run
+    # folder is not created; the corrected command then runs.
     out = tmp_path / "o"
     apg = _spec({"name": "APG", "params": {}})
     code, err = cli(run_argv(out, apg, "--scheduler", "EDMEulerScheduler"), capsys)
-    assert code == 1
-    assert_one_line(err, 1, "EDM-preconditioned")
+    assert code == 2
+    assert_one_line(err, 2, "EDM-preconditioned")
+    assert "setting 'x@2'" in err and not out.exists()
     code, err = cli(run_argv(out, apg), capsys)
     assert code == 0, err
     assert json.loads((out / "settings.json").read_text())["run"]["scheduler"] is None

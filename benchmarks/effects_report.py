@@ -253,18 +253,6 @@ def conclusions(rows: Rows) -> list[dict]:
         new, old = f"ATG@{w}", f"ATG{OLD_GUIDE}@{w}"
         pair("e", f"{new} (1,760-step guide) has lower FID than {old}", new, old, "fid", -1)
         pair("e", f"{new} (1,760-step guide) has higher class accuracy than {old}", new, old, "class_accuracy", +1)
-    # (a) at high w APG's accuracy passes the top of CFG's curve, where "CFG at the same accuracy" does not
-    # exist: the paper's "better FID at comparable accuracy" is then against CFG's highest-accuracy scale
-    for w in HIGH_SCALES:
-        if found := rows.with_cfg_curve(f"APG@{w:g}"):
-            row, curve = found
-            best = max(curve, key=lambda r: r["class_accuracy"])
-            if best["key"] == f"CFG@{w:g}":
-                continue  # the same-scale claims above already ask it
-            out.append(claim("a", f"{row['key']} has lower FID than CFG's highest-accuracy scale ({best['key']})",
-                             row, best, "fid", -1))
-            out.append(claim("a", f"{row['key']} loses class accuracy against CFG's highest-accuracy scale "
-                                  f"({best['key']})", row, best, "class_accuracy", -1))
     # (d) issue #7: Dynamic CFG above the best fixed scale's class accuracy
     for key in DYNAMIC:
         if found := rows.with_cfg_curve(key):

@@ -109,10 +109,6 @@ def test_conclusions_and_curve_verdicts(tmp_path):
     assert found["APG lowers FID against CFG at w=10"]["verdict"] == "confirmed"
     assert found["APG loses class accuracy against CFG at w=10"]["verdict"] == "undecided"
     assert found["APG raises recall against CFG at w=10"]["verdict"] == "undecided"  # 0.5 each
-    # CFG's accuracy tops out at w = 15 (0.86): APG@10 against it, at comparable accuracy
-    top = found["APG@10 has lower FID than CFG's highest-accuracy scale (CFG@15)"]
-    assert top["verdict"] == "confirmed" and top["difference"] == pytest.approx(40.0 - 55.0)
-    assert found["APG@10 loses class accuracy against CFG's highest-accuracy scale (CFG@15)"]["verdict"] == "undecided"
     assert found["CFG oversaturates: saturation at w=15 above w=3"]["verdict"] == "confirmed"
     assert not any("w=15" in c and "APG" in c for c in found)
     static = [c for c in found.values() if c["a"] == "LinearAG@3" and c["metric"] == "class_accuracy"

@@ -78,6 +78,10 @@ def plan(steps: int = STEPS) -> list[dict]:
         row("a", "CFG", CFG(), 5), row("a", "CFG", CFG(), 4), row("a", "APG", APG(), 5),
         row("a", "CFG", CFG(), 7.5), row("a", "APG", APG(), 7.5),
         row("b", "Interval 0-0.4", Interval(CFG(), 0.0, 0.4), 3),
+        # static truncation at AG's own NFEs (21-24), so that the static curve is read, not interpolated
+        row("b", "Interval 0-0.2", Interval(CFG(), 0.0, 0.2), 3),
+        row("b", "Interval 0-0.1", Interval(CFG(), 0.0, 0.1), 3),
+        row("b", "Interval 0-0.05", Interval(CFG(), 0.0, 0.05), 3),
         row("b", "Interval 0-0.6", Interval(CFG(), 0.0, 0.6), 3),
         row("b", "AG x0 0.990", AdaptiveGuidance(threshold=0.990, similarity_space="x0"), 3),
         row("b", "AG eps 0.995", AdaptiveGuidance(threshold=0.995, similarity_space="eps"), 3),

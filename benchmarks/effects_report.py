@@ -28,12 +28,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's packages, not an installed copy
 
-from effects_stats import newcombe, normal_interval, verdict, wilson  # noqa: E402
+from effects_stats import (interpolated_proportion_difference, newcombe, normal_interval,  # noqa: E402
+                           verdict, wilson)
 
 HIGH_SCALES = (10.0, 15.0)
 APG_SCALES = (1.5, 3.0, 5.0, 7.5, 10.0, 15.0)
 ADAPTIVE = ("AG x0 0.995@3", "AG x0 0.990@3", "AG eps 0.995@3", "LinearAG@3")
-STATIC = ("Interval 0-0.25@3", "Interval 0-0.4@3", "Interval 0-0.6@3", "CFG@3")
+STATIC = ("Interval 0-0.05@3", "Interval 0-0.1@3", "Interval 0-0.2@3", "Interval 0-0.25@3", "Interval 0-0.4@3",
+          "Interval 0-0.6@3", "CFG@3")
 AGAINST_CURVE = ("EluCD 0.05@3", "EluCD 0.02@3", "GFCG 2 + CFG@3", "GFCG 4 + CFG@3", "GFCG 4 alone@3",
                  "DynamicCFG alignment@3", "DynamicCFG default@3", "DynamicCFG signed weights@3",
                  "DynamicCFG fixed weights@3")
@@ -194,6 +196,46 @@ def matched_accuracy_verdict(rows: Rows, key: str, question: str) -> dict | None
     return None
 
 
+def static_curve(rows: Rows, n: int) -> list[dict]:
+    """Static truncation at w = 3 by NFE: CFG on the first 0% (the unguided row, 20 NFE), 5, 10, 20, 25, 40,
+    60% and 100% (CFG@3, 40 NFE) of the steps; the same seeds throughout."""
+    found = [rows.get(k, n) for k in ("unguided@1",) + STATIC]
+    return sorted([r for r in found if r is not None], key=lambda r: r["nfe_per_image"])
+
+
+def matched_nfe_claims(rows: Rows, key: str) -> list[dict]:
+    """Does the adaptive row beat static truncation at its own NFE? Static class accuracy and FID are
+    interpolated linearly in NFE between the two static rows around it (accuracy: a conservative normal
+    interval; FID: paired bootstrap). At the largest N where static rows bracket the row's NFE."""
+    for n in reversed(rows.sizes()):
+        row, curve = rows.get(key, n), static_curve(rows, n)
+        if row is None:
+            continue
+        nfe = row["nfe_per_image"]
+        below = [c for c in curve if c["nfe_per_image"] <= nfe + 1e-9]
+        above = [c for c in curve if c["nfe_per_image"] >= nfe - 1e-9]
+        if not below or not above:
+            continue
+        lo, hi = below[-1], above[0]
+        span = hi["nfe_per_image"] - lo["nfe_per_image"]
+        w = 0.0 if span == 0 else (nfe - lo["nfe_per_image"]) / span
+        accuracy, accuracy_interval = interpolated_proportion_difference(
+            row["class_correct"], lo["class_correct"], hi["class_correct"], w, n)
+        replicates = (1 - w) * np.asarray(lo["boot"]["fid"]) + w * np.asarray(hi["boot"]["fid"])
+        fid = row["fid"] - ((1 - w) * lo["fid"] + w * hi["fid"])
+        fid_interval = normal_interval(fid, np.asarray(row["boot"]["fid"]) - replicates)
+        static = lo["key"] if span == 0 else (f"between {lo['key']} ({lo['nfe_per_image']:.0f} NFE) and "
+                                               f"{hi['key']} ({hi['nfe_per_image']:.0f} NFE)")
+        base = {"question": "b", "a": key, "b": f"static truncation at {nfe:.1f} NFE: {static}", "num_images": n}
+        return [{**base, "claim": f"{key} ({nfe:.1f} NFE) has higher class accuracy than static truncation at "
+                                  "the same NFE", "metric": "class_accuracy", "difference": accuracy,
+                 "interval": list(accuracy_interval), "verdict": verdict(accuracy_interval, +1)},
+                {**base, "claim": f"{key} ({nfe:.1f} NFE) has lower FID than static truncation at the same NFE",
+                 "metric": "fid", "difference": fid, "interval": list(fid_interval),
+                 "verdict": verdict(fid_interval, -1)}]
+    return []
+
+
 def conclusions(rows: Rows) -> list[dict]:
     out = []
 
@@ -215,18 +257,9 @@ def conclusions(rows: Rows) -> list[dict]:
     for label in ("APG r=5", "APG r=1"):
         pair("a", f"{label} lowers FID against CFG at w=10", f"{label}@10", "CFG@10", "fid", -1)
         pair("a", f"{label} loses class accuracy against CFG at w=10", f"{label}@10", "CFG@10", "class_accuracy", -1)
-    # (b) adaptive against static truncation that spends no fewer NFEs
+    # (b) adaptive against static truncation at the same NFE (AG's paper: same quality for fewer NFEs)
     for key in ADAPTIVE:
-        n = rows.common_n(key)
-        if n is None:
-            continue
-        nfe = rows.get(key, n)["nfe_per_image"]
-        static = [s for s in STATIC if rows.get(s, n) is not None and rows.get(s, n)["nfe_per_image"] >= nfe - 1e-9]
-        if static:
-            s = min(static, key=lambda k: rows.get(k, n)["nfe_per_image"])
-            pair("b", f"{key} ({nfe:.1f} NFE) has higher class accuracy than static {s} "
-                      f"({rows.get(s, n)['nfe_per_image']:.1f} NFE)", key, s, "class_accuracy", +1)
-            pair("b", f"{key} ({nfe:.1f} NFE) has lower FID than static {s}", key, s, "fid", -1)
+        out.extend(matched_nfe_claims(rows, key))
         pair("b", f"{key} loses class accuracy against full CFG@3", key, "CFG@3", "class_accuracy", -1)
     # (a) APG's headline: better FID at comparable accuracy is a point above the CFG curve; (c), (d)
     apg = tuple(f"APG@{w:g}" for w in APG_SCALES) + ("APG r=5@10", "APG r=1@10")

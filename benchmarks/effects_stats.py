@@ -51,6 +51,19 @@ def newcombe(s1: int, n1: int, s2: int, n2: int, z: float = Z95) -> tuple[float,
     return d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
 
 
+def interpolated_proportion_difference(a: int, low: int, high: int, weight: float, n: int,
+                                       z: float = Z95) -> tuple[float, tuple[float, float]]:
+    """p_a - ((1 - weight) p_low + weight p_high), all of n trials, with a normal interval whose variance
+    treats the three proportions as independent. Rows made with the same seeds are positively correlated,
+    so the true variance is smaller: conservative, like Newcombe's interval for two rows."""
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"weight={weight}; allowed: 0 <= weight <= 1 (interpolation, not extrapolation)")
+    pa, pl, ph = a / n, low / n, high / n
+    estimate = pa - ((1 - weight) * pl + weight * ph)
+    se = math.sqrt((pa * (1 - pa) + (1 - weight) ** 2 * pl * (1 - pl) + weight ** 2 * ph * (1 - ph)) / n)
+    return estimate, (estimate - z * se, estimate + z * se)
+
+
 def bootstrap_counts(n: int, replicates: int) -> Tensor:
     """(replicates, n) multiplicities; replicate b is the same for every row with this n."""
     rows = [np.bincount(np.random.default_rng([n, b]).integers(0, n, n), minlength=n) for b in range(replicates)]

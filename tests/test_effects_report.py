@@ -11,8 +11,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from effects_report import Rows, conclusions, curve_verdict, difference, report  # noqa: E402
-from effects_stats import (bootstrap_counts, newcombe, normal_interval, verdict, weighted_fid,  # noqa: E402
-                           weighted_mean, wilson)
+from effects_stats import (Z95, bootstrap_counts, interpolated_proportion_difference, newcombe,  # noqa: E402
+                           normal_interval, verdict, weighted_fid, weighted_mean, wilson)
 
 from evaluation.fid import frechet_distance  # noqa: E402
 
@@ -82,6 +82,33 @@ def test_recall_difference_is_newcombe_over_the_reference_points():
         difference(a, b, "recall")
 
 
+def test_interpolated_proportion_difference():
+    # 225/500 against halfway between 125/500 and 250/500 (0.375): +0.075, variance of three independent terms
+    estimate, (low, high) = interpolated_proportion_difference(225, 125, 250, 0.5, 500)
+    se = ((0.45 * 0.55 + 0.25 * 0.25 * 0.75 + 0.25 * 0.5 * 0.5) / 500) ** 0.5
+    assert estimate == pytest.approx(0.075) and (low, high) == pytest.approx((0.075 - Z95 * se, 0.075 + Z95 * se))
+    assert interpolated_proportion_difference(225, 125, 250, 0.0, 500)[0] == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="weight=1.5"):
+        interpolated_proportion_difference(225, 125, 250, 1.5, 500)
+
+
+def test_adaptive_rows_are_judged_against_static_truncation_at_their_own_nfe():
+    n = 500
+    rows = Rows([_row("unguided@1", n, 0.25, 40.0, 0.37, nfe=20.0), _row("Interval 0-0.25@3", n, 0.50, 33.0, 0.38, nfe=25.0),
+                 _row("CFG@3", n, 0.65, 30.0, 0.38),
+                 _row("AG x0 0.990@3", n, 0.45, 34.0, 0.38, nfe=22.5),  # static at 22.5 NFE: 0.375, FID 36.5
+                 _row("LinearAG@3", n, 0.51, 33.5, 0.38, nfe=25.0)])  # exactly the 25-NFE static row
+    found = {c["claim"]: c for c in conclusions(rows)}
+    ag_accuracy = found["AG x0 0.990@3 (22.5 NFE) has higher class accuracy than static truncation at the same NFE"]
+    assert ag_accuracy["difference"] == pytest.approx(0.075) and ag_accuracy["verdict"] == "confirmed"
+    assert "between unguided@1 (20 NFE) and Interval 0-0.25@3 (25 NFE)" in ag_accuracy["b"]
+    ag_fid = found["AG x0 0.990@3 (22.5 NFE) has lower FID than static truncation at the same NFE"]
+    assert ag_fid["difference"] == pytest.approx(-2.5) and ag_fid["verdict"] == "confirmed"
+    linear = found["LinearAG@3 (25.0 NFE) has lower FID than static truncation at the same NFE"]
+    assert linear["b"].endswith(": Interval 0-0.25@3") and linear["difference"] == pytest.approx(0.5)
+    assert linear["verdict"] == "refuted"
+
+
 def test_conclusions_and_curve_verdicts(tmp_path):
     n = 500
     rows = [_row("CFG@3", n, 0.65, 30.0, 0.38), _row("CFG@10", n, 0.85, 45.0, 0.40),
@@ -112,7 +139,7 @@ def test_conclusions_and_curve_verdicts(tmp_path):
     assert found["CFG oversaturates: saturation at w=15 above w=3"]["verdict"] == "confirmed"
     assert not any("w=15" in c and "APG" in c for c in found)
     static = [c for c in found.values() if c["a"] == "LinearAG@3" and c["metric"] == "class_accuracy"
-              and c["b"] == "Interval 0-0.25@3"]
+              and c["b"] == "static truncation at 25.0 NFE: Interval 0-0.25@3"]
     assert len(static) == 1 and static[0]["verdict"] == "undecided"
     assert found["EluCD 0.05@3 lies above the CFG curve (accuracy vs FID)"]["verdict"] == "confirmed"
     gfcg = curve_verdict(Rows(rows), "GFCG 4 alone@3", "c")

@@ -109,6 +109,22 @@ def test_adaptive_rows_are_judged_against_static_truncation_at_their_own_nfe():
     assert linear["verdict"] == "refuted"
 
 
+def test_dynamic_cfg_against_the_top_of_cfg_accuracy():
+    n = 500
+    curve = [_row("CFG@3", n, 0.65, 30.0, 0.38), _row("CFG@10", n, 0.85, 45.0, 0.40)]
+    dynamic = _row("DynamicCFG default@3", n, 0.80, 35.0, 0.33)
+    # CFG@15 ties CFG@10's accuracy (0.86 against 0.85, inside 95%) at a far worse FID: the FID claim is
+    # against CFG@10, the best FID at the top accuracy; the accuracy claim against the best scale, CFG@15
+    tied = {c["claim"]: c for c in conclusions(Rows(curve + [_row("CFG@15", n, 0.86, 55.0, 0.41), dynamic]))}
+    assert tied["DynamicCFG default@3 has higher class accuracy than the best fixed CFG scale (CFG@15)"]["verdict"] \
+        == "refuted"
+    fid = tied["DynamicCFG default@3 has lower FID than CFG at the top of its accuracy (CFG@10)"]
+    assert fid["difference"] == pytest.approx(-10.0) and fid["verdict"] == "confirmed"
+    # a best scale clearly above the others is itself the top
+    clear = {c["claim"]: c for c in conclusions(Rows(curve + [_row("CFG@15", n, 0.95, 55.0, 0.41), dynamic]))}
+    assert "DynamicCFG default@3 has lower FID than CFG at the top of its accuracy (CFG@15)" in clear
+
+
 def test_conclusions_and_curve_verdicts(tmp_path):
     n = 500
     rows = [_row("CFG@3", n, 0.65, 30.0, 0.38), _row("CFG@10", n, 0.85, 45.0, 0.40),

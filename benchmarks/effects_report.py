@@ -164,8 +164,13 @@ def fid_at_accuracy(curve: list[dict], accuracy: float) -> tuple[float, np.ndarr
     i = min(max(sum(r["class_accuracy"] < accuracy for r in curve), 1), len(curve) - 1)
     lo, hi = curve[i - 1], curve[i]
     w = (accuracy - lo["class_accuracy"]) / (hi["class_accuracy"] - lo["class_accuracy"])
+    return *interpolated_fid(lo, hi, w), (lo, hi), w
+
+
+def interpolated_fid(lo: dict, hi: dict, w: float) -> tuple[float, np.ndarray]:
+    """FID at weight w on the straight line from row lo to row hi, and per paired bootstrap replicate."""
     replicates = (1 - w) * np.asarray(lo["boot"]["fid"]) + w * np.asarray(hi["boot"]["fid"])
-    return lo["fid"] + w * (hi["fid"] - lo["fid"]), replicates, (lo, hi), w
+    return lo["fid"] + w * (hi["fid"] - lo["fid"]), replicates
 
 
 def matched_accuracy_verdict(rows: Rows, key: str, question: str) -> dict | None:
@@ -221,8 +226,8 @@ def matched_nfe_claims(rows: Rows, key: str) -> list[dict]:
         w = 0.0 if span == 0 else (nfe - lo["nfe_per_image"]) / span
         accuracy, accuracy_interval = interpolated_proportion_difference(
             row["class_correct"], lo["class_correct"], hi["class_correct"], w, n)
-        replicates = (1 - w) * np.asarray(lo["boot"]["fid"]) + w * np.asarray(hi["boot"]["fid"])
-        fid = row["fid"] - ((1 - w) * lo["fid"] + w * hi["fid"])
+        static_fid, replicates = interpolated_fid(lo, hi, w)
+        fid = row["fid"] - static_fid
         fid_interval = normal_interval(fid, np.asarray(row["boot"]["fid"]) - replicates)
         static = lo["key"] if span == 0 else (f"between {lo['key']} ({lo['nfe_per_image']:.0f} NFE) and "
                                                f"{hi['key']} ({hi['nfe_per_image']:.0f} NFE)")

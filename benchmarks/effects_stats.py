@@ -76,6 +76,32 @@ def normal_interval(estimate: float, replicates, z: float = Z95) -> tuple[float,
     return estimate - z * se, estimate + z * se
 
 
+def binomial_draws(successes: int, n: int, draws: int, seed: str) -> np.ndarray:
+    """Parametric bootstrap of a proportion: `draws` binomial(n, successes / n) / n, seeded by `seed` (a row's
+    key) so a report regenerates the same numbers. Rows store their accuracy as one count, not per image, so
+    this is the accuracy replicate the joint bootstrap of `effects_report.matched_accuracy_verdict` uses."""
+    rng = np.random.default_rng([n, *seed.encode()])
+    return rng.binomial(n, successes / n, draws) / n
+
+
+def read_line(x: np.ndarray, y: np.ndarray, at: float) -> float:
+    """y at `at` on the polyline through (x, y) sorted by x, straight on past its ends; where two points share
+    an x, their mean y (the line is vertical there: any reading of it is as good)."""
+    i = min(max(int(np.searchsorted(x, at)), 1), len(x) - 1)
+    dx = x[i] - x[i - 1]
+    w = 0.5 if dx == 0 else (at - x[i - 1]) / dx
+    return float(y[i - 1] + w * (y[i] - y[i - 1]))
+
+
+def centred_percentile_interval(estimate: float, replicates) -> tuple[float, float]:
+    """estimate + (the replicates' 2.5th and 97.5th percentiles - their median). For a skewed statistic (a
+    reading off a line whose slope is a ratio of uncertain differences); centred on the estimate because FID
+    replicates sit above the FID of all images (see the module docstring) and the offset need not cancel."""
+    r = np.asarray(replicates, dtype=np.float64)
+    low, median, high = np.percentile(r, [2.5, 50.0, 97.5])
+    return estimate + low - median, estimate + high - median
+
+
 def verdict(interval: tuple[float, float], sign: int) -> str:
     """The claim "the difference has this sign" (+1 or -1) at 95%, from the difference's interval."""
     low, high = interval

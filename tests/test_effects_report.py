@@ -10,9 +10,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from effects_report import Rows, conclusions, curve_verdict, difference, report  # noqa: E402
-from effects_stats import (Z95, bootstrap_counts, interpolated_proportion_difference, newcombe,  # noqa: E402
-                           normal_interval, verdict, weighted_fid, weighted_mean, wilson)
+from effects_report import (Rows, conclusions, curve_verdict, difference, matched_accuracy_verdict,  # noqa: E402
+                            report)
+from effects_stats import (Z95, binomial_draws, bootstrap_counts, centred_percentile_interval,  # noqa: E402
+                           interpolated_proportion_difference, newcombe, normal_interval, read_line, verdict,
+                           weighted_fid, weighted_mean, wilson)
 
 from evaluation.fid import frechet_distance  # noqa: E402
 
@@ -92,6 +94,43 @@ def test_interpolated_proportion_difference():
         interpolated_proportion_difference(225, 125, 250, 1.5, 500)
 
 
+def test_joint_bootstrap_pieces():
+    x, y = np.array([0.2, 0.4, 0.8]), np.array([10.0, 20.0, 60.0])
+    assert read_line(x, y, 0.3) == pytest.approx(15.0) and read_line(x, y, 0.6) == pytest.approx(40.0)
+    assert read_line(x, y, 1.0) == pytest.approx(80.0) and read_line(x, y, 0.1) == pytest.approx(5.0)  # straight on
+    assert read_line(np.array([0.2, 0.2, 0.8]), y, 0.2) == pytest.approx(15.0)  # a vertical piece: its middle
+    draws = binomial_draws(300, 500, 4000, "CFG@3")
+    assert draws.mean() == pytest.approx(0.6, abs=0.002) and draws.std() == pytest.approx((0.24 / 500) ** 0.5, rel=0.05)
+    assert np.array_equal(draws, binomial_draws(300, 500, 4000, "CFG@3"))  # seeded by the key: reports regenerate
+    assert not np.array_equal(draws, binomial_draws(300, 500, 4000, "CFG@5"))
+    skewed = np.concatenate([np.zeros(90), np.full(10, 10.0)])  # median 0, 97.5th percentile 10
+    assert centred_percentile_interval(1.0, skewed) == pytest.approx((1.0, 11.0))
+
+
+def _matched(n, acc, fid, cfg_accuracies=(0.25, 0.65, 0.85), cfg_fids=(40.0, 30.0, 45.0)):
+    curve = [_row(f"CFG@{w}", n, a, f, 0.38) for w, a, f in zip((1.5, 3, 10), cfg_accuracies, cfg_fids)]
+    return matched_accuracy_verdict(Rows(curve + [_row("APG@5", n, acc, fid, 0.35)]), "APG@5", "a")
+
+
+def test_matched_accuracy_interval_carries_the_accuracy_of_every_row():
+    """CFG's FID at the row's accuracy is uncertain through the row's accuracy and the curve's own points:
+    the same FID gap is decided at N = 2,000 and not at N = 200, where accuracies are 3x less certain,
+    although the FID replicates are the same."""
+    large, small = _matched(2000, 0.75, 34.5), _matched(200, 0.75, 34.5)  # CFG at 0.75: FID 37.5
+    assert large["difference"] == small["difference"] == pytest.approx(-3.0)
+    assert large["verdict"] == "confirmed" and small["verdict"] == "undecided"
+    assert small["interval"][1] - small["interval"][0] > 2 * (large["interval"][1] - large["interval"][0])
+    # a gap of 1.6: 1.96 standard errors of the row's accuracy alone (0.0097, times the slope 75) would
+    # decide it; with the uncertain accuracies of CFG@3 and CFG@10 it is not
+    assert _matched(2000, 0.75, 35.9)["verdict"] == "undecided"
+    # on a steep piece of the curve (FID 30 -> 70 between accuracy 0.65 and 0.85) the same gap is undecided
+    steep = _matched(2000, 0.75, 47.0, cfg_fids=(40.0, 30.0, 70.0))
+    assert steep["difference"] == pytest.approx(-3.0) and steep["verdict"] == "undecided"
+    # a twin of a CFG point (same accuracy, FID and replicates) is no better than the curve
+    twin = _matched(2000, 0.65, 30.0)
+    assert twin["difference"] == pytest.approx(0.0) and twin["interval"][0] < 0 < twin["interval"][1]
+
+
 def test_adaptive_rows_are_judged_against_static_truncation_at_their_own_nfe():
     n = 500
     rows = Rows([_row("unguided@1", n, 0.25, 40.0, 0.37, nfe=20.0), _row("Interval 0-0.25@3", n, 0.50, 33.0, 0.38, nfe=25.0),
@@ -144,7 +183,7 @@ def test_conclusions_and_curve_verdicts(tmp_path):
     # ... yet at its own accuracy (0.40: between unguided and CFG@3) CFG's interpolated FID is 36.25
     matched = found["ATG@2 has lower FID than CFG at the same class accuracy"]
     assert matched["verdict"] == "confirmed" and matched["difference"] == pytest.approx(29.5 - 36.25)
-    assert [c["accuracy"] for c in matched["checks"]][1] == 0.40 and len(matched["checks"]) == 3
+    assert matched["cfg_fid"] == pytest.approx(36.25) and matched["interval"][1] < 0
     assert found["GFCG 4 alone@3 has lower FID than CFG at the same class accuracy"]["verdict"] == "refuted"
     # EluCD's accuracy (0.95) is beyond the CFG curve's (0.86 at most): no extrapolated verdict
     assert "EluCD 0.05@3 has lower FID than CFG at the same class accuracy" not in found

@@ -396,6 +396,9 @@ def _order(key: str) -> tuple:
     return (label != "unguided", label != "CFG", label != "APG", label, float(scale))
 
 
+GROUP_MARKERS = {"a": "o", "b": "s", "c": "^", "d": "D", "e": "v"}
+
+
 def plots(rows: Rows, out: Path) -> list[Path]:
     import matplotlib
 
@@ -424,9 +427,16 @@ def plots(rows: Rows, out: Path) -> list[Path]:
                 errorbar(ax, items, "fid", "class_accuracy", marker="o", label=label)
                 for s in items:
                     ax.annotate(f"w={s['scale']:g}", (s["fid"], s["class_accuracy"]), fontsize=7)
-        for s in summaries.values():
-            if s["label"] not in ("CFG", "APG") and s["key"] != "unguided@1":
-                errorbar(ax, [s], "fid", "class_accuracy", marker="s", linestyle="none", label=s["key"])
+        static = [summary(r) for r in static_curve(rows, n)]
+        if len(static) > 2:  # unguided, CFG@3 and at least one truncation between them
+            errorbar(ax, static, "fid", "class_accuracy", marker=".", linestyle=":", color="grey",
+                     label="static truncation (w = 3, unguided to CFG@3)")
+        others = [s for s in summaries.values() if s["label"] not in ("CFG", "APG") and s["key"] != "unguided@1"
+                  and s["key"] not in STATIC]
+        colours = plt.get_cmap("tab20").colors[4:]  # after the first two pairs: CFG's and APG's default colours
+        for i, s in enumerate(others):  # one colour each, one marker per question group
+            errorbar(ax, [s], "fid", "class_accuracy", marker=GROUP_MARKERS.get(s["group"], "s"), linestyle="none",
+                     color=colours[i % len(colours)], label=s["key"])
         ax.set(xlabel=f"FID (N = {n}, CIFAR-10 train)", ylabel="class accuracy",
                title="accuracy vs FID (95% intervals)")
         ax.legend(fontsize=6)

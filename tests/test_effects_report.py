@@ -207,6 +207,20 @@ def test_conclusions_and_curve_verdicts(tmp_path):
     assert len(result["conclusions"]) == len(found)
 
 
+def test_report_draws_the_three_plots_per_n(tmp_path):
+    n = 500
+    rows = [_row("unguided@1", n, 0.25, 40.0, 0.37, nfe=20.0), _row("CFG@3", n, 0.65, 30.0, 0.38),
+            _row("CFG@10", n, 0.85, 45.0, 0.40), _row("APG@10", n, 0.84, 40.0, 0.35),
+            _row("Interval 0-0.25@3", n, 0.50, 33.0, 0.38, nfe=25.0), _row("AG x0 0.995@3", n, 0.45, 34.0, 0.38, nfe=24.0),
+            _row("EluCD 0.05@3", n, 0.95, 28.0, 0.38), _row("CFG@10", 50, 0.8, 80.0, 0.38)]
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps({"meta": {"steps": 20}, "rows": rows}))
+    report(path, tmp_path, draw=True)
+    for name in ("accuracy_vs_fid_n500", "saturation_vs_w_n500", "accuracy_vs_nfe_n500", "accuracy_vs_fid_n50"):
+        assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert not (tmp_path / "accuracy_vs_nfe_n50.png").exists()  # no static or adaptive row at N = 50
+
+
 def test_effects_run_continues_a_row_to_the_next_stage_exactly(tmp_path):
     """The measurement command itself, 2 DDIM steps: a row continued from N=10 to N=20 equals a direct
     N=20 row (metrics and paired bootstrap replicates), so the staged plan never changes a number."""

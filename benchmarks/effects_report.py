@@ -10,9 +10,10 @@ comparison whose rows have not both finished at a common N is left out, not gues
 
 Every verdict is about a stated direction of effect: "confirmed" when the 95% interval of the
 difference lies on that side of zero, "refuted" when it lies on the other side, "undecided"
-otherwise (intervals: `effects_stats.py`; accuracy differences by Newcombe's interval, which is
+otherwise; "identical images" when an adaptive row made exactly the images of the static row at
+its NFE (intervals: `effects_stats.py`; accuracy differences by Newcombe's interval, which is
 conservative for these same-seed rows; FID / saturation / precision differences by the paired
-bootstrap). Many comparisons are made, each at 95%: about one in twenty undecided-in-truth
+bootstrap; FID at matched accuracy by a joint bootstrap, `matched_accuracy_verdict`). Many comparisons are made, each at 95%: about one in twenty undecided-in-truth
 comparisons may show as decided by chance; the table lists all of them, not a chosen few.
 """
 
@@ -213,6 +214,12 @@ def matched_accuracy_verdict(rows: Rows, key: str, question: str) -> dict | None
     return None
 
 
+def same_images(a: dict, b: dict) -> bool:
+    """Two rows made the same images: FID to the last digit, every bootstrap replicate and the accuracy agree
+    (the features of different images would not give 200 equal FIDs)."""
+    return a["fid"] == b["fid"] and a["class_correct"] == b["class_correct"] and a["boot"]["fid"] == b["boot"]["fid"]
+
+
 def static_curve(rows: Rows, n: int) -> list[dict]:
     """Static truncation at w = 3 by NFE: CFG on the first 0% (the unguided row, 20 NFE), 5, 10, 20, 25, 40,
     60% and 100% (CFG@3, 40 NFE) of the steps; the same seeds throughout."""
@@ -241,15 +248,18 @@ def matched_nfe_claims(rows: Rows, key: str) -> list[dict]:
         static_fid, replicates = interpolated_fid(lo, hi, w)
         fid = row["fid"] - static_fid
         fid_interval = normal_interval(fid, np.asarray(row["boot"]["fid"]) - replicates)
+        same = span == 0 and same_images(row, lo)  # e.g. AG stopping after the first step every time
+        if same:
+            accuracy_interval = fid_interval = (0.0, 0.0)
         static = lo["key"] if span == 0 else (f"between {lo['key']} ({lo['nfe_per_image']:.0f} NFE) and "
                                                f"{hi['key']} ({hi['nfe_per_image']:.0f} NFE)")
         base = {"question": "b", "a": key, "b": f"static truncation at {nfe:.1f} NFE: {static}", "num_images": n}
         return [{**base, "claim": f"{key} ({nfe:.1f} NFE) has higher class accuracy than static truncation at "
                                   "the same NFE", "metric": "class_accuracy", "difference": accuracy,
-                 "interval": list(accuracy_interval), "verdict": verdict(accuracy_interval, +1)},
+                 "interval": list(accuracy_interval), "verdict": verdict(accuracy_interval, +1, same)},
                 {**base, "claim": f"{key} ({nfe:.1f} NFE) has lower FID than static truncation at the same NFE",
                  "metric": "fid", "difference": fid, "interval": list(fid_interval),
-                 "verdict": verdict(fid_interval, -1)}]
+                 "verdict": verdict(fid_interval, -1, same)}]
     return []
 
 

@@ -102,8 +102,11 @@ def centred_percentile_interval(estimate: float, replicates) -> tuple[float, flo
     return estimate + low - median, estimate + high - median
 
 
-def verdict(interval: tuple[float, float], sign: int) -> str:
-    """The claim "the difference has this sign" (+1 or -1) at 95%, from the difference's interval."""
+def verdict(interval: tuple[float, float], sign: int, identical: bool = False) -> str:
+    """The claim "the difference has this sign" (+1 or -1) at 95%, from the difference's interval; "identical"
+    when both sides are the same images (no difference to measure, not an undecided one)."""
+    if identical:
+        return "identical images"
     low, high = interval
     if (sign > 0 and low > 0) or (sign < 0 and high < 0):
         return "confirmed"

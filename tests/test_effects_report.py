@@ -143,6 +143,15 @@ def test_adaptive_rows_are_judged_against_static_truncation_at_their_own_nfe():
     assert "between unguided@1 (20 NFE) and Interval 0-0.25@3 (25 NFE)" in ag_accuracy["b"]
     ag_fid = found["AG x0 0.990@3 (22.5 NFE) has lower FID than static truncation at the same NFE"]
     assert ag_fid["difference"] == pytest.approx(-2.5) and ag_fid["verdict"] == "confirmed"
+    # an adaptive row that made the static row's very images is reported as such, not as undecided
+    twin = {**rows.get("Interval 0-0.25@3", n), "key": "AG eps 0.995@3", "label": "AG eps 0.995"}
+    same = {c["claim"]: c for c in conclusions(Rows(list(rows.by.values()) + [twin]))}
+    for metric in ("higher class accuracy", "lower FID"):
+        claim = same[f"AG eps 0.995@3 (25.0 NFE) has {metric} than static truncation at the same NFE"]
+        assert claim["verdict"] == "identical images" and claim["interval"] == [0.0, 0.0]
+    shifted = {**twin, "boot": {**twin["boot"], "fid": [f + 1e-9 for f in twin["boot"]["fid"]]}}
+    assert {c["claim"]: c for c in conclusions(Rows(list(rows.by.values()) + [shifted]))}[
+        "AG eps 0.995@3 (25.0 NFE) has lower FID than static truncation at the same NFE"]["verdict"] == "undecided"
     linear = found["LinearAG@3 (25.0 NFE) has lower FID than static truncation at the same NFE"]
     assert linear["b"].endswith(": Interval 0-0.25@3") and linear["difference"] == pytest.approx(0.5)
     assert linear["verdict"] == "refuted"

@@ -178,9 +178,18 @@ def interpolated_fid(lo: dict, hi: dict, w: float) -> tuple[float, np.ndarray]:
 ACCURACY_DRAWS = 4000  # joint replicates; FID's 200 stored replicates are cycled (paired across rows by index)
 
 
+def best_cfg_fid(accuracy: np.ndarray, fid: np.ndarray, at: float) -> float:
+    """The lowest FID CFG reaches at class accuracy `at` or above: the curve read at `at` (straight between
+    neighbouring scales, points sorted by accuracy), or a measured scale with more accuracy and a lower FID.
+    Below CFG's lowest-FID scale the curve's FID falls as accuracy rises (w = 1 to 3 here), so the straight
+    piece there is a set of dominated settings: CFG@3 gives more accuracy at a lower FID than any of them."""
+    above = fid[accuracy >= at]
+    return min(read_line(accuracy, fid, at), float(above.min())) if above.size else read_line(accuracy, fid, at)
+
+
 def matched_accuracy_verdict(rows: Rows, key: str, question: str) -> dict | None:
-    """Does the row have a lower FID than CFG at its class accuracy? CFG's FID is read off the curve (straight
-    between measured scales) at the row's accuracy. Both axes are uncertain, the curve's points too, so the
+    """Does the row have a lower FID than CFG at its class accuracy? CFG's FID there is `best_cfg_fid`: the curve
+    read at the row's accuracy, or a scale with more accuracy at a lower FID. Both axes are uncertain, the curve's points too, so the
     interval is a joint bootstrap: in replicate b every row's FID is its paired bootstrap replicate and every
     row's accuracy a binomial draw around its own, independent across rows (conservative for same-seed rows,
     like Newcombe's; a row's FID and accuracy replicates are independent too, as rows keep one count of correct
@@ -195,7 +204,7 @@ def matched_accuracy_verdict(rows: Rows, key: str, question: str) -> dict | None
         if low < curve[0]["class_accuracy"] or high > curve[-1]["class_accuracy"]:
             continue
         accuracy = np.array([c["class_accuracy"] for c in curve])
-        cfg_fid = read_line(accuracy, np.array([c["fid"] for c in curve]), row["class_accuracy"])
+        cfg_fid = best_cfg_fid(accuracy, np.array([c["fid"] for c in curve]), row["class_accuracy"])
         estimate = row["fid"] - cfg_fid
         drawn = np.stack([binomial_draws(c["class_correct"], n, ACCURACY_DRAWS, c["key"]) for c in curve])
         cycle = np.arange(ACCURACY_DRAWS) % len(row["boot"]["fid"])
@@ -205,7 +214,7 @@ def matched_accuracy_verdict(rows: Rows, key: str, question: str) -> dict | None
         replicates = []
         for b in range(ACCURACY_DRAWS):
             order = np.argsort(drawn[:, b], kind="stable")
-            replicates.append(row_fid[b] - read_line(drawn[order, b], fids[order, b], row_accuracy[b]))
+            replicates.append(row_fid[b] - best_cfg_fid(drawn[order, b], fids[order, b], row_accuracy[b]))
         interval = centred_percentile_interval(estimate, replicates)
         return {"question": question, "claim": f"{key} has lower FID than CFG at the same class accuracy",
                 "a": key, "b": "CFG curve: " + ", ".join(c["key"] for c in curve), "metric": "fid",

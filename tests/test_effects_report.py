@@ -126,9 +126,13 @@ def test_matched_accuracy_interval_carries_the_accuracy_of_every_row():
     # on a steep piece of the curve (FID 30 -> 70 between accuracy 0.65 and 0.85) the same gap is undecided
     steep = _matched(2000, 0.75, 47.0, cfg_fids=(40.0, 30.0, 70.0))
     assert steep["difference"] == pytest.approx(-3.0) and steep["verdict"] == "undecided"
+    # below the chord from CFG@1.5 to CFG@3 but beaten on both axes by CFG@3: worse than CFG, not better
+    dominated = _matched(2000, 0.45, 33.0)  # chord: 40 - (0.20 / 0.40) * 10 = 35; CFG@3: 30 at 0.65
+    assert dominated["cfg_fid"] == pytest.approx(30.0) and dominated["verdict"] == "refuted"
     # a twin of a CFG point (same accuracy, FID and replicates) is no better than the curve
     twin = _matched(2000, 0.65, 30.0)
-    assert twin["difference"] == pytest.approx(0.0) and twin["interval"][0] < 0 < twin["interval"][1]
+    assert twin["difference"] == pytest.approx(0.0) and twin["interval"][0] <= 0 <= twin["interval"][1]
+    assert twin["verdict"] == "undecided"
 
 
 def test_adaptive_rows_are_judged_against_static_truncation_at_their_own_nfe():
@@ -189,10 +193,11 @@ def test_conclusions_and_curve_verdicts(tmp_path):
     atg = found["ATG@2 lies above the CFG curve (accuracy vs FID)"]
     assert atg["verdict"] == "undecided" and atg["dominates"] == [] and atg["dominated_by"] == []
     assert found["ATG@2 has lower FID than CFG's lowest-FID scale (CFG@3)"]["verdict"] == "confirmed"
-    # ... yet at its own accuracy (0.40: between unguided and CFG@3) CFG's interpolated FID is 36.25
+    # at its own accuracy (0.40) the straight piece from unguided to CFG@3 reads 36.25, but CFG@3 has more
+    # accuracy at FID 30: that is CFG's best at 0.40, and ATG@2 is compared with it
     matched = found["ATG@2 has lower FID than CFG at the same class accuracy"]
-    assert matched["verdict"] == "confirmed" and matched["difference"] == pytest.approx(29.5 - 36.25)
-    assert matched["cfg_fid"] == pytest.approx(36.25) and matched["interval"][1] < 0
+    assert matched["cfg_fid"] == pytest.approx(30.0) and matched["difference"] == pytest.approx(-0.5)
+    assert matched["verdict"] == "confirmed"
     assert found["GFCG 4 alone@3 has lower FID than CFG at the same class accuracy"]["verdict"] == "refuted"
     # EluCD's accuracy (0.95) is beyond the CFG curve's (0.86 at most): no extrapolated verdict
     assert "EluCD 0.05@3 has lower FID than CFG at the same class accuracy" not in found

@@ -13,8 +13,9 @@ difference lies on that side of zero, "refuted" when it lies on the other side, 
 otherwise; "identical images" when an adaptive row made exactly the images of the static row at
 its NFE (intervals: `effects_stats.py`; accuracy differences by Newcombe's interval, which is
 conservative for these same-seed rows; FID / saturation / precision differences by the paired
-bootstrap; FID at matched accuracy by a joint bootstrap, `matched_accuracy_verdict`). Many comparisons are made, each at 95%: about one in twenty undecided-in-truth
-comparisons may show as decided by chance; the table lists all of them, not a chosen few.
+bootstrap; FID at matched accuracy by a joint bootstrap, `matched_accuracy_verdict`). Many
+comparisons are made, each at 95%: about one in twenty undecided-in-truth comparisons may show as
+decided by chance; the table lists all of them, not a chosen few.
 """
 
 from __future__ import annotations
@@ -188,14 +189,15 @@ def best_cfg_fid(accuracy: np.ndarray, fid: np.ndarray, at: float) -> float:
 
 
 def matched_accuracy_verdict(rows: Rows, key: str, question: str) -> dict | None:
-    """Does the row have a lower FID than CFG at its class accuracy? CFG's FID there is `best_cfg_fid`: the curve
-    read at the row's accuracy, or a scale with more accuracy at a lower FID. Both axes are uncertain, the curve's points too, so the
-    interval is a joint bootstrap: in replicate b every row's FID is its paired bootstrap replicate and every
-    row's accuracy a binomial draw around its own, independent across rows (conservative for same-seed rows,
-    like Newcombe's; a row's FID and accuracy replicates are independent too, as rows keep one count of correct
-    images, not which), and the replicate curve is read at the row's replicate accuracy. The reading divides by
-    a difference of accuracies, so the replicates are skewed: a centred percentile interval. Asked at the largest
-    N where the row's 95% accuracy interval lies within the rising CFG curve (no extrapolation)."""
+    """Does the row have a lower FID than CFG at its class accuracy? CFG's FID there is `best_cfg_fid`: the
+    curve read at the row's accuracy, or a scale with more accuracy at a lower FID. Both axes are uncertain,
+    the curve's points too, so the interval is a joint bootstrap: in replicate b every row's FID is its paired
+    bootstrap replicate and every row's accuracy a binomial draw around its own, independent across rows
+    (conservative for same-seed rows, like Newcombe's; a row's FID and accuracy replicates are independent
+    too, as rows keep one count of correct images, not which), and the replicate curve is read at the row's
+    replicate accuracy. The reading divides by a difference of accuracies, so the replicates are skewed: a
+    centred percentile interval. Asked at the largest N where the row's 95% accuracy interval lies within the
+    rising CFG curve (no extrapolation)."""
     for n in reversed(rows.sizes()):
         row, curve = rows.get(key, n), rising_curve(rows.cfg_curve(n))
         if row is None or len(curve) < 2:

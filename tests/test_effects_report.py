@@ -100,7 +100,8 @@ def test_joint_bootstrap_pieces():
     assert read_line(x, y, 1.0) == pytest.approx(80.0) and read_line(x, y, 0.1) == pytest.approx(5.0)  # straight on
     assert read_line(np.array([0.2, 0.2, 0.8]), y, 0.2) == pytest.approx(15.0)  # a vertical piece: its middle
     draws = binomial_draws(300, 500, 4000, "CFG@3")
-    assert draws.mean() == pytest.approx(0.6, abs=0.002) and draws.std() == pytest.approx((0.24 / 500) ** 0.5, rel=0.05)
+    assert draws.mean() == pytest.approx(0.6, abs=0.002)
+    assert draws.std() == pytest.approx((0.24 / 500) ** 0.5, rel=0.05)
     assert np.array_equal(draws, binomial_draws(300, 500, 4000, "CFG@3"))  # seeded by the key: reports regenerate
     assert not np.array_equal(draws, binomial_draws(300, 500, 4000, "CFG@5"))
     skewed = np.concatenate([np.zeros(90), np.full(10, 10.0)])  # median 0, 97.5th percentile 10
@@ -225,7 +226,8 @@ def test_report_draws_the_three_plots_per_n(tmp_path):
     n = 500
     rows = [_row("unguided@1", n, 0.25, 40.0, 0.37, nfe=20.0), _row("CFG@3", n, 0.65, 30.0, 0.38),
             _row("CFG@10", n, 0.85, 45.0, 0.40), _row("APG@10", n, 0.84, 40.0, 0.35),
-            _row("Interval 0-0.25@3", n, 0.50, 33.0, 0.38, nfe=25.0), _row("AG x0 0.995@3", n, 0.45, 34.0, 0.38, nfe=24.0),
+            _row("Interval 0-0.25@3", n, 0.50, 33.0, 0.38, nfe=25.0),
+            _row("AG x0 0.995@3", n, 0.45, 34.0, 0.38, nfe=24.0),
             _row("EluCD 0.05@3", n, 0.95, 28.0, 0.38), _row("CFG@10", 50, 0.8, 80.0, 0.38)]
     path = tmp_path / "rows.json"
     path.write_text(json.dumps({"meta": {"steps": 20}, "rows": rows}))

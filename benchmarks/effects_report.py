@@ -448,7 +448,7 @@ def plots(rows: Rows, out: Path) -> list[Path]:
                 errorbar(ax, items, "fid", "class_accuracy", marker="o", label=label)
                 for s in items:
                     ax.annotate(f"w={s['scale']:g}", (s["fid"], s["class_accuracy"]), fontsize=7)
-        static = [summary(r) for r in static_curve(rows, n)]
+        static = [summaries[r["key"]] for r in static_curve(rows, n)]  # already summarised above
         if len(static) > 2:  # unguided, CFG@3 and at least one truncation between them
             errorbar(ax, static, "fid", "class_accuracy", marker=".", linestyle=":", color="grey",
                      label="static truncation (w = 3, unguided to CFG@3)")

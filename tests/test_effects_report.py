@@ -136,6 +136,17 @@ def test_matched_accuracy_interval_carries_the_accuracy_of_every_row():
     assert twin["verdict"] == "undecided"
 
 
+def test_best_scale_is_chosen_on_the_curve_and_compared_at_the_larger_n_both_reached():
+    # N = 5,000 only for ATG@2 and CFG@3: too few scales for a curve there, but the pair itself is decided
+    rows = [_row("unguided@1", 2000, 0.25, 40.0, 0.37, nfe=20.0), _row("CFG@3", 2000, 0.65, 30.0, 0.38),
+            _row("CFG@10", 2000, 0.85, 45.0, 0.40), _row("ATG@2", 2000, 0.30, 31.0, 0.30, nfe=20.0),
+            _row("CFG@3", 5000, 0.64, 28.0, 0.38), _row("ATG@2", 5000, 0.30, 27.0, 0.30, nfe=20.0)]
+    found = {c["claim"]: c for c in conclusions(Rows(rows))}
+    best = found["ATG@2 has lower FID than CFG's lowest-FID scale (CFG@3)"]
+    assert best["num_images"] == 5000 and best["difference"] == pytest.approx(-1.0) and best["verdict"] == "confirmed"
+    assert found["ATG@2 lies above the CFG curve (accuracy vs FID)"]["num_images"] == 2000
+
+
 def test_adaptive_rows_are_judged_against_static_truncation_at_their_own_nfe():
     n = 500
     rows = Rows([_row("unguided@1", n, 0.25, 40.0, 0.37, nfe=20.0), _row("Interval 0-0.25@3", n, 0.50, 33.0, 0.38, nfe=25.0),

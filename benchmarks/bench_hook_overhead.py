@@ -1,6 +1,7 @@
 """Overhead of apply_guidance against the pipeline's native CFG, measured side by side in one run.
 
-    python benchmarks/bench_hook_overhead.py [--steps 4] [--repeats 3] [--device cuda] [--dtype fp16] [--threads 1] [--json out.json]
+    python benchmarks/bench_hook_overhead.py [--steps 4] [--repeats 3] [--device cuda] [--dtype fp16] [--threads 1]
+        [--json out.json]
     python benchmarks/bench_hook_overhead.py --suite adaptive ...   # NFE savings as wall-clock speed-up
 
 A Stable Diffusion 1.5-size UNet (UNet2DConditionModel with SD 1.5's config, random weights,
@@ -19,8 +20,8 @@ machine).
 `--suite context` times the StepContext the hook builds per step, with the scheduler's tables read once
 per call (what the hook does) against once per step, side by side.
 
-`--dtype fp16|bf16` (or float16 / bfloat16) runs the pipeline in half precision (what a GPU runs; the hook's x0 math stays
-float32, see guidance.parametrization); default fp32.
+`--dtype fp16|bf16` (or float16 / bfloat16) runs the pipeline in half precision (what a GPU runs; the hook's x0
+math stays float32, see guidance.parametrization); default fp32.
 
 `--suite adaptive` times adaptive guidance and LinearAG instead. Random weights give no meaningful
 cosine similarity, so AG runs with threshold -1 (every sample switches after its first step, the
@@ -184,7 +185,8 @@ def main() -> None:
                    help="latent side (64 = 512 px, SD 1.5's size); smaller is cheaper on a CPU and, as the "
                         "hook's work grows linearly with it and the UNet's faster, gives a conservative ratio")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (use 1 on a shared machine: oversubscribed threads spin and distort timings)")
+                   help="torch CPU threads (use 1 on a shared machine: oversubscribed threads spin and distort "
+                        "timings)")
     p.add_argument("--suite", choices=("overhead", "adaptive", "per-step", "context"), default="overhead")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="per-step suite: wall time, or this process's CPU time (with --threads 1 on a CPU: robust "
@@ -210,7 +212,8 @@ def main() -> None:
             times[name].append(timed_call(pipe, args.steps, args.device, strategy, args.latent_size))
     base = statistics.median(times["native CFG"])
     rows = []
-    print(f"SD1.5-size UNet, {args.latent_size}x{args.latent_size} latents, batch 1 + CFG, {args.steps} steps, {args.repeats} interleaved repeats, "
+    print(f"SD1.5-size UNet, {args.latent_size}x{args.latent_size} latents, batch 1 + CFG, {args.steps} steps, "
+          f"{args.repeats} interleaved repeats, "
           f"device={args.device}, dtype={args.dtype}, torch threads={torch.get_num_threads()}")
     print(f"{'variant':<26} {'median s':>9} {'ratio':>7}")
     for name, ts in times.items():

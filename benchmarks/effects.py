@@ -156,7 +156,8 @@ def main(argv=None, make_plan=plan) -> None:
     p.add_argument("--stages", type=int, nargs="+", default=[500, 2000])
     p.add_argument("--state", type=Path, default=Path("runs/effects"))
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/effects"))
-    p.add_argument("--only", nargs="*", default=None, help="row keys to run, in this order (default: the whole plan, in its order)")
+    p.add_argument("--only", nargs="*", default=None,
+                   help="row keys to run, in this order (default: the whole plan, in its order)")
     p.add_argument("--replicates", type=int, default=200, help="bootstrap replicates per row")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)

@@ -50,7 +50,8 @@ def linear_ag_for(pipe, steps: int, scale: float, fit_samples: int) -> LinearAG:
 
 def adaptive_settings(pipe, steps: int, args) -> list[tuple[str, object]]:
     settings = [(f"AG x0 {t:.3f}", AdaptiveGuidance(threshold=t, similarity_space="x0")) for t in args.thresholds]
-    settings += [(f"AG eps {t:.3f}", AdaptiveGuidance(threshold=t, similarity_space="eps")) for t in args.eps_thresholds]
+    settings += [(f"AG eps {t:.3f}", AdaptiveGuidance(threshold=t, similarity_space="eps"))
+                 for t in args.eps_thresholds]
     return settings + [("LinearAG", linear_ag_for(pipe, steps, args.scale, args.fit_samples))]
 
 

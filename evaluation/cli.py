@@ -81,7 +81,8 @@ def _read_labels(value: str | None) -> list[int] | None:
     try:
         labels = [int(v) for v in value.split(",")]
     except ValueError:
-        raise InputError(f"--class-labels {value!r}: allowed: comma-separated class ids (e.g. 0,3,5) or 'all'") from None
+        allowed = "comma-separated class ids (e.g. 0,3,5) or 'all'"
+        raise InputError(f"--class-labels {value!r}: allowed: {allowed}") from None
     if any(c < 0 for c in labels):
         raise InputError(f"--class-labels {value!r}: class ids are >= 0; allowed: e.g. 0,3,5 or 'all'")
     return labels

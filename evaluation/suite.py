@@ -42,7 +42,8 @@ def load_metric_state(metric: Metric, state: dict[str, Tensor | list[Tensor]]) -
     metric.reset()
     expected = set(metric.metric_state)
     if set(state) != expected:
-        raise ValueError(f"saved metric states {sorted(state)} do not match {type(metric).__name__}'s {sorted(expected)}")
+        raise ValueError(f"saved metric states {sorted(state)} do not match {type(metric).__name__}'s "
+                         f"{sorted(expected)}")
     device = metric.device
     moved = {k: [t.to(device) for t in v] if isinstance(v, list) else v.to(device) for k, v in state.items()}
     for name, default in metric.metric_state.items():

@@ -65,7 +65,8 @@ class AdaptiveGuidance(GuidanceStrategy):
             raise ValueError(f"AdaptiveGuidance: inner={inner!r} is not a guidance strategy")
         self.threshold = check_range("AdaptiveGuidance", "threshold", threshold, -1.0, 1.0)
         if similarity_space not in SPACES:
-            raise ValueError(f"AdaptiveGuidance: similarity_space={similarity_space!r} is unknown; allowed: {', '.join(SPACES)}")
+            raise ValueError(f"AdaptiveGuidance: similarity_space={similarity_space!r} is unknown; "
+                             f"allowed: {', '.join(SPACES)}")
         if switch not in SWITCHES:
             raise ValueError(f"AdaptiveGuidance: switch={switch!r} is unknown; allowed: {', '.join(SWITCHES)}")
         self.similarity_space = similarity_space

@@ -60,7 +60,8 @@ class ImageClassifier:
             raise TypeError(f"ImageClassifier: module={type(module).__name__} is not a torch.nn.Module")
         lo, hi = input_range
         if not hi > lo:
-            raise ValueError(f"ImageClassifier: input_range={input_range!r} is invalid; allowed: (low, high), low < high")
+            raise ValueError(f"ImageClassifier: input_range={input_range!r} is invalid; "
+                             "allowed: (low, high), low < high")
         if size is not None and (not isinstance(size, int) or size < 1):
             raise ValueError(f"ImageClassifier: size={size!r} is invalid; allowed: None or an integer >= 1")
         if (mean is None) != (std is None):
@@ -149,7 +150,8 @@ def resolve_classifier(owner: str, classifier: Any) -> ImageClassifier:
             )
         classifier = NAMED_CLASSIFIERS[classifier]()
     if not isinstance(classifier, (ImageClassifier, nn.Module)):
-        raise TypeError(f"{owner}: classifier={type(classifier).__name__} is neither an nn.Module nor an ImageClassifier")
+        raise TypeError(f"{owner}: classifier={type(classifier).__name__} is neither an nn.Module "
+                        "nor an ImageClassifier")
     return ImageClassifier.wrap(classifier)
 
 

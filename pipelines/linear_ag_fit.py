@@ -106,7 +106,8 @@ def fit_pipeline(pipe, conditions: Sequence[str | int], num_inference_steps: int
             kwargs = {keyword: batch, "num_inference_steps": num_inference_steps, adapter.scale_kw: guidance_scale,
                       "output_type": output_type,
                       "generator": [torch.Generator().manual_seed(seed + start + i) for i in range(len(batch))]}
-            if adapter.layout.startswith("sequential"):  # Flux runs its unconditional branch only with a negative prompt
+            # Flux runs its unconditional branch only with a negative prompt
+            if adapter.layout.startswith("sequential"):
                 kwargs["negative_prompt"] = [""] * len(batch)
             pipe(**{**kwargs, **(call_kwargs or {})})
             bar.update(len(batch))

@@ -85,7 +85,8 @@ class ClassConditionalPipeline(DiffusionPipeline):
             raise ValueError(f"num_inference_steps={num_inference_steps!r} is invalid; allowed: an integer >= 1")
         for name in callback_on_step_end_tensor_inputs:
             if name not in self._callback_tensor_inputs:
-                raise ValueError(f"callback_on_step_end_tensor_inputs: {name!r} is not one of {self._callback_tensor_inputs}")
+                raise ValueError(f"callback_on_step_end_tensor_inputs: {name!r} is not one of "
+                                 f"{self._callback_tensor_inputs}")
         if not is_finite_number(guidance_scale):
             raise ValueError(f"guidance_scale={guidance_scale!r} is invalid; allowed: a finite number (> 1 runs CFG)")
         self._guidance_scale = float(guidance_scale)

@@ -217,7 +217,8 @@ def train(cfg: dict, data_dir: Path, out: Path, device: str, max_minutes: float 
 
 
 def export(cfg: dict, out: Path, dest: Path, data_dir: Path, device: str, threads: int | None) -> None:
-    """Write the classifier folder (`save_pretrained`: model.safetensors + config.json) plus training.json with the fp32 test accuracy."""
+    """Write the classifier folder (`save_pretrained`: model.safetensors + config.json) plus training.json with the
+    fp32 test accuracy."""
     if threads:
         torch.set_num_threads(threads)
     state = load_checkpoint(out / "checkpoint.pt")

@@ -237,8 +237,8 @@ def prepare_stats(args):
         from .fid import compute_reference_stats
 
         out.parent.mkdir(parents=True, exist_ok=True)
-        stats = compute_reference_stats(items, extractor, batch_size=args.batch_size, keep_features=args.keep_features > 0,
-                                        checkpoint=f"{out}.partial")
+        stats = compute_reference_stats(items, extractor, batch_size=args.batch_size,
+                                        keep_features=args.keep_features > 0, checkpoint=f"{out}.partial")
         if stats.features is not None and stats.features.shape[0] > args.keep_features:
             # A random subset (fixed seed) is enough for KID / PR references; the moments use every image.
             g = torch.Generator().manual_seed(0)

@@ -227,8 +227,8 @@ def _check_scheduler(name: str | None):
         return None
     import diffusers
 
-    cls = getattr(diffusers, name, None)
-    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin) and cls is not diffusers.SchedulerMixin):
+    cls, base = getattr(diffusers, name, None), diffusers.SchedulerMixin
+    if not (isinstance(cls, type) and issubclass(cls, base) and cls is not base):
         if isinstance(cls, type) and hasattr(cls, "_backends"):  # diffusers' placeholder for a missing extra
             import importlib.util
 

@@ -115,7 +115,9 @@ def _build(config: dict, where: str):
         return from_config(config)  # fail now on a malformed configuration, not after hours of sampling
     except Exception as e:  # a strategy may also read files (LinearAG's coefficients): any failure is the spec's
         text = " ".join(str(e).split())
-        raise InputError(f"{where}: {text if isinstance(e, (TypeError, ValueError, KeyError)) else f'{type(e).__name__}: {text}'}") from None
+        if not isinstance(e, (TypeError, ValueError, KeyError)):  # an unexpected failure names its type
+            text = f"{type(e).__name__}: {text}"
+        raise InputError(f"{where}: {text}") from None
 
 
 def _is_json(text: str) -> bool:

@@ -86,7 +86,8 @@ class MetricSuite:
             self.metrics["class_accuracy"] = ClassAccuracy(inputs.classifier, inputs.num_classes)
         if "clip_score" in self.names:
             if inputs.clip_backend is None:
-                raise InputError("metric clip_score needs CLIP weights: --clip-model NAME --clip-pretrained TAG_OR_FILE")
+                raise InputError("metric clip_score needs CLIP weights: "
+                                 "--clip-model NAME --clip-pretrained TAG_OR_FILE")
             self.metrics["clip_score"] = ClipScore(inputs.clip_backend)
         for metric in self.metrics.values():
             metric.to(device)

@@ -142,7 +142,8 @@ class DynamicCFG(GuidanceStrategy):
             )
         raise ValueError(
             f"DynamicCFG: evaluators=None, and no evaluators are registered for {call.pipeline} "
-            f"({call.conditioning}-conditional; shipped defaults exist for: {', '.join(sorted(DEFAULT_EVALUATORS)) or 'none'}); "
+            f"({call.conditioning}-conditional; shipped defaults exist for: "
+            f"{', '.join(sorted(DEFAULT_EVALUATORS)) or 'none'}); "
             "pass evaluators=[...] trained for this model (see guidance.evaluators)"
         )
 

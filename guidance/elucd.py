@@ -129,8 +129,8 @@ class CalibratedClassifierGuidance(ClassifierInput, GuidanceStrategy):
         if step_rule not in STEP_RULES:
             raise ValueError(f"{name}: step_rule={step_rule!r} is unknown; allowed: {', '.join(STEP_RULES)}")
         if step_rule == "x_t" and not normalize:
-            raise ValueError(f"{name}: step_rule='x_t' normalises the gradient (the EDM code); allowed: normalize=True, "
-                             "or step_rule='x0' for the unnormalised score form")
+            raise ValueError(f"{name}: step_rule='x_t' normalises the gradient (the EDM code); "
+                             "allowed: normalize=True, or step_rule='x0' for the unnormalised score form")
         self.step_rule = step_rule
         if inner is not None and not isinstance(inner, GuidanceStrategy):
             raise TypeError(f"{name}: inner={inner!r} is not a GuidanceStrategy (or None for the conditional model)")

@@ -8,7 +8,8 @@ from typing import Any, Sequence
 import torch
 
 from .base import COND
-from .linear_ag_coefficients import CFG_STEP, ESTIMATE, LinearAGCoefficients, _check_history, default_plan, history_terms
+from .linear_ag_coefficients import (CFG_STEP, ESTIMATE, LinearAGCoefficients, _check_history, default_plan,
+                                     history_terms)
 
 
 def fit_linear_ag(eps_c: torch.Tensor, eps_u: torch.Tensor, plan: Sequence[str] | None = None, history: int = 2,

@@ -84,8 +84,9 @@ def _rows(base: Adapter, names: str, **changes) -> dict[str, Adapter]:
 # lack one of the classes.
 DIFFUSERS_ADAPTERS: dict[str, Adapter] = {
     **_rows(_UNET, "StableDiffusionPipeline StableDiffusionImg2ImgPipeline StableDiffusionControlNetPipeline "
-                   "StableDiffusionControlNetImg2ImgPipeline StableDiffusionXLPipeline StableDiffusionXLImg2ImgPipeline "
-                   "StableDiffusionXLControlNetPipeline StableDiffusionXLControlNetImg2ImgPipeline"),
+                   "StableDiffusionControlNetImg2ImgPipeline StableDiffusionXLPipeline "
+                   "StableDiffusionXLImg2ImgPipeline StableDiffusionXLControlNetPipeline "
+                   "StableDiffusionXLControlNetImg2ImgPipeline"),
     **_rows(_UNET, "StableDiffusionInpaintPipeline StableDiffusionControlNetInpaintPipeline "
                    "StableDiffusionXLInpaintPipeline StableDiffusionXLControlNetInpaintPipeline",
             extra_input_channels=True),

@@ -170,7 +170,8 @@ class StrategyGuider(BaseGuidance):
 
     def _no_noise_level(self, x: torch.Tensor) -> Parametrization:
         nan = torch.full((x.shape[0],) + (1,) * (x.ndim - 1), float("nan"), dtype=torch.float64, device=x.device)
-        return Parametrization("sample", x, nan, nan, unavailable=NO_SCHEDULER.format(name=type(self.strategy).__name__))
+        reason = NO_SCHEDULER.format(name=type(self.strategy).__name__)
+        return Parametrization("sample", x, nan, nan, unavailable=reason)
 
     def _make_plan(self, reference: torch.Tensor | None) -> None:
         if self._plan is not None:
@@ -241,8 +242,8 @@ class StrategyGuider(BaseGuidance):
             shape = None if not torch.is_tensor(x) else tuple(x.shape)
             param = self._no_noise_level(pred)
             param.unavailable = (f"StrategyGuider: the denoiser's input {shape} does not have the shape of its "
-                                 f"prediction {tuple(pred.shape)}, so x_t is unknown and {type(self.strategy).__name__} "
-                                 "cannot convert to x0 here")
+                                 f"prediction {tuple(pred.shape)}, so x_t is unknown and "
+                                 f"{type(self.strategy).__name__} cannot convert to x0 here")
             return param
         return step_parametrization(self.scheduler, self._timestep, x, self._solver.setdefault("tables", {}))
 
@@ -257,7 +258,8 @@ class StrategyGuider(BaseGuidance):
         if pred_uncond is None:
             preds = {COND: pred_cond, UNCOND: torch.full_like(pred_cond, float("nan"))}
         else:  # rows of samples that did not ask for it are NaN (the strategy contract)
-            preds = {COND: pred_cond, UNCOND: torch.where(uncond, pred_uncond, torch.full_like(pred_uncond, float("nan")))}
+            not_evaluated = torch.full_like(pred_uncond, float("nan"))
+            preds = {COND: pred_cond, UNCOND: torch.where(uncond, pred_uncond, not_evaluated)}
         pred = self.strategy.combine(ctx, preds).to(pred_cond.dtype)
         self._plan = None
         return GuiderOutput(pred=pred, pred_cond=pred_cond, pred_uncond=pred_uncond)

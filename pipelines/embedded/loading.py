@@ -63,7 +63,8 @@ def _check_device(device) -> torch.device:
 def _scheduler_class(scheduler) -> type:
     """A diffusers scheduler class, given as the class or its name."""
     cls = getattr(diffusers, scheduler, None) if isinstance(scheduler, str) else scheduler
-    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin) and cls is not diffusers.SchedulerMixin):
+    base = diffusers.SchedulerMixin
+    if not (isinstance(cls, type) and issubclass(cls, base) and cls is not base):
         raise ValueError(f"load_embedded: scheduler={scheduler!r} is not a diffusers scheduler class (or its name), "
                          "e.g. 'DPMSolverMultistepScheduler'")
     return cls

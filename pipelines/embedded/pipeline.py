@@ -121,7 +121,8 @@ class ClassConditionalPipeline(DiffusionPipeline):
             latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
             if callback_on_step_end is not None:
                 step_tensors = {"latents": latents}  # (a comprehension cannot read this function's locals())
-                outputs = callback_on_step_end(self, i, t, {k: step_tensors[k] for k in callback_on_step_end_tensor_inputs})
+                requested = {k: step_tensors[k] for k in callback_on_step_end_tensor_inputs}
+                outputs = callback_on_step_end(self, i, t, requested)
                 latents = outputs.pop("latents", latents)
 
         images = (latents / 2 + 0.5).clamp(0, 1)

@@ -3,7 +3,8 @@
     # 1. the model's own samples, for the quality discriminator (cached outside the repository)
     python -m pipelines.embedded.training.train_evaluators samples --out ~/.cache/gkit/evaluator_samples --threads 1
     # 2. train (resumable: rerun the same command), then export
-    python -m pipelines.embedded.training.train_evaluators train --kind alignment --out RUN --threads 1 [--max-minutes M]
+    python -m pipelines.embedded.training.train_evaluators train --kind alignment --out RUN --threads 1 \\
+        [--max-minutes M]
     python -m pipelines.embedded.training.train_evaluators train --kind quality --samples DIR --out RUN --threads 1
     python -m pipelines.embedded.training.train_evaluators export --kind alignment --out RUN \
         --export pipelines/embedded/weights/evaluators/alignment [--samples DIR]
@@ -74,7 +75,8 @@ def generate_samples(cfg: dict, out: Path) -> None:
         scale = s["scales"][b % len(s["scales"])]
         labels = [(b * s["batch_size"] + i) % 10 for i in range(s["batch_size"])]
         g = torch.Generator().manual_seed(s["seed"] * 100_003 + b)
-        images = pipe(labels, guidance_scale=scale, num_inference_steps=s["steps"], generator=g, output_type="pt").images
+        images = pipe(labels, guidance_scale=scale, num_inference_steps=s["steps"], generator=g,
+                      output_type="pt").images
         u8 = (images * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
         atomic_write(path, lambda f: np.savez(f, images=u8, labels=np.array(labels), scale=np.array(scale)))
 
@@ -220,8 +222,8 @@ def export(cfg: dict, kind: str, data: Path, samples: Path | None, out: Path, de
     net.load_state_dict(state["model"])
     net.eval()
     acc = accuracy_per_timestep(net, kind, cfg, data, samples)
-    net.save_pretrained(dest, config={**net.config, "kind": kind,
-                                      "timestep_grid": "embedded DDIM training timesteps 0..999 (VP, squaredcos_cap_v2)"})
+    grid = "embedded DDIM training timesteps 0..999 (VP, squaredcos_cap_v2)"
+    net.save_pretrained(dest, config={**net.config, "kind": kind, "timestep_grid": grid})
     info = {
         "kind": kind,
         "steps": int(state["step"]),

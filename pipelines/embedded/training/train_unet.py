@@ -90,7 +90,8 @@ def train(cfg: dict, data_dir: Path, out: Path, device: str, max_minutes: float 
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         # bf16 autocast roughly halves the step time on CPUs with bf16 units; weights, optimiser
         # state, EMA and the loss stay float32.
-        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=cfg.get("autocast_bf16", False)):
+        bf16 = cfg.get("autocast_bf16", False)
+        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
             pred = unet(xt, t, class_labels=y).sample
         loss = torch.nn.functional.mse_loss(pred.float(), noise)
         opt.zero_grad(set_to_none=True)
@@ -110,7 +111,8 @@ def train(cfg: dict, data_dir: Path, out: Path, device: str, max_minutes: float 
             losses = []
             save_checkpoint(
                 ckpt_path,
-                {"unet": unet.state_dict(), "opt": opt.state_dict(), "ema": ema.state_dict(), "step": step, "seconds": seconds},
+                {"unet": unet.state_dict(), "opt": opt.state_dict(), "ema": ema.state_dict(), "step": step,
+                 "seconds": seconds},
             )
     seconds += time.time() - t0
     save_checkpoint(

@@ -149,7 +149,8 @@ def test_best_scale_is_chosen_on_the_curve_and_compared_at_the_larger_n_both_rea
 
 def test_adaptive_rows_are_judged_against_static_truncation_at_their_own_nfe():
     n = 500
-    rows = Rows([_row("unguided@1", n, 0.25, 40.0, 0.37, nfe=20.0), _row("Interval 0-0.25@3", n, 0.50, 33.0, 0.38, nfe=25.0),
+    rows = Rows([_row("unguided@1", n, 0.25, 40.0, 0.37, nfe=20.0),
+                 _row("Interval 0-0.25@3", n, 0.50, 33.0, 0.38, nfe=25.0),
                  _row("CFG@3", n, 0.65, 30.0, 0.38),
                  _row("AG x0 0.990@3", n, 0.45, 34.0, 0.38, nfe=22.5),  # static at 22.5 NFE: 0.375, FID 36.5
                  _row("LinearAG@3", n, 0.51, 33.5, 0.38, nfe=25.0)])  # exactly the 25-NFE static row

@@ -96,17 +96,25 @@ def plan(steps: int = STEPS) -> list[dict]:
     return [r for r in rows if r is not None]
 
 
-def bootstrap(state_path: Path, reference, n: int, replicates: int, real_features: Tensor | None = None,
-              real_radii=None, device: str = "cpu") -> dict[str, list[float]]:
-    """Bootstrap replicates of FID, mean saturation and precision from a finished row's checkpoint."""
-    from evaluation.precision_recall import _squared_distances
-
+def checkpoint_features(state_path: Path, n: int) -> tuple[Tensor, Tensor]:
+    """The Inception features (n, 2048) and saturations (n,) of a row's first n images, in image order."""
     metrics = torch.load(state_path, map_location="cpu", weights_only=True)["metrics"]
     inception = metrics["inception"]
     # torchmetrics list states: one tensor per batch (older checkpoints: one tensor)
     features, indices, saturation = (torch.cat(v) if isinstance(v, list) else v for v in (
         inception["features"], inception["indices"], metrics["saturation"]["saturation"]))
-    features, saturation = features[indices.argsort()][:n], saturation[indices.argsort()][:n]
+    if len(indices) < n:
+        raise ValueError(f"{state_path} holds {len(indices)} images; n={n} asked; allowed: n <= {len(indices)}")
+    order = indices.argsort()
+    return features[order][:n], saturation[order][:n]
+
+
+def bootstrap(state_path: Path, reference, n: int, replicates: int, real_features: Tensor | None = None,
+              real_radii=None, device: str = "cpu") -> dict[str, list[float]]:
+    """Bootstrap replicates of FID, mean saturation and precision from a finished row's checkpoint."""
+    from evaluation.precision_recall import _squared_distances
+
+    features, saturation = checkpoint_features(state_path, n)
     counts = bootstrap_counts(n, replicates)
     mu, sigma = reference.on("cpu")
     out = {"fid": weighted_fid(features.to(device), mu, sigma, counts).tolist(),

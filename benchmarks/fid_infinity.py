@@ -1,6 +1,6 @@
 """FID extrapolated to infinitely many images, for rows of the effects measurement (Chong & Forsyth, 2020).
 
-    python benchmarks/fid_infinity.py --keys "ATG@2" "CFG@3" [--n 5000] [--replicates 50]
+    python benchmarks/fid_infinity.py [--keys "ATG@1.5" "ATG@2" "CFG@3"] [--n 5000] [--replicates 50]
 
 The FID of N images is biased upwards by about k / N, and k differs between generators (it grows with the
 spread of their features), so the difference of two rows' FIDs can change with N: ATG@2 - CFG@3 was +1.5 at
@@ -31,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's packages, not an installed copy
 
 from effects_stats import Z95, normal_interval, verdict, weighted_fid  # noqa: E402
+
+from evaluation.spec import safe_name  # noqa: E402
 
 Tensor = torch.Tensor
 SIZES = (1000, 1250, 1667, 2500, 5000)  # 1/N spread evenly-ish over [0.0002, 0.001], as Chong & Forsyth do
@@ -70,15 +72,26 @@ def bootstrap_orders(n: int, replicates: int, seed: int = 0) -> list[np.ndarray]
 
 
 def fid_infinity(rows: dict[str, Tensor], mu: Tensor, sigma: Tensor, sizes=SIZES, replicates: int = 50,
-                 progress: bool = True) -> dict:
-    """FID_N, FID_inf and its interval for every row, and every pair's difference of FID_inf."""
+                 progress: bool = True, cache: Path | None = None) -> dict:
+    """FID_N, FID_inf and its interval for every row, and every pair's difference of FID_inf.
+
+    cache: a folder keeping each row's FIDs by size (they depend only on its first n images, the sizes and the
+    replicates), so a row added later does not recompute the others."""
     n = min(len(f) for f in rows.values())
     sizes = [s for s in sizes if s <= n]
     if len(sizes) < 3:
         raise ValueError(f"n={n} images allow {len(sizes)} of the sizes {list(sizes)}; allowed: at least 3")
     orders = bootstrap_orders(n, replicates)
-    curves = {k: fid_by_size(f[:n], mu, sigma, orders, sizes)
-              for k, f in tqdm(rows.items(), desc="FID by N", disable=not progress)}
+    curves = {}
+    for k, f in tqdm(rows.items(), desc="FID by N", disable=not progress):
+        path = None if cache is None else cache / f"{safe_name(k)}-n{n}-r{replicates}-{'-'.join(map(str, sizes))}.npy"
+        if path is not None and path.is_file():
+            curves[k] = np.load(path)
+            continue
+        curves[k] = fid_by_size(f[:n], mu, sigma, orders, sizes)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.save(path, curves[k])
     inf = {k: extrapolate(sizes, c) for k, c in curves.items()}  # (1 + replicates,)
     out = {"n": n, "sizes": sizes, "replicates": replicates, "rows": {}, "differences": []}
     for k, c in curves.items():
@@ -118,11 +131,13 @@ def markdown(result: dict) -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--keys", nargs="+", default=["ATG@2", "CFG@3"], help="rows of benchmarks/effects.py")
+    p.add_argument("--keys", nargs="+", default=["ATG@1.5", "ATG@2", "CFG@3"], help="rows of benchmarks/effects.py")
     p.add_argument("--n", type=int, default=5000, help="images per row (the first n; every row must have them)")
     p.add_argument("--state", type=Path, default=Path("runs/effects/state"))
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/effects"))
     p.add_argument("--replicates", type=int, default=50)
+    p.add_argument("--cache", type=Path, default=Path("runs/effects/fid_infinity"),
+                   help="each row's FIDs by size, kept for later runs (not in git)")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     if args.threads:
@@ -130,11 +145,10 @@ def main(argv=None) -> None:
     from effects import checkpoint_features
 
     from evaluation.runner import load_reference
-    from evaluation.spec import safe_name
 
     rows = {k: checkpoint_features(args.state / f"{safe_name(k)}.pt", args.n)[0] for k in args.keys}
     mu, sigma = load_reference("cifar10-train", 2048).on("cpu")
-    result = fid_infinity(rows, mu, sigma, replicates=args.replicates)
+    result = fid_infinity(rows, mu, sigma, replicates=args.replicates, cache=args.cache)
     result["z"] = Z95
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "fid_infinity.json").write_text(json.dumps(result, indent=1))

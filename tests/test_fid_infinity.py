@@ -85,3 +85,16 @@ def test_checkpoint_features_are_in_image_order_and_refuse_more_than_they_hold(t
     assert saturation.tolist() == [0.0, 1.0, 2.0, 3.0] and got.tolist() == features[[3, 4, 5, 0]].tolist()
     with pytest.raises(ValueError, match="holds 6 images; n=7 asked"):
         effects.checkpoint_features(tmp_path / "row.pt", 7)
+
+
+def test_cached_rows_are_not_recomputed(tmp_path):
+    zero, eye = torch.zeros(D, dtype=torch.float64), torch.eye(D, dtype=torch.float64)
+    first = fid_infinity({"CFG@3": _gaussian(1.0, 0)}, zero, eye, sizes=SIZES, replicates=3, progress=False,
+                         cache=tmp_path)
+    # the same key with other features reads the cache: what the first call computed comes back
+    again = fid_infinity({"CFG@3": _gaussian(2.0, 1)}, zero, eye, sizes=SIZES, replicates=3, progress=False,
+                         cache=tmp_path)
+    assert again["rows"] == first["rows"] and len(list(tmp_path.glob("CFG@3-n2000-r3-*.npy"))) == 1
+    fresh = fid_infinity({"CFG@3": _gaussian(2.0, 1)}, zero, eye, sizes=SIZES, replicates=4, progress=False,
+                         cache=tmp_path)  # other replicates: another file
+    assert fresh["rows"]["CFG@3"]["fid_inf"] == pytest.approx(4.0, abs=0.3)

@@ -75,8 +75,9 @@ def fid_infinity(rows: dict[str, Tensor], mu: Tensor, sigma: Tensor, sizes=SIZES
                  progress: bool = True, cache: Path | None = None) -> dict:
     """FID_N, FID_inf and its interval for every row, and every pair's difference of FID_inf.
 
-    cache: a folder keeping each row's FIDs by size (they depend only on its first n images, the sizes and the
-    replicates), so a row added later does not recompute the others."""
+    cache: a folder keeping each row's FIDs by size (they depend only on its first n images, the sizes, the
+    replicates and the reference statistics, which `main` fixes to cifar10-train), so a row added later does not
+    recompute the others."""
     n = min(len(f) for f in rows.values())
     sizes = [s for s in sizes if s <= n]
     if len(sizes) < 3:

@@ -227,8 +227,10 @@ def _check_scheduler(name: str | None):
         return None
     import diffusers
 
-    cls, base = getattr(diffusers, name, None), diffusers.SchedulerMixin
-    if not (isinstance(cls, type) and issubclass(cls, base) and cls is not base):
+    from pipelines.parametrization import is_scheduler_class
+
+    cls = getattr(diffusers, name, None)
+    if not is_scheduler_class(cls):
         if isinstance(cls, type) and hasattr(cls, "_backends"):  # diffusers' placeholder for a missing extra
             import importlib.util
 

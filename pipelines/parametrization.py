@@ -52,6 +52,13 @@ class UnsupportedScheduler(ValueError):
     """The noise level of this scheduler's model evaluations cannot be read exactly."""
 
 
+def is_scheduler_class(cls) -> bool:
+    """A concrete diffusers scheduler class: not a name, an instance, or SchedulerMixin itself."""
+    from diffusers import SchedulerMixin
+
+    return isinstance(cls, type) and issubclass(cls, SchedulerMixin) and cls is not SchedulerMixin
+
+
 def rule(scheduler) -> str:
     """"discrete" or "sigmas" for a known scheduler class (or a subclass of one); raises otherwise."""
     for cls in type(scheduler).__mro__:

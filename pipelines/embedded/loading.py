@@ -11,6 +11,7 @@ import diffusers
 import torch
 from diffusers import UNet2DModel
 
+from ..parametrization import is_scheduler_class
 from .classifiers import load_classifier
 from .pipeline import ClassConditionalPipeline
 
@@ -63,8 +64,7 @@ def _check_device(device) -> torch.device:
 def _scheduler_class(scheduler) -> type:
     """A diffusers scheduler class, given as the class or its name."""
     cls = getattr(diffusers, scheduler, None) if isinstance(scheduler, str) else scheduler
-    base = diffusers.SchedulerMixin
-    if not (isinstance(cls, type) and issubclass(cls, base) and cls is not base):
+    if not is_scheduler_class(cls):
         raise ValueError(f"load_embedded: scheduler={scheduler!r} is not a diffusers scheduler class (or its name), "
                          "e.g. 'DPMSolverMultistepScheduler'")
     return cls

@@ -1,7 +1,7 @@
 """Side-by-side timings of evaluation/ against torchmetrics (and scipy), on the same inputs in one run.
 
-1. Frechet distance on 2048-d float64 statistics: ours (symmetric eigvalsh with the cached reference square
-   root) vs torchmetrics' FrechetInceptionDistance.compute (eigvals of the product) vs scipy sqrtm, all from
+1. Frechet distance on 2048-d float64 statistics: ours (symmetric eigvalsh with the reference's Cholesky factor,
+   on the first call, which computes the factor, and with it cached) vs torchmetrics' FrechetInceptionDistance.compute (eigvals of the product) vs scipy sqrtm, all from
    the same accumulated sums; prints the values and the speed ratios.
 2. Feature extraction: our InceptionFeatures + float64 moments vs torchmetrics' FrechetInceptionDistance.update
    (same TF-resize, antialias=False, and the same weights converted from the local TorchScript file).
@@ -82,10 +82,10 @@ def bench_frechet(device: torch.device, d: int, n: int, run_scipy: bool,
     metric = FeatureMetrics(reference).to(device)
     metric.feature_sum, metric.outer_sum, metric.num_samples = fake
     rows = []
-    value, first = timed(ours, device)  # includes sqrt(sigma_ref), then cached in `reference`
-    rows.append(("ours, first call (+ reference sqrt)", value, first))
+    value, first = timed(ours, device)  # includes the factor of sigma_ref, then cached in `reference`
+    rows.append(("ours, first call (+ reference factor)", value, first))
     value, cached = best_of(ours, device, repeats)
-    rows.append(("ours, reference sqrt cached", value, cached))
+    rows.append(("ours, reference factor cached", value, cached))
     tm_value, tm_time = best_of(lambda: float(FrechetInceptionDistance.compute(tm)), device, repeats)
     rows.append(("torchmetrics FID.compute (eigvals)", tm_value, tm_time))
     if run_scipy:

@@ -13,8 +13,8 @@ import types
 _EXPORTS = {
     "class_accuracy": ["ClassAccuracy"],
     "clip_score": ["ClipScore", "OpenClipBackend", "TransformersClipBackend", "clip_scores"],
-    "fid": ["FeatureMoments", "ReferenceStats", "compute_reference_stats", "frechet_distance", "sqrtm_psd",
-            "trace_sqrt_product"],
+    "fid": ["FeatureMoments", "ReferenceStats", "compute_reference_stats", "frechet_distance", "psd_factor",
+            "sqrtm_psd", "trace_sqrt_product"],
     "images": ["iter_image_batches", "list_image_files"],
     "inception": ["INCEPTION_ENV", "PRESETS", "InceptionFeatures", "default_inception_path", "no_tf32",
                   "preprocess", "resize_clean", "resize_legacy_pytorch", "resize_legacy_tf",

@@ -1,8 +1,10 @@
 """Frechet distance in float64: streaming moments, an exact symmetric trace term, reference statistics.
 
-The trace term tr sqrt(S1 S2) is computed as sum sqrt(eigvalsh(R S2 R)) with R = sqrt(S1): R S2 R is similar to
-S1 S2 and symmetric PSD, so a symmetric eigensolver is exact and several times cheaper than scipy's sqrtm or the
-general eigvals(S1 @ S2) used by torchmetrics / torch-fidelity. R depends on the reference only and is cached.
+The trace term tr sqrt(S1 S2) is computed as sum sqrt(eigvalsh(F^T S2 F)) for any factor F with S1 = F F^T:
+F^T S2 F is similar to S1 S2 and symmetric PSD, so a symmetric eigensolver is exact and several times cheaper
+than scipy's sqrtm or the general eigvals(S1 @ S2) used by torchmetrics / torch-fidelity. F is S1's Cholesky
+factor (one cheap factorisation, so even the first call is fast), or its symmetric square root when S1 is
+singular (fewer samples than dimensions), where Cholesky fails. F depends on the reference only and is cached.
 """
 
 from __future__ import annotations
@@ -21,24 +23,49 @@ from guidance.atomic import atomic_save, atomic_write
 from .images import batches_from, load_image_source
 
 
+# Eigenvalues below -PSD_TOLERANCE * the largest are not rounding: the matrix is not a covariance.
+PSD_TOLERANCE = 1e-6
+
+
 def sqrtm_psd(sigma: Tensor) -> Tensor:
-    """Symmetric square root of a PSD matrix via eigh in float64 (rounding-negative eigenvalues -> 0)."""
-    w, v = torch.linalg.eigh(sigma.double())
+    """Symmetric square root of a PSD matrix via eigh in float64 (rounding-negative eigenvalues -> 0).
+
+    Raises ValueError for a matrix that is not finite, or not positive semi-definite beyond rounding (such a
+    "covariance" gave FIDs such as -1737 instead of an error)."""
+    sigma = sigma.double()
+    if not bool(torch.isfinite(sigma).all()):
+        raise ValueError("covariance holds NaN or inf; allowed: a finite, symmetric positive semi-definite matrix")
+    w, v = torch.linalg.eigh(sigma)
+    largest = w.abs().amax(-1, keepdim=True)
+    if bool((w < -PSD_TOLERANCE * largest).any()):
+        raise ValueError(f"covariance is not positive semi-definite: smallest eigenvalue {float(w.min()):.4g} "
+                         f"against the largest {float(largest.max()):.4g}; allowed: a covariance matrix (recompute "
+                         "the statistics with `guidance-eval stats`)")
     return (v * w.clamp_min(0).sqrt().unsqueeze(-2)) @ v.mT
 
 
-def trace_sqrt_product(sqrt_sigma1: Tensor, sigma2: Tensor) -> Tensor:
-    """tr sqrt(S1 S2) from sqrt(S1); ``sigma2`` may be a stack (..., d, d), e.g. one per guidance scale."""
-    m = sqrt_sigma1 @ sigma2.double() @ sqrt_sigma1
+def psd_factor(sigma: Tensor) -> Tensor:
+    """A factor F with sigma = F F^T, in float64: the Cholesky factor (about 25x cheaper than an
+    eigendecomposition at d = 2048), or the symmetric square root when sigma is singular."""
+    sigma = sigma.double()
+    factor, info = torch.linalg.cholesky_ex(sigma)
+    return factor if int(info.max()) == 0 else sqrtm_psd(sigma)
+
+
+def trace_sqrt_product(factor1: Tensor, sigma2: Tensor) -> Tensor:
+    """tr sqrt(S1 S2) from a factor of S1 (S1 = F F^T: `psd_factor` or `sqrtm_psd`); ``sigma2`` may be a stack
+    (..., d, d), e.g. one per guidance scale."""
+    m = factor1.mT @ sigma2.double() @ factor1
     # eigvalsh reads only the lower triangle, so the product's rounding asymmetry needs no clean-up pass.
     return torch.linalg.eigvalsh(m).clamp_min(0).sqrt().sum(-1)
 
 
 def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor,
-                     sqrt_sigma1: Tensor | None = None) -> Tensor:
-    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr sqrt(S1 S2), in float64; pass ``sqrt_sigma1`` to reuse it."""
+                     factor1: Tensor | None = None) -> Tensor:
+    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr sqrt(S1 S2), in float64; pass ``factor1`` (S1 = F F^T, e.g.
+    ``psd_factor(S1)``) to reuse it."""
     mu1, sigma1, mu2, sigma2 = (t.double() for t in (mu1, sigma1, mu2, sigma2))
-    root = sqrtm_psd(sigma1) if sqrt_sigma1 is None else sqrt_sigma1.double()
+    root = psd_factor(sigma1) if factor1 is None else factor1.double()
     trace = sigma1.diagonal(dim1=-2, dim2=-1).sum(-1) + sigma2.diagonal(dim1=-2, dim2=-1).sum(-1)
     return (mu1 - mu2).square().sum(-1) + trace - 2 * trace_sqrt_product(root, sigma2)
 
@@ -116,11 +143,11 @@ class ReferenceStats:
             self._cache[key] = (self.mu.to(device), self.sigma.to(device))
         return self._cache[key]
 
-    def sqrt_sigma(self, device: torch.device | str) -> Tensor:
-        """sqrt(sigma) on ``device``, computed once per reference and device."""
-        key = ("sqrt", str(device))
+    def sigma_factor(self, device: torch.device | str) -> Tensor:
+        """A factor F of sigma (sigma = F F^T, `psd_factor`) on ``device``, computed once per reference and device."""
+        key = ("factor", str(device))
         if key not in self._cache:
-            self._cache[key] = sqrtm_psd(self.on(device)[1])
+            self._cache[key] = psd_factor(self.on(device)[1])
         return self._cache[key]
 
     def save(self, path: str | os.PathLike) -> None:
@@ -155,6 +182,13 @@ class ReferenceStats:
             if data["mu"].shape != (dim,) or sigma.shape != (dim, dim):
                 raise ValueError(f"{path} is inconsistent: feature_dim={dim} but mu has shape {data['mu'].shape} "
                                  f"and sigma {sigma.shape}; recompute it with `guidance-eval stats`")
+            for name, value in (("mu", data["mu"]), ("sigma", sigma)):
+                if not np.isfinite(value).all():
+                    raise ValueError(f"{path}: {name} holds NaN or inf; these are not statistics of features; "
+                                     "recompute them with `guidance-eval stats`")
+            if not np.any(sigma):
+                raise ValueError(f"{path}: sigma is all zeros (features that never vary), so no Frechet distance "
+                                 "against it means anything; recompute the statistics with `guidance-eval stats`")
             features = torch.from_numpy(data["features"]) if "features" in data.files else None
             return cls(torch.from_numpy(data["mu"]).double(), torch.from_numpy(sigma).double(),
                        int(data["n"]), str(data["preset"]), str(data["extractor_id"]), features)

@@ -7,6 +7,8 @@ the slow general ``eigvals``, re-run their own Inception per metric, and (KID) k
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 from torchmetrics.utilities import dim_zero_cat
@@ -88,7 +90,11 @@ class FeatureMetrics(FeatureMoments):
         if "fid" in self.metric_names:
             mu, sigma = self.moments()
             ref_mu, ref_sigma = self.reference.on(device)
-            out["fid"] = float(frechet_distance(ref_mu, ref_sigma, mu, sigma, self.reference.sqrt_sigma(device)))
+            out["fid"] = float(frechet_distance(ref_mu, ref_sigma, mu, sigma, self.reference.sigma_factor(device)))
+            # A distance is >= 0; below -1e-4 of the traces it is not rounding but broken statistics.
+            if not math.isfinite(out["fid"]) or out["fid"] < -1e-4 * float(ref_sigma.trace() + sigma.trace()):
+                raise ValueError(f"FID came out {out['fid']!r}, which no distance can be: the generated features or "
+                                 "the reference statistics are broken (NaN, inf, or not a covariance)")
         if self.stores_features:
             fake, real = self.stored_features(), self._reference_features(device)
         if "kid" in self.metric_names:

@@ -17,8 +17,9 @@ from torch import nn
 from evaluation import (ClassAccuracy, ClipScore, FeatureMetrics, InceptionFeatures, InceptionMetrics,
                         OpenClipBackend, ReferenceStats, Saturation, TransformersClipBackend, clip_scores,
                         colourfulness, compute_reference_stats, frechet_distance,
-                        hsv_saturation, kernel_distance, no_tf32, precision_recall, preprocess, resize_clean,
-                        resize_legacy_pytorch, resize_legacy_tf, torchscript_to_fidelity_state_dict)
+                        hsv_saturation, kernel_distance, no_tf32, precision_recall, preprocess, psd_factor,
+                        resize_clean, resize_legacy_pytorch, resize_legacy_tf, sqrtm_psd,
+                        torchscript_to_fidelity_state_dict)
 from guidance.evaluators import clip_preprocess, clip_preprocess_config
 
 torch.set_num_threads(1)  # a training job shares the CPU; oversubscribed MKL eigensolvers slow down 10x
@@ -67,6 +68,22 @@ def test_frechet_distance_matches_scipy_sqrtm(d):
     mu2, s2 = random_spd(d, 3 * d, seed=2, shift=0.3)
     ours, ref = float(frechet_distance(mu1, s1, mu2, s2)), scipy_frechet(mu1, s1, mu2, s2)
     assert abs(ours - ref) / ref <= 1e-8
+
+
+@pytest.mark.parametrize("samples", [200, 20], ids=["full-rank: Cholesky", "rank-deficient: square root"])
+def test_frechet_distance_factor_paths_match_scipy(samples):
+    """The reference factor is S1's Cholesky factor when S1 is positive definite, its symmetric square root when
+    it is singular (fewer samples than dimensions, where Cholesky fails); both give scipy's distance."""
+    d = 32
+    mu1, s1 = random_spd(d, samples, seed=7)
+    mu2, s2 = random_spd(d, 150, seed=8, shift=0.2)
+    factor = psd_factor(s1)
+    is_triangular = bool(torch.equal(factor, factor.tril()))
+    assert is_triangular == (samples > d)  # which path ran
+    assert torch.allclose(factor @ factor.mT, s1, rtol=0, atol=1e-10 * float(s1.abs().max()))
+    ref = scipy_frechet(mu1, s1, mu2, s2)
+    assert abs(float(frechet_distance(mu1, s1, mu2, s2, factor)) - ref) / ref <= 1e-8
+    assert abs(float(frechet_distance(mu1, s1, mu2, s2, sqrtm_psd(s1))) - ref) / ref <= 1e-8
 
 
 def test_frechet_distance_closed_forms_and_batching():
@@ -465,3 +482,42 @@ def test_clip_score_open_clip_random_tiny_model(tmp_path):
     assert backend.describe()["pretrained"].endswith("tiny.pt")
     with pytest.raises(FileNotFoundError):
         OpenClipBackend("Tiny-ViT-test", pretrained=tmp_path / "nope.pt")
+
+
+# ------------------------------------------------------------------------ statistics that cannot be right
+
+def _saved_stats(tmp_path, mu, sigma, name="ref.npz"):
+    path = tmp_path / name
+    ReferenceStats(mu, sigma, 100, "legacy_tf", "identity").save(path)
+    return path
+
+
+@pytest.mark.parametrize("case, message", [
+    ("nan mu", r"ref.npz: mu holds NaN or inf"),
+    ("inf sigma", r"ref.npz: sigma holds NaN or inf"),
+    ("zero sigma", r"ref.npz: sigma is all zeros"),
+])
+def test_broken_reference_files_are_refused_on_load(tmp_path, case, message):
+    mu, sigma = random_spd(8, 50, seed=1)
+    if case == "nan mu":
+        mu[3] = float("nan")
+    elif case == "inf sigma":
+        sigma[2, 2] = float("inf")
+    else:
+        sigma = torch.zeros_like(sigma)
+    with pytest.raises(ValueError, match=message):
+        ReferenceStats.load(_saved_stats(tmp_path, mu, sigma))
+
+
+def test_a_reference_that_is_not_a_covariance_gives_an_error_not_a_negative_fid(tmp_path):
+    """Before: a reference with a negative eigenvalue gave FID -1737 and exit 0."""
+    mu, sigma = random_spd(8, 50, seed=1)
+    broken = sigma - 3 * float(torch.linalg.eigvalsh(sigma).max()) * torch.eye(8, dtype=torch.float64) * (
+        torch.arange(8) == 0)  # one strongly negative eigen-direction
+    metric = FeatureMetrics(ReferenceStats.load(_saved_stats(tmp_path, mu, broken)), metrics=("fid",))
+    metric.update(random_features(40, 8, seed=2))
+    with pytest.raises(ValueError, match="covariance is not positive semi-definite"):
+        metric.compute()
+    metric = FeatureMetrics(ReferenceStats.load(_saved_stats(tmp_path, mu, sigma, "ok.npz")), metrics=("fid",))
+    metric.update(random_features(40, 8, seed=2))
+    assert metric.compute()["fid"] > 0

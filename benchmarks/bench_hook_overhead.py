@@ -17,6 +17,11 @@ their difference from native and ratio to it, all interleaved in one run. `--clo
 process's CPU time instead of wall time (on a CPU with `--threads 1`: robust to other jobs on a shared
 machine).
 
+`--suite stub` replaces the UNet with a stub of its signature that costs almost nothing (a cheap function of its
+input), so the per-step cost of the hook, the layout and each strategy's math shows in microseconds: native
+CFG, hook CFG and hook APG on the stub, interleaved, this process's CPU time; the per-step cost is the slope
+between calls of K and 2K steps, the per-call cost apart (`--steps 50 --repeats 21`).
+
 `--suite context` times the StepContext the hook builds per step, with the scheduler's tables read once
 per call (what the hook does) against once per step, side by side.
 
@@ -39,7 +44,9 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import ConfigMixin, ModelMixin, UNet2DConditionModel
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, not an installed copy
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -144,6 +151,73 @@ def per_step(args) -> None:
               f"{min(ts) / low:7.4f}")
 
 
+class StubUNet(ModelMixin, ConfigMixin):
+    """A near-zero-cost denoiser with UNet2DConditionModel's signature: a cheap function of its input (and of the
+    prompt embeddings, so the two branches differ), so that a step's time is the pipeline loop, the scheduler and
+    the guidance machinery, and the hook's fixed cost is not lost in the UNet's time noise."""
+
+    @register_to_config
+    def __init__(self, in_channels: int = 4, out_channels: int = 4, sample_size: int = 4,
+                 time_cond_proj_dim: int | None = None, cross_attention_dim: int = 32):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(0.5))  # a parameter, so the model has a device and dtype
+
+    def forward(self, sample, timestep, encoder_hidden_states, timestep_cond=None, attention_mask=None,
+                cross_attention_kwargs=None, added_cond_kwargs=None, return_dict=True, **kwargs):
+        shift = encoder_hidden_states.mean(dim=(1, 2)).view(-1, 1, 1, 1)
+        out = sample * self.scale + shift
+        return (out,) if not return_dict else UNet2DConditionOutput(sample=out)
+
+
+def stub_step_cost(args) -> None:
+    """Per-step cost of the hook, its layout and each strategy's math, on a denoiser that costs ~nothing:
+    native CFG, hook CFG and hook APG interleaved, this process's CPU time. Each variant runs calls of K and 2K
+    steps (K = --steps): the per-step cost is the slope (T(2K) - T(K)) / K, so the per-call work (the hook's
+    call checks, the pipeline's prompt handling, installing and removing the hook) is reported apart."""
+    pipe = build("sd")
+    pipe.register_modules(unet=StubUNet(cross_attention_dim=pipe.text_encoder.config.hidden_size))
+    pipe = pipe.to(args.device)
+    g = torch.Generator().manual_seed(0)
+    embeds = torch.randn(2, 2, 4, pipe.text_encoder.config.hidden_size, generator=g).to(args.device)
+    kwargs = dict(prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1], guidance_scale=7.5,
+                  output_type="latent", height=32, width=32)
+    variants = {"native CFG": None, "hook CFG": CFG(), "hook APG": APG(norm_threshold=15.0, momentum=-0.5)}
+
+    def call(strategy, steps: int) -> float:
+        start = time.process_time()
+        handle = None if strategy is None else apply_guidance(pipe, strategy)
+        pipe(**kwargs, num_inference_steps=steps, generator=torch.Generator().manual_seed(0))
+        if handle is not None:
+            handle.remove()
+        return (time.process_time() - start) * 1e6
+
+    for strategy in variants.values():
+        call(strategy, args.steps)  # warm-up
+    k = args.steps
+    per_step: dict[str, list[float]] = {name: [] for name in variants}
+    per_call: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.repeats):
+        for name, strategy in variants.items():
+            short, long = call(strategy, k), call(strategy, 2 * k)
+            per_step[name].append((long - short) / k)
+            per_call[name].append(short - k * per_step[name][-1])
+    base = statistics.median(per_step["native CFG"])
+    base_call = statistics.median(per_call["native CFG"])
+    print(f"stub denoiser (UNet signature, ~0 cost) in the tiny SD pipeline, batch 2 + CFG, calls of {k} and {2 * k} "
+          f"steps, {args.repeats} interleaved repeats, device={args.device}, torch threads={torch.get_num_threads()}, "
+          f"clock=process CPU time")
+    print(f"{'variant':<12} {'us/step':>9} {'+us/step vs native':>19} {'ratio':>7} {'us/call':>9} "
+          f"{'+us/call vs native':>19}")
+    rows = []
+    for name in variants:
+        med, call_us = statistics.median(per_step[name]), statistics.median(per_call[name])
+        rows.append({"variant": name, "us_per_step": med, "above_native_us_per_step": med - base,
+                     "us_per_call": call_us, "above_native_us_per_call": call_us - base_call})
+        print(f"{name:<12} {med:9.1f} {med - base:19.1f} {med / base:7.3f} {call_us:9.0f} {call_us - base_call:19.0f}")
+    if args.json:
+        args.json.write_text(json.dumps({"suite": "stub", "steps": [k, 2 * k], "rows": rows}, indent=2))
+
+
 def context_cost(args) -> None:
     """The StepContext the hook builds at every step, with the scheduler's tables read once per call (as
     the hook does) against read at every step (a fresh table per step, as before), interleaved."""
@@ -187,7 +261,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (use 1 on a shared machine: oversubscribed threads spin and distort "
                         "timings)")
-    p.add_argument("--suite", choices=("overhead", "adaptive", "per-step", "context"), default="overhead")
+    p.add_argument("--suite", choices=("overhead", "adaptive", "per-step", "stub", "context"), default="overhead")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="per-step suite: wall time, or this process's CPU time (with --threads 1 on a CPU: robust "
                         "to other jobs' load, which inflates wall time)")
@@ -200,6 +274,8 @@ def main() -> None:
         return per_step(args)
     if args.suite == "context":
         return context_cost(args)
+    if args.suite == "stub":
+        return stub_step_cost(args)
     pipe = sd15_pipeline(args.device, DTYPES[args.dtype])
     variants = {"native CFG": None, "hook CFG": CFG(), "hook APG": APG(norm_threshold=15.0, momentum=-0.5)}
     if args.suite == "adaptive":

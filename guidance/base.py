@@ -193,6 +193,13 @@ class GuidanceStrategy:
             if isinstance(child, GuidanceStrategy):
                 child.on_call(call)
 
+    @property
+    def sets_rescale(self) -> bool:
+        """True when this rule applies a CFG-rescale of its own (`CFG(guidance_rescale=phi)`, `Rescale`), which
+        replaces the call's `guidance_rescale`; wrappers ask the strategies they hold."""
+        return any(isinstance(child, GuidanceStrategy) and child.sets_rescale
+                   for child in (getattr(self, f, None) for f in self.config_fields))
+
     # --- per-step protocol -------------------------------------------------------------------
     def reset(self) -> None:
         """Forget per-sample state (momentum, switch flags, ...): a new generation starts."""
@@ -243,6 +250,21 @@ class GuidanceStrategy:
     def __repr__(self) -> str:
         args = ", ".join(f"{f}={getattr(self, f)!r}" for f in self.config_fields)
         return f"{type(self).__name__}({args})"
+
+
+def guided_prediction(strategy: GuidanceStrategy, ctx: StepContext, preds: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """One guided step as a pipeline makes it: `strategy.combine`, then the call's `guidance_rescale`
+    (`ctx.guidance_rescale`) applied to whatever the rule returned, as diffusers pipelines apply
+    `rescale_noise_cfg` after their CFG, unless the strategy sets a rescale of its own (`sets_rescale`).
+    Callers (our hook, StrategyGuider, custom loops) use this rather than `combine`, so that the call's
+    rescale holds for every rule, not only CFG."""
+    guided = strategy.combine(ctx, preds)
+    phi = ctx.guidance_rescale
+    if phi > 0 and not strategy.sets_rescale:
+        from .cfg import rescale_to_cond_std  # cfg imports this module
+
+        guided = rescale_to_cond_std(guided, preds[COND], phi).to(guided.dtype)
+    return guided
 
 
 def register_strategy(cls: type[GuidanceStrategy], name: str | None = None) -> type[GuidanceStrategy]:

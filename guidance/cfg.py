@@ -25,8 +25,9 @@ class CFG(GuidanceStrategy):
 
     scale: None (the call's guidance_scale), a number, a per-step list, or a callable of the
     StepContext (see guidance.schedules). guidance_rescale: None takes the call's own value
-    (diffusers SD/SDXL pipelines have one), else phi in [0, 1]. For step or sigma intervals wrap
-    it: `Interval(CFG(), start=0.2, stop=0.8)`.
+    (diffusers SD/SDXL pipelines have one), which the caller applies after any rule
+    (`guidance.guided_prediction`); else phi in [0, 1], applied here and replacing the call's.
+    For step or sigma intervals wrap it: `Interval(CFG(), start=0.2, stop=0.8)`.
     """
 
     config_fields = ("scale", "guidance_rescale")
@@ -41,5 +42,9 @@ class CFG(GuidanceStrategy):
         w = resolve_scale("CFG", "scale", self.scale, ctx)
         cond, uncond = preds[COND], preds[UNCOND]
         guided = uncond + w * (cond - uncond)  # the order of operations diffusers pipelines use
-        phi = ctx.guidance_rescale if self.guidance_rescale is None else self.guidance_rescale
+        phi = self.guidance_rescale or 0.0  # None: the call's, applied by guided_prediction
         return rescale_to_cond_std(guided, cond, phi) if phi > 0 else guided
+
+    @property
+    def sets_rescale(self) -> bool:
+        return self.guidance_rescale is not None

@@ -37,8 +37,9 @@ class Interval(GuidanceStrategy):
         self.inner = _check_inner("Interval", inner)
         self.start = check_range("Interval", "start", start, 0.0, 1.0)
         self.stop = check_range("Interval", "stop", stop, 0.0, 1.0)
-        if self.stop < self.start:
-            raise ValueError(f"Interval: stop={stop!r} is below start={start!r}; allowed: start <= stop")
+        if self.stop <= self.start:
+            raise ValueError(f"Interval: stop={stop!r} is not above start={start!r}, so the window holds no step; "
+                             "allowed: start < stop")
         self.sigma_min = None if sigma_min is None else check_range("Interval", "sigma_min", sigma_min, 0.0)
         self.sigma_max = None if sigma_max is None else check_range("Interval", "sigma_max", sigma_max, 0.0)
         if self.sigma_min is not None and self.sigma_max is not None and self.sigma_max < self.sigma_min:
@@ -61,7 +62,12 @@ class Interval(GuidanceStrategy):
         if not ctx.starts_step and self._on is not None and self._on.shape[0] == ctx.batch_size:
             return self._on
         n = ctx.num_scheduler_steps
-        on = ctx.all() if int(self.start * n) <= ctx.scheduler_step < int(self.stop * n) else ctx.none()
+        first, stop = int(self.start * n), int(self.stop * n)
+        if first >= stop:  # said at the first step, not discovered in the images
+            raise ValueError(f"Interval: the window start={self.start:g}, stop={self.stop:g} holds none of this call's "
+                             f"{n} scheduler steps (it guides steps k with int(start * {n}) <= k < int(stop * {n})); "
+                             f"allowed: a wider window, e.g. stop >= {(first + 1) / n:g}")
+        on = ctx.all() if first <= ctx.scheduler_step < stop else ctx.none()
         if self.sigma_min is not None or self.sigma_max is not None:
             sigma = ctx.sigma.to(ctx.x.device)
             if self.sigma_min is not None:
@@ -84,14 +90,31 @@ class Interval(GuidanceStrategy):
         return torch.where(on.view(-1, *[1] * (guided.ndim - 1)), guided, preds[COND])
 
 
+RESCALE_SPACES = ("model", "v")
+
+
 class Rescale(GuidanceStrategy):
-    """CFG-rescale (Lin et al. 2023) applied after any rule, in the model's output space."""
+    """CFG-rescale (Lin et al. 2023) applied after any rule.
 
-    config_fields = ("inner", "phi")
+    rescale_space: "model" (default) rescales the model's own output (eps, v or flow), as diffusers'
+    `rescale_noise_cfg` does; "v" rescales the v-prediction (alpha eps - sigma x0) made from the guided and conditional x0, whatever
+    the model predicts, which is what ComfyUI's RescaleCFG node does (comfy_extras/nodes_model_advanced.py,
+    `RescaleCFG.patch`: "rescale cfg has to be done on v-pred model output"), so settings brought from ComfyUI
+    give its result on epsilon models too. "v" needs a VP model (epsilon, v or sample prediction) and a
+    scheduler whose noise level is known.
+    """
 
-    def __init__(self, inner: GuidanceStrategy, phi: float = 0.7):
+    config_fields = ("inner", "phi", "rescale_space")
+
+    def __init__(self, inner: GuidanceStrategy, phi: float = 0.7, rescale_space: str = "model"):
         self.inner = _check_inner("Rescale", inner)
         self.phi = check_range("Rescale", "phi", phi, 0.0, 1.0)
+        if rescale_space not in RESCALE_SPACES:
+            raise ValueError(f"Rescale: rescale_space={rescale_space!r} is unknown; allowed: "
+                             f"{', '.join(RESCALE_SPACES)}")
+        self.rescale_space = rescale_space
+
+    sets_rescale = True  # its phi replaces the call's guidance_rescale
 
     def reset(self) -> None:
         self.inner.reset()
@@ -100,6 +123,19 @@ class Rescale(GuidanceStrategy):
         return self.inner.branches(ctx)
 
     def combine(self, ctx: StepContext, preds: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return rescale_to_cond_std(self.inner.combine(ctx, preds), preds[COND], self.phi)
+        guided = self.inner.combine(ctx, preds)
+        if self.rescale_space == "model":
+            return rescale_to_cond_std(guided, preds[COND], self.phi)
+        if ctx.param.prediction_type == "flow":
+            raise ValueError("Rescale: rescale_space='v' rescales the v-prediction of a VP model; this model predicts "
+                             "a flow velocity (x = (1 - s) x0 + s eps), for which ComfyUI's v-space formula does not hold; "
+                             "allowed here: rescale_space='model'")
+        x, alpha, sigma = ctx.param._promote(guided)  # the model input and its noise level, in >= float32
+
+        def v_of(pred: torch.Tensor) -> torch.Tensor:  # v = alpha eps - sigma x0 = (alpha x - x0) / sigma (VP)
+            return (alpha * x - ctx.to_x0(pred)) / sigma
+
+        v = rescale_to_cond_std(v_of(guided), v_of(preds[COND]), self.phi)
+        return ctx.from_x0(alpha * x - sigma * v).to(guided.dtype)
 
 

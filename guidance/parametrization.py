@@ -18,7 +18,7 @@ guided prediction a strategy returns is cast back to the model's dtype (`Guidanc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -40,6 +40,9 @@ class Parametrization:
     alpha: torch.Tensor
     sigma: torch.Tensor
     unavailable: str | None = None
+    # (x, alpha, sigma) in each compute dtype, made once: an x0-space rule converts two or three predictions
+    # per step, and each cast is a tensor operation.
+    _promoted: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.prediction_type not in PREDICTION_TYPES:
@@ -106,7 +109,11 @@ class Parametrization:
         # At least float32 (float64 stays float64): see the module docstring.
         self._check_available()
         dtype = torch.promote_types(like.dtype, torch.float32)
-        return self.x.to(dtype), self.alpha.to(dtype), self.sigma.to(dtype)
+        source = (self.x, self.alpha, self.sigma)
+        cached = self._promoted.get(dtype)
+        if cached is None or any(a is not b for a, b in zip(cached[0], source)):  # a field reassigned: again
+            cached = self._promoted[dtype] = (source, tuple(t.to(dtype) for t in source))
+        return cached[1]
 
     def _check_available(self) -> None:
         if self.unavailable is not None:

@@ -45,7 +45,7 @@ import torch
 from diffusers.configuration_utils import register_to_config
 from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput
 
-from guidance.base import COND, UNCOND, GuidanceStrategy, StepContext, check_range, from_config
+from guidance.base import COND, UNCOND, GuidanceStrategy, StepContext, check_range, from_config, guided_prediction
 from guidance.parametrization import Parametrization
 
 from .parametrization import build_step_context, step_parametrization
@@ -260,7 +260,7 @@ class StrategyGuider(BaseGuidance):
         else:  # rows of samples that did not ask for it are NaN (the strategy contract)
             not_evaluated = torch.full_like(pred_uncond, float("nan"))
             preds = {COND: pred_cond, UNCOND: torch.where(uncond, pred_uncond, not_evaluated)}
-        pred = self.strategy.combine(ctx, preds).to(pred_cond.dtype)
+        pred = guided_prediction(self.strategy, ctx, preds).to(pred_cond.dtype)  # with the guider's rescale
         self._plan = None
         return GuiderOutput(pred=pred, pred_cond=pred_cond, pred_uncond=pred_uncond)
 

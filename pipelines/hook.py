@@ -28,7 +28,8 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
-from guidance.base import COND, GUIDE, REF, UNCOND, GuidanceStrategy, StepContext, is_finite_number
+from guidance.base import (COND, GUIDE, REF, UNCOND, GuidanceStrategy, StepContext, guided_prediction,
+                           is_finite_number)
 
 from .adapters import Adapter, adapter_for
 from .call import describe_call
@@ -77,11 +78,37 @@ class CallState:
     rescale: float
     step: int = 0
     num_steps: int | None = None
-    nfe: torch.Tensor | None = None  # accumulated on the masks' device; read back once, at the end
-    guide_nfe: torch.Tensor | None = None  # the guide model's rows, counted apart from the denoiser's
+    # The masks of the rows evaluated at each step, kept as they come and summed once at the end of the call
+    # (a running sum would cost a few tensor operations per step on the masks' device).
+    evaluated: list[torch.Tensor] = field(default_factory=list)
+    guide_evaluated: list[torch.Tensor] = field(default_factory=list)  # the guide model's, counted apart
+    # Per step, whether the guided prediction was finite: 0-dim tensors on its device, read once at the end of the
+    # call (a read per step would synchronise an accelerator at every step).
+    finite: list[torch.Tensor] = field(default_factory=list)
     guide_placed: bool = False  # the guide model's device / dtype was checked in this call
     reference: ReferencePrompts | None = None  # text pipelines: the class prompts' inputs for REF rows
     solver: dict = field(default_factory=dict)  # build_step_context's per-call state
+
+
+    def first_non_finite_step(self) -> int | None:
+        """The first step whose guided prediction held NaN or inf, or None."""
+        if not self.finite:
+            return None
+        flags = torch.stack([f.to(self.finite[0].device) for f in self.finite]).cpu()
+        return None if bool(flags.all()) else int((~flags).nonzero()[0, 0])
+
+    def counts(self, has_guide: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(nfe, guide_nfe) per sample on the CPU: None before any step ran; guide_nfe None without a guide."""
+        if not self.evaluated:
+            return None, None
+        def total(masks: list[torch.Tensor]) -> torch.Tensor:  # summed on their device, one read back
+            return torch.stack([m.to(masks[0].device) for m in masks]).sum(0).cpu()
+
+        nfe = total(self.evaluated)
+        if not has_guide:
+            return nfe, None
+        guide = total(self.guide_evaluated) if self.guide_evaluated else None
+        return nfe, torch.zeros_like(nfe) if guide is None else guide
 
 
 def _needs_reference(strategy: GuidanceStrategy) -> bool:
@@ -223,12 +250,21 @@ class GuidanceHandle:
         self._cache_on = any(getattr(m, "is_cache_enabled", False) for m in self.denoisers)
         try:
             yield
+            self._check_finite()
         finally:
             self.layout.end_call()
-            self.nfe = None if self.call.nfe is None else self.call.nfe.cpu()
-            self.guide_nfe = None if self.guide_model is None or self.call.nfe is None else (
-                torch.zeros_like(self.nfe) if self.call.guide_nfe is None else self.call.guide_nfe.cpu())
+            self.nfe, self.guide_nfe = self.call.counts(self.guide_model is not None)
             self.call = None
+
+    def _check_finite(self) -> None:
+        """After a call: numbers that cannot be right are an error, not images (named: strategy, scale, step)."""
+        step = self.call.first_non_finite_step()
+        if step is not None:
+            raise ValueError(
+                f"{self.pipe_name}: the guided prediction of {self.strategy!r} at the call's scale "
+                f"{self.call.scales[0]} holds NaN or inf from step {step} of {self.call.step}; the images are not "
+                "valid. Check the strategy's settings (a scale, threshold or schedule far out of range) and the "
+                "model's dtype (fp16 overflow)")
 
     def _check_call(self, call: dict, scales: list) -> None:
         """Refuse, before any step runs, a call in which the pipeline runs no unconditional branch
@@ -304,7 +340,7 @@ class GuidanceHandle:
             raise NotImplementedError(f"branches {sorted(unknown)} are not supported by this pipeline adapter")
         if not bool(masks[COND].all()):
             raise NotImplementedError(f"{type(self.strategy).__name__}: every sample needs its conditional branch")
-        out = {COND: masks[COND], UNCOND: masks.get(UNCOND, ctx.none())}
+        out = {COND: masks[COND], UNCOND: masks[UNCOND] if UNCOND in masks else ctx.none()}
         if REF in masks and bool(masks[REF].any()):
             if self.layout.sequential or (ctx.labels is None and self.call.reference is None):
                 raise NotImplementedError(
@@ -352,20 +388,18 @@ class GuidanceHandle:
             preds = {k: v[:, :channels] for k, v in preds.items()}
         if a.negated_output:
             preds = {k: -v for k, v in preds.items()}
-        guided = self.strategy.combine(ctx, preds)
+        guided = guided_prediction(self.strategy, ctx, preds)  # the call's guidance_rescale included
         guided = (-guided if a.negated_output else guided).to(cond.dtype)
+        self.call.finite.append(torch.isfinite(guided).all())
         self._finish_step(masks)
         if a.guide_channels_of_input and cond.shape[1] > channels:
             return torch.cat([guided, cond[:, channels:]], dim=1)  # DiT's learned-sigma channels, kept
         return guided
 
     def _finish_step(self, masks: dict[str, torch.Tensor]) -> None:
-        evaluated = sum(m.long() for k, m in masks.items() if k != GUIDE)
-        self.call.nfe = evaluated if self.call.nfe is None else self.call.nfe + evaluated.to(self.call.nfe.device)
+        self.call.evaluated.extend(m for k, m in masks.items() if k != GUIDE)
         if GUIDE in masks:
-            guide = masks[GUIDE].long()
-            self.call.guide_nfe = guide if self.call.guide_nfe is None else self.call.guide_nfe + guide.to(
-                self.call.guide_nfe.device)
+            self.call.guide_evaluated.append(masks[GUIDE])
         self.call.step += 1
 
     def guide_forward(self, call) -> Callable:

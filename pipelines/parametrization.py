@@ -108,6 +108,8 @@ def timestep_value(timestep) -> float:
         return float("nan")
     if isinstance(timestep, (int, float)):
         return float(timestep)
+    if torch.is_tensor(timestep) and timestep.numel() == 1:
+        return timestep.item()  # the usual case: one read, no indexing ops
     return torch.as_tensor(timestep).reshape(-1)[0].item()
 
 
@@ -184,13 +186,27 @@ def evaluations_per_step(scheduler) -> int:
 
 def starts_step(scheduler) -> bool:
     """Whether the coming evaluation is the first (predictor) evaluation of a scheduler step."""
-    return bool(getattr(scheduler, "state_in_first_order", True))
+    # Asked of the class first: a missing attribute on a scheduler goes through ConfigMixin.__getattr__ and an
+    # exception, which costs more than the rest of a step's bookkeeping.
+    return bool(scheduler.state_in_first_order) if hasattr(type(scheduler), "state_in_first_order") else True
 
 
 def num_scheduler_steps(scheduler) -> int:
     """Scheduler steps in the planned timesteps: a 2-stage solver's last step has no corrector
     (Heun: 2N - 1 evaluations for N steps)."""
     return math.ceil(len(scheduler.timesteps) / evaluations_per_step(scheduler))
+
+
+def _timestep_index(timesteps: list[float], cache: dict | None) -> dict[float, int]:
+    """Value -> first index of the timestep table, built once per call (a search per step costs O(steps))."""
+    if cache is not None and cache.get("timestep_index", (None,))[0] is timesteps:
+        return cache["timestep_index"][1]
+    index: dict[float, int] = {}
+    for k, v in enumerate(timesteps):
+        index.setdefault(v, k)
+    if cache is not None:
+        cache["timestep_index"] = (timesteps, index)
+    return index
 
 
 def next_sigma(scheduler, timestep, cache: dict | None = None) -> float | None:
@@ -211,7 +227,9 @@ def next_sigma(scheduler, timestep, cache: dict | None = None) -> float | None:
         return s
     timesteps = _floats(scheduler, "timesteps", cache)
     t = timestep_value(timestep)
-    i = min(range(len(timesteps)), key=lambda k: abs(timesteps[k] - t))  # the nearest (first of ties)
+    i = _timestep_index(timesteps, cache).get(t)  # the timestep is read from this table: an exact match
+    if i is None:
+        i = min(range(len(timesteps)), key=lambda k: abs(timesteps[k] - t))  # the nearest (first of ties)
     if i + 1 < len(timesteps):
         abar = _floats(scheduler, "alphas_cumprod", cache)[int(timesteps[i + 1])]
     else:  # DDIM/LCM step to their final alphabar (1 with set_alpha_to_one), others to x0

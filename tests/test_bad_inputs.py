@@ -34,7 +34,7 @@ REFUSED = {
     "CFG guidance_rescale a string": (lambda: CFG(guidance_rescale="0.5"), ValueError, "guidance_rescale='0.5'"),
     "APG eta a string": (lambda: APG(eta="0"), ValueError, "eta='0' is invalid"),
     "APG mode None": (lambda: APG(mode=None), ValueError, "mode=None is unknown"),
-    "Interval start > stop": (lambda: Interval(CFG(), 0.8, 0.2), ValueError, "stop=0.2 is below start=0.8"),
+    "Interval start > stop": (lambda: Interval(CFG(), 0.8, 0.2), ValueError, "stop=0.2 is not above start=0.8"),
     "Interval inner a string": (lambda: Interval("CFG", 0, 0.5), ValueError, "inner='CFG'"),
     "Interval inner the class": (lambda: Interval(CFG, 0, 0.5), ValueError, "inner=<class 'guidance.cfg.CFG'>"),
     "Interval start a string": (lambda: Interval(CFG(), "0", 0.5), ValueError, "start='0'"),

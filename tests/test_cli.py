@@ -554,7 +554,7 @@ CAMPAIGN_SPECS = {
                                        '"scales": [2]}]', "momentum=inf is invalid"),
     "dotted user class name": (_spec({"name": "mymodule.MyCFG"}), "name='mymodule.MyCFG' is not a known strategy"),
     "Interval start > stop": (_spec({"name": "Interval", "params": {"inner": {"name": "CFG"}, "start": 0.8,
-                                                                    "stop": 0.2}}), "stop=0.2 is below start=0.8"),
+                                                                    "stop": 0.2}}), "stop=0.2 is not above start=0.8"),
     "Interval without inner": (_spec({"name": "Interval", "params": {"start": 0}}), "argument: 'inner'"),
     "DynamicCFG unknown evaluator": (_spec({"name": "DynamicCFG", "params": {"evaluators": ["nope"]}}),
                                      "evaluators[0]='nope' is not a registered evaluator"),

@@ -121,7 +121,7 @@ def test_interval_skips_uncond_and_matches_cfg_inside(name):
         cfg = run(pipe, name)
     with apply_guidance(pipe, Interval(CFG(), start=0.0, stop=1.0)):
         assert torch.allclose(run(pipe, name), cfg, atol=1e-5)
-    with apply_guidance(pipe, Interval(CFG(), start=1.0, stop=1.0)):
+    with apply_guidance(pipe, Interval(CFG(), sigma_max=1e-9)):  # no step's noise level is that low
         cond_only = run(pipe, name)
     with apply_guidance(pipe, CFG(scale=1.0)):
         assert torch.allclose(run(pipe, name), cond_only, atol=1e-5)
@@ -190,3 +190,29 @@ def test_applying_twice_is_refused_and_strategy_type_is_checked():
             apply_guidance(pipe, CFG())
     with pytest.raises(TypeError, match="not a guidance.GuidanceStrategy"):
         apply_guidance(pipe, "cfg")
+
+
+@pytest.mark.parametrize("make", [lambda: CFG(scale=1e308), lambda: APG(scale=3.0, eta=1e30, norm_threshold=0.0),
+                                  lambda: CFG(scale=lambda ctx: float("nan") if ctx.step == 2 else 3.0)],
+                         ids=["huge scale", "huge eta", "callable nan at step 2"])
+def test_a_guided_prediction_that_stops_being_finite_is_an_error(make):
+    """Numbers that cannot be right are not returned as images: the error names the strategy, scale and step."""
+    from pipelines import load_embedded
+
+    pipe = load_embedded("cpu").pipe
+    with apply_guidance(pipe, make()):
+        with pytest.raises(ValueError, match=r"holds NaN or inf from step \d+ of 4; the images are not valid"):
+            pipe(class_labels=[0, 1], num_inference_steps=4, guidance_scale=3.0, output_type="pt")
+    with apply_guidance(pipe, CFG()):  # the pipeline is usable afterwards
+        images = pipe(class_labels=[0, 1], num_inference_steps=4, guidance_scale=3.0, output_type="pt").images
+    assert torch.isfinite(images).all()
+
+
+def test_a_step_window_that_holds_no_step_is_refused_at_the_first_step():
+    """Before: Interval(start=stop) or a window between two steps never guided and said nothing."""
+    pipe = build("sd")
+    with pytest.raises(ValueError, match=r"Interval: stop=0.5 is not above start=0.5"):
+        Interval(CFG(), start=0.5, stop=0.5)
+    with apply_guidance(pipe, Interval(CFG(), start=0.1, stop=0.3)):  # 3 steps: int(0.3) = int(0.9) = 0
+        with pytest.raises(ValueError, match=r"holds none of this call's 3 scheduler steps.*stop >= 0.333333"):
+            run(pipe, "sd")

@@ -5,6 +5,8 @@ import inspect
 
 import pytest
 import torch
+
+import diffusers
 from pipeline_zoo import ALL_CASES, CASES, build, call_kwargs, denoisers
 
 from guidance import APG, CFG, Interval
@@ -106,3 +108,24 @@ def test_several_images_per_prompt_stay_exact(name):
         hooked = run(pipe, kwargs)
     assert native.shape[0] == 4 and handle.nfe.shape == (4,)
     assert relative_error(hooked, native) <= 1e-5
+
+
+RESCALE_CASES = sorted(n for n in ALL_CASES if "guidance_rescale" in inspect.signature(
+    getattr(diffusers, n.split("[")[0]).__call__).parameters)
+
+
+def test_rescale_cases_are_found():
+    assert {"StableDiffusionPipeline", "StableDiffusionXLPipeline"} <= set(RESCALE_CASES)
+
+
+@pytest.mark.parametrize("name", RESCALE_CASES)
+def test_the_calls_guidance_rescale_holds_for_every_strategy(name):
+    """The pipeline rescales after its CFG; through the hook the call's guidance_rescale is applied to whatever
+    the strategy returns: APG(eta=1, r=0, beta=0), which is CFG, equals the native rescaled call."""
+    pipe, kwargs = build(name), {**call_kwargs(name), "guidance_rescale": 0.7}
+    native = run(pipe, kwargs)
+    assert relative_error(native, run(pipe, call_kwargs(name))) > 1e-3  # the rescale changes the output here
+    with apply_guidance(pipe, CFG()):
+        assert relative_error(run(pipe, kwargs), native) <= 1e-5
+    with apply_guidance(pipe, APG(eta=1.0, norm_threshold=0.0, momentum=0.0)):
+        assert relative_error(run(pipe, kwargs), native) <= 1e-3

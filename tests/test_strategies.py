@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import guidance
-from guidance import APG, CFG, COND, UNCOND, Interval, Parametrization, Rescale, Schedule, StepContext
+from guidance import (APG, CFG, COND, UNCOND, AdaptiveGuidance, Interval, Parametrization, Rescale, Schedule, StepContext,
+                      guided_prediction)
 
 
 def make_ctx(batch=3, shape=(4, 8, 8), step=0, num_steps=10, scale=5.0, kind="epsilon", seed=0, rescale=0.0):
@@ -58,8 +59,28 @@ def test_cfg_rescale_matches_diffusers():
     out = CFG(scale=7.0, guidance_rescale=0.7).combine(ctx, p)
     ref = rescale_noise_cfg(p[UNCOND] + 7.0 * (p[COND] - p[UNCOND]), p[COND], 0.7)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
-    # None takes the call's own guidance_rescale.
-    torch.testing.assert_close(CFG(scale=7.0).combine(make_ctx(rescale=0.7), p), ref, rtol=0, atol=1e-6)
+    # None takes the call's own guidance_rescale, which the caller applies after the rule (as the pipeline does).
+    torch.testing.assert_close(guided_prediction(CFG(scale=7.0), make_ctx(rescale=0.7), p), ref, rtol=0, atol=1e-6)
+    # An explicit phi replaces the call's instead of adding to it.
+    torch.testing.assert_close(guided_prediction(CFG(scale=7.0, guidance_rescale=0.7), make_ctx(rescale=0.3), p), ref,
+                               rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "flow"])
+def test_the_call_rescale_holds_for_every_rule(kind):
+    """APG(eta=1, r=0, beta=0) is CFG, so with the call's guidance_rescale it must equal CFG rescaled; wrappers
+    (Interval, AdaptiveGuidance) keep it, and Rescale's own phi replaces it."""
+    from diffusers.guiders.guider_utils import rescale_noise_cfg
+
+    ctx, p = make_ctx(kind=kind, rescale=0.7), random_preds()
+    ref = rescale_noise_cfg(p[UNCOND] + 5.0 * (p[COND] - p[UNCOND]), p[COND], 0.7)
+    apg = APG(eta=1.0, norm_threshold=0.0, momentum=0.0)
+    for rule in (apg, Interval(apg, 0.0, 1.0), AdaptiveGuidance(apg, threshold=1.0), CFG()):
+        rule.reset()
+        torch.testing.assert_close(guided_prediction(rule, ctx, p), ref, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(rule.combine(ctx, p), ref, rtol=1e-3, atol=1e-3)  # combine alone does not rescale
+    own = guided_prediction(Rescale(CFG(), phi=0.3), ctx, p)
+    torch.testing.assert_close(own, rescale_noise_cfg(p[UNCOND] + 5.0 * (p[COND] - p[UNCOND]), p[COND], 0.3))
 
 
 @pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "flow", "sample"])
@@ -198,7 +219,7 @@ def test_callable_scale_refuses_to_serialise():
     (lambda: CFG(scale="high"), r"CFG: scale='high' is invalid"),
     (lambda: CFG(guidance_rescale=1.5), r"CFG: guidance_rescale=1.5 is out of range; allowed: .*\[0, 1\]"),
     (lambda: CFG(scale=[]), r"CFG: scale=\[\] is empty"),
-    (lambda: Interval(CFG(), start=0.8, stop=0.2), r"Interval: stop=0.2 is below start=0.8"),
+    (lambda: Interval(CFG(), start=0.8, stop=0.2), r"Interval: stop=0.2 is not above start=0.8"),
     (lambda: Interval(CFG(), start=1.5), r"Interval: start=1.5 is out of range"),
     (lambda: Interval("cfg"), r"Interval: inner='cfg' is not a guidance strategy"),
     (lambda: Rescale(CFG(), phi=-0.1), r"Rescale: phi=-0.1 is out of range"),

@@ -40,21 +40,22 @@ class UncondCond(Layout):
         self._check(x)
         n = x.shape[0]
         b = n // 2
-        cond_rows = torch.arange(b) if self.cond_first else torch.arange(b, n)
-        uncond_rows = torch.arange(b, n) if self.cond_first else torch.arange(b)
+        # The halves as slices (views, no copy): the fast path below needs no index tensors.
+        cond_half, uncond_half = (slice(0, b), slice(b, n)) if self.cond_first else (slice(b, n), slice(0, b))
         ctx = h._context(h.sample_of(x[:b]), call.timestep, call.expert)
         class_ids = call.kwargs.get(a.class_kw) if a.class_kw else None
         if torch.is_tensor(class_ids) and class_ids.ndim == 1 and class_ids.shape[0] == n:
-            ctx.labels = class_ids[cond_rows.to(class_ids.device)]
+            ctx.labels = class_ids[cond_half]
         masks = h.masks(ctx)
-        if REF not in masks and bool(masks[COND].all() and masks[UNCOND].all()):
+        if REF not in masks and bool(torch.cat([masks[COND], masks[UNCOND]]).all()):  # one read of the device
             out = call.run()  # the pipeline's own call, untouched
             full = first(out)
-            preds = {COND: full[cond_rows.to(full.device)], UNCOND: full[uncond_rows.to(full.device)]}
+            preds = {COND: full[cond_half], UNCOND: full[uncond_half]}
         else:
+            cond_rows, uncond_rows = torch.arange(n)[cond_half], torch.arange(n)[uncond_half]
             out, preds = self._evaluate_rows(call, ctx, masks, cond_rows, uncond_rows)
         if GUIDE in masks:
-            preds[GUIDE] = self.evaluate_guide(call, cond_rows, masks[GUIDE], preds[COND])
+            preds[GUIDE] = self.evaluate_guide(call, torch.arange(n)[cond_half], masks[GUIDE], preds[COND])
         g = h.combine(ctx, masks, preds, ctx.x.shape[1])
         return replace_first(out, torch.cat([g, g]))
 

@@ -7,20 +7,32 @@ inside diffusers pipelines; any custom sampling loop can call them directly.
 
 from .adaptive import AdaptiveGuidance
 from .apg import APG
+from .apg_mix import APGMix
 from .autoguidance import Autoguidance
-from .base import COND, GUIDE, REF, REGISTRY, UNCOND, GuidanceStrategy, StepContext, from_config, register_strategy
+from .base import (COND, GUIDE, REF, REGISTRY, UNCOND, GuidanceStrategy, StepContext, from_config, guided_prediction,
+                   register_strategy)
 from .call import CallDescription
 from .cfg import CFG, rescale_to_cond_std
+from .cfg_zero_star import CFGZeroStar
+from .comfyui import CFGNorm, Mahiro
 from .classifier import ImageClassifier, class_prompts, register_classifier, smooth_relu
 from .compose import Interval, Rescale
 from .elucd import CalibratedClassifierGuidance, ClassifierGuidance
 from .gfcg import GFCG
 from .linear_ag import LinearAG, LinearAGCoefficients, default_plan, fit_linear_ag
+from .mambo import MAMBOG
 from .parametrization import Parametrization
 from .schedules import Schedule
+from .tcfg import TCFG
 
 __all__ = [
     "APG",
+    "APGMix",
+    "CFGNorm",
+    "CFGZeroStar",
+    "Mahiro",
+    "MAMBOG",
+    "TCFG",
     "Autoguidance",
     "CallDescription",
     "register_strategy",
@@ -49,14 +61,17 @@ __all__ = [
     "default_plan",
     "fit_linear_ag",
     "from_config",
+    "guided_prediction",
     "rescale_to_cond_std",
 ]
 
 from .dynamic_cfg import DynamicCFG, plot_schedules  # noqa: E402
+from .dynamic_thresholding import DynamicThresholding  # noqa: E402
 
-__all__ += ["DynamicCFG", "plot_schedules"]
+__all__ += ["DynamicCFG", "DynamicThresholding", "plot_schedules"]
 
 # The strategies configs may name (explicit: a user's class with one of these names cannot replace it).
 for _cls in (CFG, APG, AdaptiveGuidance, Interval, Rescale, LinearAG, CalibratedClassifierGuidance,
-             ClassifierGuidance, GFCG, DynamicCFG, Autoguidance):
+             ClassifierGuidance, GFCG, DynamicCFG, Autoguidance, CFGZeroStar, TCFG, MAMBOG, APGMix,
+             DynamicThresholding, CFGNorm, Mahiro):
     register_strategy(_cls)

@@ -42,12 +42,15 @@ def _per_sample_norm(t: torch.Tensor) -> torch.Tensor:
 
 
 def project(diff: torch.Tensor, onto: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(parallel, orthogonal) parts of `diff` relative to `onto`, per sample, computed in float64."""
-    d, c = diff.double(), onto.double()
-    dims = tuple(range(1, c.ndim))
-    unit = torch.nn.functional.normalize(c.flatten(1), dim=1).view_as(c)
-    parallel = (d * unit).sum(dims, keepdim=True) * unit
-    return parallel.to(diff.dtype), (d - parallel).to(diff.dtype)
+    """(parallel, orthogonal) parts of `diff` relative to `onto`, per sample, computed in float64.
+
+    parallel = (<d, c> / <c, c>) c: two dot products instead of normalising c first (as diffusers does), the
+    same value to float64 rounding in half the tensor operations (this runs at every step of every sample)."""
+    d, c = diff.flatten(1).double(), onto.flatten(1).double()
+    # <c, c> floored as F.normalize floors ||c|| at 1e-12: c = 0 has no parallel part.
+    coef = torch.linalg.vecdot(d, c) / torch.linalg.vecdot(c, c).clamp_min(1e-24)
+    parallel = coef.unsqueeze(1) * c
+    return parallel.view_as(diff).to(diff.dtype), (d - parallel).view_as(diff).to(diff.dtype)
 
 
 class APG(GuidanceStrategy):
@@ -84,9 +87,40 @@ class APG(GuidanceStrategy):
             raise ValueError(f"APG.preset: name={name!r} is unknown; allowed: {', '.join(PRESETS_UNVERIFIED)}")
         return cls(**{**PRESETS_UNVERIFIED[name], **overrides})
 
+    @classmethod
+    def from_comfyui(cls, cfg: float, eta: float = 1.0, norm_threshold: float = 5.0, momentum: float = 0.0) -> "APG":
+        """The APG that ComfyUI's "Adaptive Projected Guidance" node runs at the sampler's `cfg` (its defaults
+        included: eta 1, r 5, momentum 0).
+
+        The node (comfy_extras/nodes_apg.py, `APG.patch`) applies the paper's steps to the denoised predictions but
+        returns D_c + cfg * update, where the paper has D_c + (w - 1) * update: its cfg counts one lower, so it is
+        the paper rule at w = cfg + 1. The node's projection reduces over the last three dimensions, which is every
+        non-batch dimension of (B, C, H, W) latents (on 5-D video latents the node projects per frame, this per
+        sample); it resets its momentum when sigma rises (a new generation), as our reset() per call does.
+        """
+        scale = check_range("APG.from_comfyui", "cfg", cfg)
+        return cls(scale=scale + 1.0, eta=eta, norm_threshold=norm_threshold, momentum=momentum)
+
     def reset(self) -> None:
         self._average = None
         self._before = None
+
+    def advance_momentum(self, diff: torch.Tensor, starts_step: bool = True) -> torch.Tensor:
+        """A_t = dD_t + beta A_{t-1}: the reverse-momentum average of the update, advanced once per scheduler step
+        (`starts_step`); returns dD_t itself when momentum is off."""
+        if self.momentum == 0.0:
+            return diff
+        if self._average is not None and self._average.shape != diff.shape:
+            raise RuntimeError(
+                f"APG: batch shape changed from {tuple(self._average.shape)} to {tuple(diff.shape)} within "
+                "one generation; momentum is kept per sample, call reset() between generations"
+            )
+        if starts_step:
+            self._before = self._average
+        diff = diff if self._before is None else diff + self.momentum * self._before  # diffusers' order of operations
+        if starts_step:
+            self._average = diff
+        return diff
 
     def update_direction(self, cond: torch.Tensor, uncond: torch.Tensor, starts_step: bool = True) -> torch.Tensor:
         """Momentum, norm threshold and projection: the (dD_perp + eta * dD_par) of the paper.
@@ -94,24 +128,13 @@ class APG(GuidanceStrategy):
         The momentum buffer advances once per scheduler step (`starts_step`); the further evaluations
         of a multi-evaluation solver's step (Heun's corrector) use the buffer of the step before, as
         the predictor did, and leave it unchanged."""
-        diff = cond - uncond
-        if self.momentum != 0.0:
-            if self._average is not None and self._average.shape != diff.shape:
-                raise RuntimeError(
-                    f"APG: batch shape changed from {tuple(self._average.shape)} to {tuple(diff.shape)} within "
-                    "one generation; momentum is kept per sample, call reset() between generations"
-                )
-            if starts_step:
-                self._before = self._average
-            diff = diff if self._before is None else diff + self.momentum * self._before
-            if starts_step:
-                self._average = diff
+        diff = self.advance_momentum(cond - uncond, starts_step)
         if self.norm_threshold > 0:
             # Clip in at least float32: fp16 norms of whole latents overflow.
             d32 = diff.float()
             diff = (d32 * torch.clamp(self.norm_threshold / _per_sample_norm(d32), max=1.0)).to(diff.dtype)
         parallel, orthogonal = project(diff, cond)
-        return orthogonal + self.eta * parallel
+        return orthogonal if self.eta == 0.0 else orthogonal + self.eta * parallel
 
     def guide(self, ctx: StepContext, preds: Mapping[str, torch.Tensor]) -> torch.Tensor:
         w = resolve_scale("APG", "scale", self.scale, ctx)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers.guiders import ClassifierFreeGuidance
+from diffusers.guiders import (AdaptiveProjectedMixGuidance, ClassifierFreeGuidance, ClassifierFreeZeroStarGuidance,
+                               MagnitudeAwareGuidance, TangentialClassifierFreeGuidance)
 from diffusers.modular_pipelines import SequentialPipelineBlocks
 from diffusers.modular_pipelines.stable_diffusion_3.modular_blocks_stable_diffusion_3 import (
     StableDiffusion3T2ICoreDenoiseStep,
@@ -24,7 +25,8 @@ from diffusers.modular_pipelines.stable_diffusion_xl.before_denoise import (
 from diffusers.modular_pipelines.stable_diffusion_xl.denoise import StableDiffusionXLDenoiseStep
 
 import tiny_pipelines as tp
-from guidance import APG, CFG, AdaptiveGuidance, Autoguidance, DynamicCFG, GuidanceStrategy, Interval
+from guidance import (APG, CFG, MAMBOG, TCFG, AdaptiveGuidance, APGMix, Autoguidance, CFGZeroStar, DynamicCFG,
+                      GuidanceStrategy, Interval)
 from pipelines.guider import StrategyGuider
 
 SCALE, STEPS, BATCH = 5.0, 4, 2
@@ -216,3 +218,34 @@ def test_partial_unconditional_runs_the_batch_and_hides_other_rows():
     assert torch.equal(out.pred, cond)
     assert torch.equal(strategy.seen[0], uncond[0]) and bool(strategy.seen[1].isnan().all())
     assert guider.num_conditions == 2  # no step planned: the pipeline must still encode the negative prompt
+
+
+GUIDER_RULES = {  # ours, diffusers' guider, at the same settings
+    "CFGZeroStar": lambda: (CFGZeroStar(SCALE), ClassifierFreeZeroStarGuidance(guidance_scale=SCALE)),
+    "TCFG": lambda: (TCFG(SCALE), TangentialClassifierFreeGuidance(guidance_scale=SCALE)),
+    "APGMix": lambda: (APGMix(SCALE, apg_scale=8.0, apg_start_step=1),
+                       AdaptiveProjectedMixGuidance(guidance_scale=SCALE, adaptive_projected_guidance_scale=8.0,
+                                                    adaptive_projected_guidance_start_step=1)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GUIDER_RULES))
+def test_field_rules_equal_diffusers_guiders(modular, native, name):
+    """The same modular pipeline with diffusers' guider and with StrategyGuider wrapping ours."""
+    _, run = modular
+    ours, theirs = GUIDER_RULES[name]()
+    ref, ref_calls = run(theirs)
+    guider = StrategyGuider(ours)
+    out, calls = run(guider)
+    assert rel(out, ref) <= 1e-5 and rel(ref, native[0]) > 1e-3
+    zeroed = 1 if name == "CFGZeroStar" else 0  # its zeroed first step needs no unconditional batch
+    assert calls == ref_calls - zeroed == guider.nfe_per_sample
+
+
+def test_mambo_g_runs_where_diffusers_guider_raises(modular, native):
+    """diffusers' MagnitudeAwareGuidance raises on these (B, C, H, W) latents (see guidance/mambo.py)."""
+    _, run = modular
+    with pytest.raises(RuntimeError, match="dim must be a 2-tuple"):
+        run(MagnitudeAwareGuidance(guidance_scale=SCALE))
+    out, calls = run(StrategyGuider(MAMBOG(SCALE, alpha=1.0)))
+    assert torch.isfinite(out).all() and calls == 2 * STEPS and rel(out, native[0]) > 1e-3

@@ -1,0 +1,252 @@
+"""The rules that diffusers' guiders ship on the two predictions (CFG-Zero*, TCFG, MAMBO-G, APG-Mix), exact
+against those guiders: on random tensors over several steps (state carried), in fp32 and half precision,
+inside real pipelines through `apply_guidance` (batched SD, sequential Flux true CFG, the embedded model), and
+through `StrategyGuider` in modular SDXL / SD3 pipelines.
+
+In a pipeline the reference is the diffusers guider itself run through the same hook (`GuiderRule` below
+hands it our two predictions at every step), so both sides see the same denoiser outputs and only the rule
+differs.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import pytest
+import torch
+from diffusers.guiders import (AdaptiveProjectedMixGuidance, ClassifierFreeZeroStarGuidance, MagnitudeAwareGuidance,
+                               TangentialClassifierFreeGuidance)
+from diffusers.guiders.adaptive_projected_guidance_mix import MomentumBuffer
+
+import guidance
+import tiny_pipelines as tp
+from guidance import (APGMix, CFGZeroStar, COND, MAMBOG, TCFG, UNCOND, GuidanceStrategy, Interval, Parametrization,
+                      StepContext)
+from pipelines import apply_guidance, load_embedded
+
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
+
+STEPS = 7  # past APG-Mix's default switch (step > 5)
+
+# (ours, the diffusers guider) at the same settings; the scale is the guider's, so ours gets it explicitly.
+RULES: dict[str, Callable[[float], tuple[GuidanceStrategy, object]]] = {
+    "CFGZeroStar": lambda w: (CFGZeroStar(w), ClassifierFreeZeroStarGuidance(guidance_scale=w)),
+    "CFGZeroStar 2 zero steps, original": lambda w: (
+        CFGZeroStar(w, zero_init_steps=2, use_original_formulation=True),
+        ClassifierFreeZeroStarGuidance(guidance_scale=w, zero_init_steps=2, use_original_formulation=True)),
+    "TCFG": lambda w: (TCFG(w), TangentialClassifierFreeGuidance(guidance_scale=w)),
+    "TCFG original": lambda w: (TCFG(w, use_original_formulation=True),
+                                TangentialClassifierFreeGuidance(guidance_scale=w, use_original_formulation=True)),
+    "MAMBOG": lambda w: (MAMBOG(w, alpha=2.0), MagnitudeAwareGuidance(guidance_scale=w, alpha=2.0)),
+    "MAMBOG original": lambda w: (MAMBOG(w, alpha=2.0, use_original_formulation=True),
+                                 MagnitudeAwareGuidance(guidance_scale=w, alpha=2.0, use_original_formulation=True)),
+    "APGMix": lambda w: (APGMix(w, apg_scale=6.0, momentum=-0.5, norm_threshold=3.0, eta=0.2, apg_start_step=2),
+                         AdaptiveProjectedMixGuidance(guidance_scale=w, adaptive_projected_guidance_scale=6.0,
+                                                      adaptive_projected_guidance_momentum=-0.5,
+                                                      adaptive_projected_guidance_rescale=3.0, eta=0.2,
+                                                      adaptive_projected_guidance_start_step=2)),
+}
+
+
+class GuiderRule(GuidanceStrategy):
+    """A diffusers guider as a strategy (tests only): both branches every step, the guider's own forward."""
+
+    def __init__(self, guider):
+        self.guider = guider
+
+    def guide(self, ctx: StepContext, preds: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        step_guider(self.guider, ctx.scheduler_step, ctx.num_scheduler_steps)
+        return guider_forward(self.guider, preds[COND], preds[UNCOND])
+
+
+def guider_forward(guider, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
+    """The guider's prediction. diffusers' MagnitudeAwareGuidance takes torch.norm over all non-batch dims,
+    which raises for more than two: it gets a (B, 1, D) view, the same norms (see guidance/mambo.py)."""
+    if isinstance(guider, MagnitudeAwareGuidance) and cond.ndim > 3:
+        return guider.forward(cond.flatten(1)[:, None], uncond.flatten(1)[:, None]).pred.view_as(cond)
+    return guider.forward(cond, uncond).pred
+
+
+def step_guider(guider, step: int, steps: int) -> None:
+    """What a modular pipeline does to a guider at each step (prepare_inputs makes APG-Mix's buffer at step 0)."""
+    guider.set_state(step=step, num_inference_steps=steps, timestep=torch.tensor(999.0 - step))
+    if step == 0 and isinstance(guider, AdaptiveProjectedMixGuidance):
+        guider.momentum_buffer = MomentumBuffer(guider.adaptive_projected_guidance_momentum)
+
+
+def context(step: int, batch: int, shape: tuple[int, ...]) -> StepContext:
+    x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(step))
+    half = torch.full((batch,) + (1,) * len(shape), 0.5 ** 0.5, dtype=torch.float64)
+    return StepContext(step, STEPS, 999.0 - step, Parametrization("epsilon", x, half, half))
+
+
+def run_steps(ours: GuidanceStrategy, theirs, dtype: torch.dtype, shape=(4, 8, 8), batch=3):
+    """Both rules over STEPS steps of random predictions (the same ones), in `dtype`; outputs per step."""
+    ours.reset()
+    out_ours, out_theirs = [], []
+    for step in range(STEPS):
+        g = torch.Generator().manual_seed(100 + step)
+        cond = torch.randn(batch, *shape, generator=g)
+        uncond = 0.8 * cond + 0.6 * torch.randn(batch, *shape, generator=g)  # correlated, as real branches are
+        preds = {COND: cond.to(dtype), UNCOND: uncond.to(dtype)}
+        out_ours.append(guidance.guided_prediction(ours, context(step, batch, shape), preds))
+        step_guider(theirs, step, STEPS)
+        out_theirs.append(guider_forward(theirs, preds[COND], preds[UNCOND]))
+    return out_ours, out_theirs
+
+
+def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("name", sorted(RULES))
+def test_equals_the_diffusers_guider_over_steps_in_fp32(name):
+    ours, theirs = run_steps(*RULES[name](4.0), torch.float32)
+    for step, (a, b) in enumerate(zip(ours, theirs)):
+        assert a.dtype == b.dtype == torch.float32
+        if b.abs().max() == 0:  # CFG-Zero*'s zeroed steps
+            assert torch.equal(a, b), step
+        else:
+            assert max_rel(a, b) <= 1e-6, (step, max_rel(a, b))
+    assert any(not torch.equal(a, b) for a, b in zip(ours, run_steps(*RULES[name](2.0), torch.float32)[0])), \
+        "the scale must matter (not a vacuous equality)"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name", sorted(RULES))
+def test_half_precision_is_no_further_from_fp32_than_the_guider(name, dtype):
+    exact = run_steps(*RULES[name](4.0), torch.float32)[1]
+    ours, theirs = run_steps(*RULES[name](4.0), dtype)
+    for a, b, ref in zip(ours, theirs, exact):
+        assert a.dtype == dtype
+        scale = ref.abs().max().clamp_min(1e-30)
+        ours_err, theirs_err = (a.float() - ref).abs().max() / scale, (b.float() - ref).abs().max() / scale
+        assert ours_err <= 1.5 * theirs_err + 1e-2 * float(torch.finfo(dtype).eps), (float(ours_err), float(theirs_err))
+
+
+def test_mambo_g_on_4d_latents_where_diffusers_guider_raises():
+    """On (B, C, H, W) latents diffusers' guider raises; ours equals it on the same values packed as tokens."""
+    cond, uncond = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    with pytest.raises(RuntimeError, match="dim must be a 2-tuple"):
+        MagnitudeAwareGuidance(guidance_scale=4.0).forward(cond, uncond)
+    ours = MAMBOG(4.0).combine(context(0, 2, (4, 8, 8)), {COND: cond, UNCOND: uncond})
+    packed = MagnitudeAwareGuidance(guidance_scale=4.0).forward(cond.flatten(2).mT, uncond.flatten(2).mT).pred
+    assert max_rel(ours, packed.mT.reshape(cond.shape)) <= 1e-6
+
+
+def test_zero_init_steps_skip_the_unconditional_pass():
+    ctx = context(0, 2, (4, 4, 4))
+    rule = CFGZeroStar(3.0, zero_init_steps=2)
+    assert not rule.branches(ctx)[UNCOND].any()
+    assert rule.branches(context(2, 2, (4, 4, 4)))[UNCOND].all()
+    assert not CFGZeroStar(1.0).branches(context(3, 2, (4, 4, 4)))[UNCOND].any()  # w = 1: the conditional model
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: CFGZeroStar(zero_init_steps=-1), r"CFGZeroStar: zero_init_steps=-1 is invalid; allowed: an integer >= 0"),
+    (lambda: CFGZeroStar(zero_init_steps=1.5), r"zero_init_steps=1.5 is invalid"),
+    (lambda: MAMBOG(alpha=-1.0), r"MAMBOG: alpha=-1.0 is out of range; allowed: a finite number in \[0, inf\)"),
+    (lambda: APGMix(apg_start_step=-2), r"APGMix: apg_start_step=-2 is invalid"),
+    (lambda: APGMix(momentum=2.0), r"APG: momentum=2.0 is out of range"),
+    (lambda: TCFG(scale=float("nan")), r"TCFG: scale=nan is invalid"),
+])
+def test_bad_settings_are_refused_by_name(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+@pytest.mark.parametrize("name", sorted(RULES))
+def test_configs_round_trip(name):
+    rule = RULES[name](4.0)[0]
+    again = guidance.from_config(rule.to_config())
+    assert type(again) is type(rule) and again.to_config() == rule.to_config()
+    assert type(rule).__name__ in guidance.REGISTRY
+
+
+# --------------------------------------------------------------------------------------------- in pipelines
+
+PIPELINE_RULES = ["CFGZeroStar", "TCFG", "MAMBOG", "APGMix"]
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    return load_embedded("cpu").pipe
+
+
+def generate(pipe, kwargs: dict, rule: GuidanceStrategy) -> tuple[torch.Tensor, torch.Tensor]:
+    with apply_guidance(pipe, rule) as handle:
+        out = pipe(**kwargs, generator=torch.Generator().manual_seed(0))[0]
+    return out, handle.nfe
+
+
+def pipeline_case(name: str, embedded) -> tuple[object, dict, float]:
+    if name == "embedded":
+        return embedded, dict(class_labels=[0, 3, 7], num_inference_steps=STEPS, output_type="pt"), 3.0
+    pipe = tp.build(name)
+    scale = 4.0
+    kwargs = tp.call_kwargs(name, num_inference_steps=STEPS)
+    kwargs["true_cfg_scale" if name == "flux" else "guidance_scale"] = scale
+    return pipe, kwargs, scale
+
+
+@pytest.mark.parametrize("where", ["sd", "flux", "embedded"])
+@pytest.mark.parametrize("name", PIPELINE_RULES)
+def test_through_the_hook_equals_the_guider_in_the_same_pipeline(name, where, embedded):
+    """SD: one batched call per step; Flux: sequential true CFG (flow); the embedded class-conditional model."""
+    pipe, kwargs, scale = pipeline_case(where, embedded)
+    ours, theirs = RULES[name](scale)
+    out, nfe = generate(pipe, kwargs, ours)
+    ref, _ = generate(pipe, kwargs, GuiderRule(theirs))
+    assert torch.isfinite(out).all()
+    assert max_rel(out, ref) <= 1e-5, max_rel(out, ref)
+    zeroed = ours.zero_init_steps if isinstance(ours, CFGZeroStar) else 0
+    assert nfe.tolist() == [2 * STEPS - zeroed] * nfe.shape[0]  # CFG-Zero*'s zeroed steps skip the uncond pass
+    plain, _ = generate(pipe, kwargs, guidance.CFG(scale))
+    assert max_rel(out, plain) > 1e-4, "the rule must differ from CFG here (not a vacuous equality)"
+
+
+def test_composes_with_interval_and_schedules(embedded):
+    pipe, kwargs, _ = pipeline_case("embedded", embedded)
+    out, nfe = generate(pipe, kwargs, Interval(TCFG(guidance.Schedule("linear", 5.0, 2.0)), start=0.0, stop=0.5))
+    assert torch.isfinite(out).all() and nfe.tolist() == [STEPS + STEPS // 2] * 3
+
+
+# ----------------------------------------------------------------------------------- dynamic thresholding
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_threshold_equals_diffusers_schedulers(dtype):
+    """Our percentile clip of x0 is diffusers' DDPM / DDIM `_threshold_sample` (thresholding=True)."""
+    from diffusers import DDPMScheduler
+
+    from guidance.dynamic_thresholding import threshold_x0
+
+    x0 = (torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 1.7).to(dtype)
+    scheduler = DDPMScheduler(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=1.5)
+    expected = scheduler._threshold_sample(x0)
+    ours = threshold_x0(x0, 0.9, 1.5)
+    assert ours.dtype == dtype and torch.equal(ours, expected)
+    assert not torch.equal(ours, x0.clamp(-1, 1))  # s > 1 here: not plain clipping
+
+
+def test_dynamic_thresholding_in_the_pipeline_equals_the_schedulers_own():
+    """Embedded model, DDPM: CFG with the scheduler's own thresholding (thresholding=True) is our
+    DynamicThresholding(CFG()) with the scheduler's turned off, on the same seeds (DDPM's posterior mean uses the
+    thresholded x0, which our prediction encodes)."""
+    from diffusers import DDPMScheduler
+
+    model = load_embedded("cpu", scheduler="DDPMScheduler")
+    pipe = model.pipe
+    kwargs = dict(class_labels=[0, 3, 7], num_inference_steps=STEPS, output_type="pt", guidance_scale=9.0)
+    config = dict(pipe.scheduler.config)
+    pipe.scheduler = DDPMScheduler.from_config(config, thresholding=True, dynamic_thresholding_ratio=0.9,
+                                               sample_max_value=2.0)
+    native = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    pipe.scheduler = DDPMScheduler.from_config(config, thresholding=False, clip_sample=False)
+    plain = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    ours, nfe = generate(pipe, kwargs, guidance.DynamicThresholding(guidance.CFG(), percentile=0.9, max_value=2.0))
+    assert max_rel(ours, native) <= 1e-4, max_rel(ours, native)
+    assert max_rel(plain, native) > 1e-2  # thresholding matters at w = 9
+    assert nfe.tolist() == [2 * STEPS] * 3
+    again = guidance.from_config(guidance.DynamicThresholding(guidance.CFG(), 0.9, 2.0).to_config())
+    assert again.percentile == 0.9 and again.max_value == 2.0 and isinstance(again.inner, guidance.CFG)

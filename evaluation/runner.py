@@ -331,16 +331,39 @@ class SettingProgress:
     grid: list = field(default_factory=list)
 
 
+def _check_checkpoint_run(path: Path, saved: Any, run: dict | None) -> None:
+    """A checkpoint records the run settings that decided its content (seed, pipeline, steps, scheduler,
+    reference, ...): one made by another run (a file copied between folders) is refused, naming what differs.
+    Checkpoints written before this record have none; the run folder's settings.json vouches for those."""
+    if run is None or not isinstance(saved, dict) or not isinstance(saved.get("run"), dict):
+        return
+    other = saved["run"]
+    # num_images may grow: image i's seed and condition do not depend on it, so the first batches are the same
+    # (benchmarks/effects.py continues a row from N = 500 to 2,000 this way).
+    keys = sorted((set(other) | set(run)) - {"num_images"})
+    diff = [f"{k} (checkpoint: {other.get(k)!r}, this run: {run.get(k)!r})" for k in keys if other.get(k) != run.get(k)]
+    if diff:
+        raise InputError(f"{path} was made by a run with other settings (differing: {'; '.join(diff)}); its numbers "
+                         "are not this run's: delete it to recompute the setting, or use the run folder it came from")
+
+
 def _load_checkpoint(path: Path, suite: MetricSuite, setting: dict, num_batches: int,
-                     uses_guide: bool = False) -> SettingProgress | None:
+                     uses_guide: bool = False, run: dict | None = None) -> SettingProgress | None:
     """The saved progress, loaded into ``suite``; None (with a message) when there is none or it is unusable.
 
     Checkpoints written before guide-model counting have no "guide_nfe_sum": 0 for a setting without a
-    guide model; a setting with one is recomputed (its guide evaluations were not counted)."""
+    guide model; a setting with one is recomputed (its guide evaluations were not counted). A checkpoint of
+    another run (`run`: this run's `RunSpec.identity()`) is an InputError, not a resumption."""
     if not path.is_file():
         return None
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        saved = None  # unreadable: handled below as corrupt
+    _check_checkpoint_run(path, saved, run)
+    try:
+        if saved is None:
+            raise ValueError("unreadable")
         if saved.get("version") != CHECKPOINT_VERSION or saved.get("setting") != setting:
             _log(f"{path}: made for another setting or by another version; recomputing this setting")
             return None
@@ -360,8 +383,9 @@ def _load_checkpoint(path: Path, suite: MetricSuite, setting: dict, num_batches:
         return None
 
 
-def _save_checkpoint(path: Path, suite: MetricSuite, setting: dict, prog: SettingProgress) -> None:
-    atomic_save({"version": CHECKPOINT_VERSION, "setting": setting, "metrics": suite.state_dict(),
+def _save_checkpoint(path: Path, suite: MetricSuite, setting: dict, prog: SettingProgress,
+                     run: dict | None = None) -> None:
+    atomic_save({"version": CHECKPOINT_VERSION, "setting": setting, "run": run, "metrics": suite.state_dict(),
                  "done_batches": prog.done_batches, "nfe_sum": prog.nfe_sum,
                  "guide_nfe_sum": prog.guide_nfe_sum, "seconds": prog.seconds,
                  "grid": prog.grid}, path)
@@ -405,7 +429,8 @@ def run_setting(spec: RunSpec, source: Source, key: str, strategy_config: dict |
     num_batches = math.ceil(math.ceil(spec.num_images / dist.world_size) / spec.batch_size)
     setting = {"key": key, "strategy": strategy_config, "scale": scale}
     uses_guide = _uses_guide_model(strategy_config)
-    prog = _load_checkpoint(state_path, suite, setting, num_batches, uses_guide)
+    run = spec.identity()
+    prog = _load_checkpoint(state_path, suite, setting, num_batches, uses_guide, run)
     # All processes must resume at the same batch: if one lost its checkpoint, all start this setting over.
     if dist.world_size > 1 and dist.min(-1 if prog is None else prog.done_batches) != dist.max(
             -1 if prog is None else prog.done_batches):
@@ -436,7 +461,7 @@ def run_setting(spec: RunSpec, source: Source, key: str, strategy_config: dict |
             due = dist.is_main and time.monotonic() - last_save >= checkpoint_seconds
             count, save = dist.sum_many([len(indices), float(due)])
             if save or b + 1 == num_batches:
-                _save_checkpoint(state_path, suite, setting, prog)
+                _save_checkpoint(state_path, suite, setting, prog, run)
                 last_save, saved_batches = time.monotonic(), prog.done_batches
             if progress is not None:
                 progress.update(int(count))
@@ -444,7 +469,7 @@ def run_setting(spec: RunSpec, source: Source, key: str, strategy_config: dict |
         # Ctrl-C: keep the finished batches. (Not under several processes: they may stop at different
         # batches, and their checkpoints must agree.)
         if dist.world_size == 1 and prog.done_batches > saved_batches:
-            _save_checkpoint(state_path, suite, setting, prog)
+            _save_checkpoint(state_path, suite, setting, prog, run)
         raise
     metrics = suite.compute()  # torchmetrics reduces the states over all processes here
     nfe_sum, guide_nfe_sum, seconds = dist.sum(prog.nfe_sum), dist.sum(prog.guide_nfe_sum), dist.sum(prog.seconds)

@@ -196,3 +196,22 @@ def test_guide_nfe_survives_kill_and_resume_and_old_checkpoints_are_read(referen
     again = run(ag_spec(reference), tmp_path / "full", progress=False, source=source)
     assert len(updates) == 2  # CFG (finished) is read; AG recomputes its 2 batches; AG+CFG has the key
     assert [r["guide_nfe_per_image"] for r in again[1:]] == [2.0, 2.0]
+
+
+def test_a_checkpoint_of_another_run_is_refused_naming_the_key(reference, source, tmp_path, monkeypatch):
+    """Before: a checkpoint from a --seed 1 folder, resumed in a --seed 0 folder, reported seed 1's numbers."""
+    import shutil
+
+    one = dict(strategies=[StrategySpec.parse(SPECS[0])], metrics=("saturation",))
+    seed1, seed0 = tmp_path / "seed1", tmp_path / "seed0"
+    with killed_at_update(monkeypatch, 2):  # both folders hold a checkpoint of setting CFG@2 and no results
+        run(spec(reference, seed=1, **one), seed1, progress=False, source=source, checkpoint_seconds=0)
+    with killed_at_update(monkeypatch, 2):
+        run(spec(reference, seed=0, **one), seed0, progress=False, source=source, checkpoint_seconds=0)
+    (checkpoint,) = (seed1 / "state").glob("CFG@2*.pt")
+    shutil.copy(checkpoint, seed0 / "state" / checkpoint.name)
+    from evaluation.spec import InputError
+
+    with pytest.raises(InputError, match=r"made by a run with other settings \(differing: seed \(checkpoint: 1, "
+                                        r"this run: 0\)\)"):
+        run(spec(reference, seed=0, **one), seed0, progress=False, source=source)

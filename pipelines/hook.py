@@ -82,9 +82,10 @@ class CallState:
     # (a running sum would cost a few tensor operations per step on the masks' device).
     evaluated: list[torch.Tensor] = field(default_factory=list)
     guide_evaluated: list[torch.Tensor] = field(default_factory=list)  # the guide model's, counted apart
-    # Per step, whether the guided prediction was finite: 0-dim tensors on its device, read once at the end of the
-    # call (a read per step would synchronise an accelerator at every step).
+    # Per step, the float32 sum of the guided prediction (finite exactly when it is): 0-dim tensors on its device,
+    # read once at the end of the call (a read per step would synchronise an accelerator at every step).
     finite: list[torch.Tensor] = field(default_factory=list)
+    every_row: bool = True  # this step evaluates every row of both branches (set by GuidanceHandle.masks)
     guide_placed: bool = False  # the guide model's device / dtype was checked in this call
     reference: ReferencePrompts | None = None  # text pipelines: the class prompts' inputs for REF rows
     solver: dict = field(default_factory=dict)  # build_step_context's per-call state
@@ -94,7 +95,7 @@ class CallState:
         """The first step whose guided prediction held NaN or inf, or None."""
         if not self.finite:
             return None
-        flags = torch.stack([f.to(self.finite[0].device) for f in self.finite]).cpu()
+        flags = torch.isfinite(torch.stack([f.to(self.finite[0].device) for f in self.finite])).cpu()
         return None if bool(flags.all()) else int((~flags).nonzero()[0, 0])
 
     def counts(self, has_guide: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -338,9 +339,11 @@ class GuidanceHandle:
         unknown = set(masks) - {COND, UNCOND, REF, GUIDE}
         if unknown:
             raise NotImplementedError(f"branches {sorted(unknown)} are not supported by this pipeline adapter")
-        if not bool(masks[COND].all()):
-            raise NotImplementedError(f"{type(self.strategy).__name__}: every sample needs its conditional branch")
         out = {COND: masks[COND], UNCOND: masks[UNCOND] if UNCOND in masks else ctx.none()}
+        # One read of the device in the common case (every row of both branches); layouts reuse the answer.
+        self.call.every_row = bool(torch.cat([out[COND], out[UNCOND]]).all())
+        if not self.call.every_row and not bool(out[COND].all()):
+            raise NotImplementedError(f"{type(self.strategy).__name__}: every sample needs its conditional branch")
         if REF in masks and bool(masks[REF].any()):
             if self.layout.sequential or (ctx.labels is None and self.call.reference is None):
                 raise NotImplementedError(
@@ -355,7 +358,7 @@ class GuidanceHandle:
                 raise ValueError(f"{type(self.strategy).__name__} asks for the guide model's prediction but none was "
                                  "given; allowed: apply_guidance(pipe, strategy, guide_model=model)")
             out[GUIDE] = masks[GUIDE]
-        if self._cache_on and (REF in out or not bool(out[UNCOND].all())):
+        if self._cache_on and (REF in out or not self.call.every_row):
             # FasterCache splits every denoiser batch into [uncond; cond] halves and the other caches reuse
             # outputs of earlier steps by position: a batch of other rows would be misread, silently.
             raise NotImplementedError(
@@ -390,7 +393,8 @@ class GuidanceHandle:
             preds = {k: -v for k, v in preds.items()}
         guided = guided_prediction(self.strategy, ctx, preds)  # the call's guidance_rescale included
         guided = (-guided if a.negated_output else guided).to(cond.dtype)
-        self.call.finite.append(torch.isfinite(guided).all())
+        # NaN and inf survive a float32 sum (a sum past 3e38 is no valid prediction either): one op per step.
+        self.call.finite.append(guided.sum(dtype=torch.float32))
         self._finish_step(masks)
         if a.guide_channels_of_input and cond.shape[1] > channels:
             return torch.cat([guided, cond[:, channels:]], dim=1)  # DiT's learned-sigma channels, kept

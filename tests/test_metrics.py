@@ -86,6 +86,19 @@ def test_frechet_distance_factor_paths_match_scipy(samples):
     assert abs(float(frechet_distance(mu1, s1, mu2, s2, sqrtm_psd(s1))) - ref) / ref <= 1e-8
 
 
+def test_lower_sandwich_is_the_lower_triangle_of_the_full_product():
+    """Blocks that do not divide d, and a stack of covariances (one per scale)."""
+    from evaluation.fid import lower_sandwich
+
+    _, s1 = random_spd(37, 100, seed=5)
+    lower = torch.linalg.cholesky(s1)
+    stack = torch.stack([random_spd(37, 90, seed=6)[1], random_spd(37, 80, seed=7)[1]])
+    out = lower_sandwich(lower, stack, block=8)
+    full = lower.mT @ stack @ lower
+    assert torch.allclose(out.tril(), full.tril(), rtol=0, atol=1e-12 * float(full.abs().max()))
+    assert torch.equal(out.triu(1), torch.zeros_like(out.triu(1)))
+
+
 def test_frechet_distance_closed_forms_and_batching():
     mu, s = random_spd(32, 200, seed=3)
     assert abs(float(frechet_distance(mu, s, mu, s))) <= 1e-9 * float(s.trace())

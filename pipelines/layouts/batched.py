@@ -47,7 +47,7 @@ class UncondCond(Layout):
         if torch.is_tensor(class_ids) and class_ids.ndim == 1 and class_ids.shape[0] == n:
             ctx.labels = class_ids[cond_half]
         masks = h.masks(ctx)
-        if REF not in masks and bool(torch.cat([masks[COND], masks[UNCOND]]).all()):  # one read of the device
+        if REF not in masks and h.call.every_row:
             out = call.run()  # the pipeline's own call, untouched
             full = first(out)
             preds = {COND: full[cond_half], UNCOND: full[uncond_half]}

@@ -53,8 +53,8 @@ def psd_factor(sigma: Tensor) -> Tensor:
 
 
 def lower_sandwich(lower: Tensor, sigma: Tensor, block: int = 256) -> Tensor:
-    """The lower triangle of L^T sigma L for a lower-triangular L (the upper triangle is left zero), by blocks that
-    skip L's zeros: about 60% of the two full products' work. Written here because torch has neither BLAS's
+    """L^T sigma L for a lower-triangular L, its blocks on and below the diagonal only (all that eigvalsh reads:
+    the lower triangle; the blocks above are left zero), by blocks that skip L's zeros: about 60% of the two full products' work. Written here because torch has neither BLAS's
     triangular product (trmm) nor its triangle-only product (gemmt); at d = 2048 this saves 0.3 s of the ~1.5 s a
     first Frechet distance takes on one CPU thread."""
     n = lower.shape[-1]

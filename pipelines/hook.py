@@ -19,6 +19,7 @@ Two pieces, both removable without a trace:
 from __future__ import annotations
 
 import inspect
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -41,6 +42,38 @@ from .reference import ReferencePrompts, encode_reference_prompts, unsupported_r
 from .skip_layer import SkipLayerGuide
 
 HOOK_NAME = "guidance_kit"
+
+# Strategies with a pipeline call in progress (their per-call state: momentum, switches, histories), by id: one
+# strategy object guides one call at a time, so two pipelines (or threads) cannot share it silently.
+_STRATEGIES_IN_USE: dict[int, str] = {}
+_IN_USE_LOCK = threading.Lock()
+
+
+def _strategy_tree(strategy: GuidanceStrategy) -> list[GuidanceStrategy]:
+    children = (getattr(strategy, f, None) for f in strategy.config_fields)
+    return [strategy] + [s for c in children if isinstance(c, GuidanceStrategy) for s in _strategy_tree(c)]
+
+
+@contextmanager
+def _strategy_in_use(strategy: GuidanceStrategy, pipe_name: str):
+    """Claim `strategy` (and those it wraps) for one pipeline call; refuse one another call is using."""
+    tree = _strategy_tree(strategy)
+    with _IN_USE_LOCK:
+        busy = [s for s in tree if id(s) in _STRATEGIES_IN_USE]
+        if busy:
+            raise RuntimeError(
+                f"{pipe_name}: strategy {busy[0]!r} is guiding another pipeline call right now "
+                f"({_STRATEGIES_IN_USE[id(busy[0])]}); a strategy keeps per-call state (momentum, switches), so "
+                "one object guides one call at a time: give each pipeline or thread its own strategy "
+                "(guidance.from_config(strategy.to_config()) makes a copy)")
+        for s in tree:
+            _STRATEGIES_IN_USE[id(s)] = f"{pipe_name} in thread {threading.current_thread().name}"
+    try:
+        yield
+    finally:
+        with _IN_USE_LOCK:
+            for s in tree:
+                _STRATEGIES_IN_USE.pop(id(s), None)
 
 
 class _NoState(BaseState):
@@ -149,8 +182,10 @@ class GuidanceHandle:
         self.nfe: torch.Tensor | None = None
         self.guide_nfe: torch.Tensor | None = None
         self.call: CallState | None = None
+        self._call_lock = threading.Lock()  # one pipeline call at a time through this handle
         self._cache_on = False
         self._installed = False
+        self._removed = False
         self._install()
 
     def _resolve_guide(self, guide_model) -> tuple[torch.nn.Module | None, bool]:
@@ -196,8 +231,20 @@ class GuidanceHandle:
         handle = self
 
         def __call__(pipe_self, *args, **kwargs):
-            with handle._pipeline_call(original, pipe_self, args, kwargs):
-                return original.__call__(pipe_self, *args, **kwargs)
+            if pipe_self is not handle.pipe:  # a copy (copy.deepcopy) of the guided pipeline: no handle of its own
+                raise RuntimeError(f"{handle.pipe_name}: this pipeline is a copy of one guided by apply_guidance, and "
+                                   "the copy has no handle to count, check or remove its guidance; copy the pipeline "
+                                   "before apply_guidance (or after remove()), then apply guidance to the copy")
+            if not handle._call_lock.acquire(blocking=False):
+                raise RuntimeError(f"{handle.pipe_name}: a guided call of this pipeline is already running (another "
+                                   "thread, or a call from inside a callback); a guided pipeline runs one call at a "
+                                   "time: give each thread its own pipeline and strategy")
+            try:
+                with _strategy_in_use(handle.strategy, handle.pipe_name), \
+                        handle._pipeline_call(original, pipe_self, args, kwargs):
+                    return original.__call__(pipe_self, *args, **kwargs)
+            finally:
+                handle._call_lock.release()
 
         # Same name and module, so repr, save_pretrained and model_index.json stay unchanged.
         guided = type(original.__name__, (original,), {"__call__": __call__, "__module__": original.__module__,
@@ -209,12 +256,25 @@ class GuidanceHandle:
         """Uninstall: the pipeline behaves bit-identically to before `apply_guidance`."""
         if not self._installed:
             return
+        if self.call is not None:
+            raise RuntimeError(f"{self.pipe_name}: remove() during a guided pipeline call (from a step callback?) "
+                               "would leave the remaining steps unguided and the NFE half counted; remove it after "
+                               "the call returns")
         for module in self.denoisers:
             HookRegistry.check_if_exists_or_initialize(module).remove_hook(HOOK_NAME, recurse=False)
         self.pipe.__class__ = self.pipe.__class__._guidance_original_class
         self._installed = False
+        self._removed = True
+
+    def __deepcopy__(self, memo) -> "GuidanceHandle":
+        # A deep copy of a guided pipeline reaches its handle through the hooks: the copy keeps pointing at this
+        # handle, whose __call__ refuses to guide any pipeline but its own (see _install).
+        return self
 
     def __enter__(self) -> "GuidanceHandle":
+        if self._removed:
+            raise RuntimeError(f"{self.pipe_name}: this handle was removed, so the pipeline is no longer guided; "
+                               "call apply_guidance(pipe, strategy) again for a new one")
         return self
 
     def __exit__(self, *exc) -> None:

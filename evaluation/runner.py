@@ -267,10 +267,14 @@ def _read_json(path: Path) -> Any:
                          "delete it (the finished checkpoints in state/ are kept and checked)") from None
 
 
+LOCK_NAME = ".guidance-eval.lock"
+
+
 def _check_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {str(out)!r} is a file; allowed: a new folder or a guidance-eval run folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / "settings.json").is_file():
+    made = any(p.name != LOCK_NAME for p in out.iterdir()) if out.is_dir() else False
+    if made and not (out / "settings.json").is_file():
         raise InputError(f"--out {str(out)!r} is a non-empty folder that no guidance-eval run made (no "
                          "settings.json); pass a new folder, or an earlier run's folder to resume it")
     existing = next(p for p in [out, *out.parents] if p.exists())
@@ -602,16 +606,56 @@ def prepare(spec: RunSpec, out: str | Path, source: Source | None = None) -> Pre
 
 
 def execute(job: Prepared, progress: bool = True, checkpoint_seconds: float = CHECKPOINT_SECONDS) -> list[dict]:
-    """Evaluate every setting into the folder; returns the result rows (also written to disk)."""
+    """Evaluate every setting into the folder; returns this spec's result rows. results.json (and the report
+    made from it) keeps every finished setting of the folder, earlier runs' included."""
+
+    spec, out, dist = job.spec, job.out, job.dist
+    with contextlib.ExitStack() as held:
+        if dist.is_main:
+            held.enter_context(_one_writer(out))
+            (out / "state").mkdir(parents=True, exist_ok=True)
+            for stale in remove_stale_tmp(out):
+                _log(f"removed {stale}, a partial file left by an interrupted run")
+            atomic_write_text(out / "settings.json", json.dumps(job.record, indent=2))
+        return _execute_settings(job, progress, checkpoint_seconds)
+
+
+@contextlib.contextmanager
+def _one_writer(out: Path):
+    """The run folder has one writer: a second run started on it (before, it deleted the first one's live .tmp
+    files as 'left by an interrupted run') is refused while the first holds the lock."""
+    from filelock import FileLock, Timeout  # installed with huggingface_hub
+
+    out.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(out / LOCK_NAME))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise InputError(f"run folder {out} is being written by another guidance-eval run (it holds "
+                         f"{out / LOCK_NAME}); wait for it to finish, or use another --out") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _previous_rows(out: Path) -> dict[str, dict]:
+    """The finished rows of the folder's earlier runs (results.json), by setting, so that a run with another
+    spec list keeps them in its results instead of dropping them."""
+    path = out / "results.json"
+    if not path.is_file():
+        return {}
+    rows = _read_json(path).get("rows") or []
+    return {r["setting"]: r for r in rows if isinstance(r, dict) and "setting" in r}
+
+
+def _execute_settings(job: Prepared, progress: bool, checkpoint_seconds: float) -> list[dict]:
     from .report import write_grid, write_report
 
     spec, out, dist = job.spec, job.out, job.dist
-    if dist.is_main:
-        (out / "state").mkdir(parents=True, exist_ok=True)
-        for stale in remove_stale_tmp(out):
-            _log(f"removed {stale}, a partial file left by an interrupted run")
-        atomic_write_text(out / "settings.json", json.dumps(job.record, indent=2))
     dist.barrier()
+    finished = _previous_rows(out) if dist.is_main else {}
+    order = list(job.record.get("settings") or {})  # the folder's settings, earlier runs' first
     rows, describe = [], {}
     bar = Progress(len(spec.settings()) * spec.num_images, progress and dist.is_main)
     try:
@@ -627,8 +671,10 @@ def execute(job: Prepared, progress: bool = True, checkpoint_seconds: float = CH
                 continue
             if result["grid"] is not None:
                 write_grid(result["grid"], out / "grids" / f"{safe_name(key)}.png")
+            finished[key] = result["row"]
+            kept = [finished[k] for k in order if k in finished] + [r for k, r in finished.items() if k not in order]
             atomic_write_text(out / "results.json", json.dumps(
-                {"settings": spec.identity(), "metrics": describe, "rows": rows, "processes": dist.world_size},
+                {"settings": spec.identity(), "metrics": describe, "rows": kept, "processes": dist.world_size},
                 indent=2))
     finally:
         bar.close()

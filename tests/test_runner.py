@@ -215,3 +215,34 @@ def test_a_checkpoint_of_another_run_is_refused_naming_the_key(reference, source
     with pytest.raises(InputError, match=r"made by a run with other settings \(differing: seed \(checkpoint: 1, "
                                         r"this run: 0\)\)"):
         run(spec(reference, seed=0, **one), seed0, progress=False, source=source)
+
+
+def test_a_second_spec_list_keeps_the_folders_earlier_settings_in_its_results(reference, source, tmp_path):
+    """Before: a second run with another spec list into a finished folder dropped the earlier settings from
+    results.json, results.csv and table.md (their checkpoints survived)."""
+    first = dict(strategies=[StrategySpec.parse(SPECS[0])], metrics=("saturation",))
+    second = dict(strategies=[StrategySpec.parse(SPECS[1])], metrics=("saturation",))
+    run(spec(reference, **first), tmp_path, progress=False, source=source)
+    rows = run(spec(reference, **second), tmp_path, progress=False, source=source)
+    assert [r["setting"] for r in rows] == ["APG@4"]  # what this run evaluated
+    kept = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [r["setting"] for r in kept] == ["CFG@2", "CFG@4", "APG@4"]
+    table = (tmp_path / "table.md").read_text()
+    assert all(k in table for k in ("CFG", "APG")) and (tmp_path / "results.csv").read_text().count("\n") == 4
+
+
+def test_a_folder_being_written_is_refused_to_a_second_run(reference, source, tmp_path):
+    """Before: two runs at once in one folder, and one deleted the other's live .tmp file."""
+    from filelock import FileLock
+
+    from evaluation.runner import LOCK_NAME
+    from evaluation.spec import InputError
+
+    one = dict(strategies=[StrategySpec.parse(SPECS[0])], metrics=("saturation",))
+    run(spec(reference, **one), tmp_path, progress=False, source=source)
+    live = tmp_path / "state" / "live.pt.tmp"
+    live.write_bytes(b"being written")
+    with FileLock(str(tmp_path / LOCK_NAME)):  # another run holds the folder
+        with pytest.raises(InputError, match="is being written by another guidance-eval run"):
+            run(spec(reference, **one), tmp_path, progress=False, source=source)
+    assert live.read_bytes() == b"being written"  # nothing of the other run was touched

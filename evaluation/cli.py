@@ -219,6 +219,17 @@ def prepare_stats(args):
     out = args.out
     if out.is_dir():
         raise InputError(f"--out {str(out)!r} is a folder; allowed: a file name such as ref.npz")
+    if out.exists() and Path(str(args.source)).exists() and out.resolve() == Path(str(args.source)).resolve():
+        raise InputError(f"--out {str(out)!r} is the --source itself: writing the statistics would destroy the "
+                         "images; allowed: another file name")
+    if out.is_file():
+        from .fid import ReferenceStats
+
+        try:
+            ReferenceStats.load(out)
+        except ValueError:
+            raise InputError(f"--out {str(out)!r} exists and is not a statistics file: it would be overwritten; "
+                             "allowed: a new file name, or a statistics file to replace") from None
     existing = next(p for p in [out.parent, *out.parent.parents] if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise InputError(f"--out {str(out)!r}: {existing} is not a writable folder")

@@ -9,9 +9,11 @@ singular (fewer samples than dimensions), where Cholesky fails. F depends on the
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -245,10 +247,19 @@ def compute_reference_stats(source, extractor, batch_size: int = 50, limit: int 
         except Exception as e:  # truncated or zero bytes (a kill or a full disk): start over
             warnings.warn(f"checkpoint={str(checkpoint)!r} is corrupt or truncated ({type(e).__name__}); "
                           "recomputing from the first image")
+    identity = _stats_identity(source, extractor, limit, shuffle_seed, keep_features, total, batch_size)
     if saved is not None:
         if int(saved["total"]) != total or int(saved["batch_size"]) != batch_size:
             raise ValueError(f"checkpoint={str(checkpoint)!r} belongs to another computation "
                              f"({int(saved['total'])} images, batch {int(saved['batch_size'])}); delete it")
+        made_by = saved.get("identity")  # absent in checkpoints of earlier versions: total and batch checked above
+        if isinstance(made_by, dict):
+            diff = [f"{k} (checkpoint: {made_by.get(k)!r}, now: {identity.get(k)!r})"
+                    for k in sorted(set(made_by) | set(identity)) if made_by.get(k) != identity.get(k)]
+            if diff:
+                raise ValueError(f"checkpoint={str(checkpoint)!r} belongs to another computation (differing: "
+                                 f"{'; '.join(diff)}); resuming would mix the two: delete it, or rerun with its "
+                                 "settings")
         for name in ("feature_sum", "outer_sum", "num_samples"):
             setattr(moments, name, saved[name].to(device))
         kept = [saved["features"]] if keep_features and saved["features"].numel() else []
@@ -264,14 +275,31 @@ def compute_reference_stats(source, extractor, batch_size: int = 50, limit: int 
                 kept.append(features.float().cpu())
             bar.update(len(batch))
             if checkpoint is not None and (i + 1) % checkpoint_every == 0:
-                _save_progress(checkpoint, moments, kept, i + 1, total, batch_size)
+                _save_progress(checkpoint, moments, kept, i + 1, total, batch_size, identity)
     mu, sigma = moments.moments()
     return ReferenceStats(mu.cpu(), sigma.cpu(), int(moments.num_samples), extractor.preset, extractor.extractor_id,
                           torch.cat(kept) if keep_features else None)
 
 
-def _save_progress(path, moments: FeatureMoments, kept: list[Tensor], done: int, total: int, batch_size: int) -> None:
+def _stats_identity(source, extractor, limit, shuffle_seed, keep_features, total, batch_size) -> dict:
+    """Everything that decides a reference computation's features: the source (a file by path, size and time; a
+    folder by path; an array by shape and a hash of its bytes), the preset and network, limit, shuffle, batch."""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source).resolve()
+        what = str(path) + (f" ({path.stat().st_size} bytes, mtime {path.stat().st_mtime_ns})" if path.is_file() else "")
+    elif isinstance(source, (np.ndarray, Tensor)):
+        array = np.ascontiguousarray(source.cpu().numpy() if isinstance(source, Tensor) else source)
+        what = f"array {array.shape} {array.dtype} sha256 {hashlib.sha256(array.tobytes()).hexdigest()[:16]}"
+    else:
+        what = f"{type(source).__name__} of {total} items"
+    return {"source": what, "preset": getattr(extractor, "preset", None),
+            "extractor_id": getattr(extractor, "extractor_id", None), "limit": limit, "shuffle_seed": shuffle_seed,
+            "keep_features": bool(keep_features), "total": total, "batch_size": batch_size}
+
+
+def _save_progress(path, moments: FeatureMoments, kept: list[Tensor], done: int, total: int, batch_size: int,
+                   identity: dict | None = None) -> None:
     state = {name: getattr(moments, name).cpu() for name in ("feature_sum", "outer_sum", "num_samples")}
-    state.update(done=done, total=total, batch_size=batch_size,
+    state.update(done=done, total=total, batch_size=batch_size, identity=identity,
                  features=torch.cat(kept) if kept else torch.empty(0))
     atomic_save(state, path)

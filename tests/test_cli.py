@@ -366,23 +366,29 @@ def test_pickle_renamed_safetensors_as_strategy_weights(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case", ["missing source", "npz without images", "out is a folder", "limit 1",
-                                  "missing inception"])
+                                  "missing inception", "out is the source", "out is another file"])
 def test_stats_bad_inputs(case, tmp_path, capsys):
     np.savez(tmp_path / "pics.npz", pictures=np.zeros((3, 8, 8, 3), np.uint8))
     np.savez(tmp_path / "imgs.npz", images=np.zeros((3, 8, 8, 3), np.uint8))
+    (tmp_path / "notes.txt").write_text("my notes")
     argv = {"missing source": ["--source", tmp_path / "none"],
             "npz without images": ["--source", tmp_path / "pics.npz"],
             "out is a folder": ["--source", tmp_path / "imgs.npz", "--out", tmp_path],
             "limit 1": ["--source", tmp_path / "imgs.npz", "--limit", "1"],
-            "missing inception": ["--source", tmp_path / "imgs.npz", "--inception", tmp_path / "no.pt"]}[case]
+            "missing inception": ["--source", tmp_path / "imgs.npz", "--inception", tmp_path / "no.pt"],
+            "out is the source": ["--source", tmp_path / "imgs.npz", "--out", tmp_path / "imgs.npz"],
+            "out is another file": ["--source", tmp_path / "imgs.npz", "--out", tmp_path / "notes.txt"]}[case]
     if "--out" not in argv:
         argv += ["--out", tmp_path / "ref.npz"]
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
     code, err = cli(["stats", *argv, "--device", "cpu"], capsys)
     assert code == 2
     assert_one_line(err, 2, {"missing source": "neither a folder", "npz without images": "no 'images' array",
                              "out is a folder": "is a folder", "limit 1": "argument --limit: ",
-                             "missing inception": "no.pt"}[case])
+                             "missing inception": "no.pt", "out is the source": "is the --source itself",
+                             "out is another file": "exists and is not a statistics file"}[case])
     assert not (tmp_path / "ref.npz").exists()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before  # nothing overwritten
 
 
 # -------------------------------------------------------------------------------------------- speed, progress

@@ -70,3 +70,20 @@ def test_shipped_cifar10_statistics_are_consistent():
         assert torch.equal(stats.sigma, stats.sigma.T) and float(torch.linalg.eigvalsh(stats.sigma).min()) > -1e-8
     fid = float(frechet_distance(train.mu, train.sigma, test.mu, test.sigma))
     assert 2.5 < fid < 4.0, fid
+
+
+@pytest.mark.parametrize("change", ["source", "preset"])
+def test_a_partial_computation_resumed_with_another_source_or_preset_is_refused(tmp_path, change):
+    """Before: `stats` interrupted and rerun with another --source or --preset exited 0 with both mixed in."""
+    images = np.random.default_rng(0).integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
+    ckpt = tmp_path / "ref.partial"
+    with pytest.raises(KeyboardInterrupt):
+        compute_reference_stats(images, PixelMoments(fail_at=7), batch_size=4, progress=False, checkpoint=ckpt,
+                                checkpoint_every=2)
+    other_images = images[::-1].copy() if change == "source" else images
+    extractor = PixelMoments()
+    if change == "preset":
+        extractor.preset = "clean"
+    with pytest.raises(ValueError, match=rf"belongs to another computation \(differing: {change}"):
+        compute_reference_stats(other_images, extractor, batch_size=4, progress=False, checkpoint=ckpt,
+                                checkpoint_every=2)

@@ -120,6 +120,8 @@ def check_range(owner: str, name: str, value: Any, low: float | None = None, hig
     # numpy scalars and one-element tensors / arrays are numbers too (users pass np.float32(3), x.mean())
     if _is_scalar(value):
         value = value.item() if hasattr(value, "item") else value
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 1e308:  # float() would overflow
+        raise ValueError(f"{owner}: {name}=<an integer of {len(str(abs(value)))} digits> is invalid; allowed: {allowed}")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{owner}: {name}={value!r} is invalid; allowed: {allowed}")
     bad_low = low is not None and (value <= low if low_open else value < low)
@@ -280,13 +282,22 @@ def register_strategy(cls: type[GuidanceStrategy], name: str | None = None) -> t
     return cls
 
 
-def from_config(config: Mapping | str, where: str = "config") -> GuidanceStrategy:
+MAX_CONFIG_DEPTH = 32  # strategies nested deeper than any real composition: a generated or corrupt config
+
+
+def from_config(config: Mapping | str, where: str = "config", _depth: int = 0) -> GuidanceStrategy:
     """Rebuild a strategy from `to_config()` output (a dict or its JSON text)."""
+    if _depth > MAX_CONFIG_DEPTH:
+        raise ValueError(f"{where.split(' params.')[0]}: strategies nested more than {MAX_CONFIG_DEPTH} deep; "
+                         f"allowed: at most {MAX_CONFIG_DEPTH} levels of wrapping (Interval(Rescale(...)) is two)")
     if isinstance(config, str):
         try:
             config = json.loads(config)
         except json.JSONDecodeError as e:
             raise ValueError(f"{where}={config[:80]!r} is not valid JSON: {e}") from None
+        except RecursionError:
+            raise ValueError(f"{where}={config[:80]!r}...: nested too deep to read; allowed: at most "
+                             f"{MAX_CONFIG_DEPTH} levels of wrapping") from None
     if not isinstance(config, Mapping) or "name" not in config:
         raise ValueError(f"{where}={config!r} is malformed; allowed: a mapping with 'name' and optional 'params'")
     unknown = sorted(set(config) - {"name", "params"}, key=str)
@@ -303,7 +314,7 @@ def from_config(config: Mapping | str, where: str = "config") -> GuidanceStrateg
     params = dict(params or {})
     for key, value in params.items():
         if isinstance(value, Mapping) and "name" in value:  # a nested strategy (Interval's inner, ...)
-            params[key] = from_config(value, f"{where} params.{key}")
+            params[key] = from_config(value, f"{where} params.{key}", _depth + 1)
         elif isinstance(value, Mapping) and value.get("schedule"):
             from .schedules import Schedule
 

@@ -11,10 +11,18 @@ import numpy as np
 import pytest
 import torch
 
+import guidance
 from guidance import (APG, CFG, GFCG, AdaptiveGuidance, CalibratedClassifierGuidance, ClassifierGuidance, DynamicCFG,
                       Interval, LinearAG, Rescale, Schedule, from_config)
 from pipelines import apply_guidance, load_embedded
 from pipelines.embedded import WEIGHTS_DIR
+
+
+def _nested(depth: int) -> dict:
+    config = {"name": "CFG", "params": {}}
+    for _ in range(depth):
+        config = {"name": "Interval", "params": {"inner": config}}
+    return config
 
 REFUSED = {
     # --- strategies' constructors
@@ -41,6 +49,14 @@ REFUSED = {
     "Interval sigma_max < sigma_min": (lambda: Interval(CFG(), sigma_min=5, sigma_max=1), ValueError,
                                        "sigma_max=1 is below sigma_min=5"),
     "Rescale phi 1.5": (lambda: Rescale(CFG(), phi=1.5), ValueError, "phi=1.5 is out of range"),
+    # before: OverflowError (int too large to convert to float), RecursionError
+    "CFG scale a 402-digit integer": (lambda: CFG(scale=10**401), ValueError,
+                                      "scale=<an integer of 402 digits> is invalid"),
+    "config nested 2000 deep": (lambda: guidance.from_config(_nested(2000)), ValueError,
+                                "strategies nested more than 32 deep"),
+    "config JSON nested 5000 deep": (lambda: guidance.from_config(
+        '{"name": "Interval", "params": {"inner": ' * 5000 + '{"name": "CFG"}' + "}}" * 5000), ValueError,
+        "nested too deep to read"),
     "Rescale inner None": (lambda: Rescale(None), ValueError, "inner=None"),
     "AG threshold a bool": (lambda: AdaptiveGuidance(threshold=True), ValueError, "threshold=True"),
     "AG unknown space": (lambda: AdaptiveGuidance(similarity_space="pixel"), ValueError, "similarity_space='pixel'"),

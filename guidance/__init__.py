@@ -13,6 +13,7 @@ from .base import (COND, GUIDE, REF, REGISTRY, UNCOND, GuidanceStrategy, StepCon
                    register_strategy)
 from .call import CallDescription
 from .cfg import CFG, rescale_to_cond_std
+from .cfg_pp import CFGPlusPlus
 from .cfg_zero_star import CFGZeroStar
 from .comfyui import CFGNorm, Mahiro
 from .classifier import ImageClassifier, class_prompts, register_classifier, smooth_relu
@@ -29,6 +30,7 @@ __all__ = [
     "APG",
     "APGMix",
     "CFGNorm",
+    "CFGPlusPlus",
     "CFGZeroStar",
     "Mahiro",
     "MAMBOG",
@@ -73,5 +75,5 @@ __all__ += ["DynamicCFG", "DynamicThresholding", "plot_schedules"]
 # The strategies configs may name (explicit: a user's class with one of these names cannot replace it).
 for _cls in (CFG, APG, AdaptiveGuidance, Interval, Rescale, LinearAG, CalibratedClassifierGuidance,
              ClassifierGuidance, GFCG, DynamicCFG, Autoguidance, CFGZeroStar, TCFG, MAMBOG, APGMix,
-             DynamicThresholding, CFGNorm, Mahiro):
+             DynamicThresholding, CFGNorm, Mahiro, CFGPlusPlus):
     register_strategy(_cls)

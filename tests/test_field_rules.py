@@ -250,3 +250,88 @@ def test_dynamic_thresholding_in_the_pipeline_equals_the_schedulers_own():
     assert nfe.tolist() == [2 * STEPS] * 3
     again = guidance.from_config(guidance.DynamicThresholding(guidance.CFG(), 0.9, 2.0).to_config())
     assert again.percentile == 0.9 and again.max_value == 2.0 and isinstance(again.inner, guidance.CFG)
+
+
+# ------------------------------------------------------------------------------------------------- CFG++
+
+
+def cfg_pp_loop(model, scheduler_name: str, labels: list[int], lam: float, steps: int) -> torch.Tensor:
+    """CFG++ written from the paper's update (x_next = x0_lambda re-noised with eps_u), in the scheduler's own
+    space, calling the embedded UNet directly: DDIM in VP form, Euler in VE form (x_next = x0 + sigma' eps)."""
+    pipe = model.pipe
+    sched = pipe.scheduler
+    sched.set_timesteps(steps)
+    labels_t = torch.tensor(labels)
+    gens = torch.Generator().manual_seed(0)
+    shape = (len(labels), pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
+    from diffusers.utils.torch_utils import randn_tensor
+
+    x = randn_tensor(shape, generator=gens) * sched.init_noise_sigma
+    null = torch.full_like(labels_t, pipe.null_class)
+    for i, t in enumerate(sched.timesteps):
+        # the model input by hand: Euler's scale_model_input counts steps through step(), not called here
+        inp = x if scheduler_name == "DDIMScheduler" else x / (sched.sigmas[i] ** 2 + 1) ** 0.5
+        eps_c = pipe.unet(inp, t, class_labels=labels_t).sample.double()
+        eps_u = pipe.unet(inp, t, class_labels=null).sample.double()
+        eps_l = eps_u + lam * (eps_c - eps_u)
+        if scheduler_name == "DDIMScheduler":
+            abar = sched.alphas_cumprod[int(t)].double()
+            prev = int(t) - sched.config.num_train_timesteps // steps
+            abar_prev = sched.alphas_cumprod[prev].double() if prev >= 0 else sched.final_alpha_cumprod.double()
+            x0 = (x - (1 - abar).sqrt() * eps_l) / abar.sqrt()
+            x = (abar_prev.sqrt() * x0 + (1 - abar_prev).sqrt() * eps_u).float()
+        else:  # Euler on the VE sample: x = x0 + sigma eps
+            sigma, sigma_next = sched.sigmas[i].double(), sched.sigmas[i + 1].double()
+            x0 = x - sigma * eps_l
+            x = (x0 + sigma_next * eps_u).float()
+    return (x / 2 + 0.5).clamp(0, 1)
+
+
+@pytest.mark.parametrize("scheduler", ["DDIMScheduler", "EulerDiscreteScheduler"])
+def test_cfg_pp_equals_an_independent_cfg_pp_loop(scheduler):
+    from diffusers import DDIMScheduler
+
+    model = load_embedded("cpu", scheduler=scheduler)
+    if scheduler == "DDIMScheduler":  # the embedded DDIM clips x0, which CFG++ refuses (see the test below)
+        model.pipe.scheduler = DDIMScheduler.from_config(model.pipe.scheduler.config, clip_sample=False)
+    labels, lam, steps = [0, 3, 7], 0.7, 6
+    expected = cfg_pp_loop(model, scheduler, labels, lam, steps)
+    with apply_guidance(model.pipe, guidance.CFGPlusPlus(lam)) as handle:
+        ours = model.pipe(class_labels=labels, num_inference_steps=steps, guidance_scale=3.0, output_type="pt",
+                          generator=torch.Generator().manual_seed(0)).images
+    assert max_rel(ours, expected) <= 1e-4, max_rel(ours, expected)
+    assert handle.nfe.tolist() == [2 * steps] * 3
+    cfg = model.pipe(class_labels=labels, num_inference_steps=steps, guidance_scale=3.0, output_type="pt",
+                     generator=torch.Generator().manual_seed(0)).images
+    assert max_rel(ours, cfg) > 1e-2
+
+
+def test_cfg_pp_on_flow_lands_on_the_cfg_pp_update_from_s_1():
+    """FlowMatch Euler steps x' = x + (s' - s) v; with our v the step equals (1 - s') x0_lambda + s' eps_u, also at
+    the first step of a flow schedule (s = 1, where x0 = x - v and eps = x)."""
+    g = torch.Generator().manual_seed(0)
+    x, c, u = (torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    lam = 0.6
+    for s, s_next in [(1.0, 0.8), (0.5, 0.3), (0.2, 0.0)]:
+        full = lambda v: torch.full((2, 1, 1, 1), v, dtype=torch.float64)  # noqa: E731
+        ctx = StepContext(0, 5, 1000.0 * s, Parametrization("flow", x, full(1 - s), full(s)),
+                          next_sigma=s_next / (1 - s_next))
+        v = guidance.CFGPlusPlus(lam).combine(ctx, {COND: c, UNCOND: u})
+        x0_lam = x - s * (u + lam * (c - u))
+        eps_u = x + (1 - s) * u  # flow: eps = x0 + v, x0 = x - s v
+        assert torch.allclose(x + (s_next - s) * v, (1 - s_next) * x0_lam + s_next * eps_u, atol=1e-12)
+
+
+def test_cfg_pp_refuses_solvers_it_cannot_steer():
+    model = load_embedded("cpu", scheduler="DPMSolverMultistepScheduler")
+    with apply_guidance(model.pipe, guidance.CFGPlusPlus(0.5)):
+        with pytest.raises(ValueError, match="scheduler=DPMSolverMultistepScheduler does not step"):
+            model.pipe(class_labels=[0], num_inference_steps=3, output_type="pt")
+    model = load_embedded("cpu")  # DDIM with clip_sample=True
+    with apply_guidance(model.pipe, guidance.CFGPlusPlus(0.5)):
+        with pytest.raises(ValueError, match="clips the x0 of the prediction it is given"):
+            model.pipe(class_labels=[0], num_inference_steps=3, output_type="pt")
+        with pytest.raises(ValueError, match="DDIM with eta=0.5 adds noise"):
+            model.pipe(class_labels=[0], num_inference_steps=3, output_type="pt", eta=0.5)
+    with pytest.raises(ValueError, match="scale=None would take the call's CFG scale"):
+        guidance.CFGPlusPlus(None)

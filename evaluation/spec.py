@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,18 @@ def _is_number(value: Any) -> bool:
 def safe_name(key: str) -> str:
     """A setting's file name: letters, digits and -_.@ kept, anything else (/, spaces, ...) as _."""
     return "".join(c if c.isalnum() or c in "-_.@" else "_" for c in key)
+
+
+def scale_text(scale: float) -> str:
+    """A scale as a setting's name shows it: '%g' (3, 7.5: the names of earlier run folders), or the shortest
+    exact form where '%g' would round (2.0000001, 1234567.0), so that two scales never share a name."""
+    short = f"{scale:g}"
+    return short if float(short) == float(scale) else repr(float(scale))
+
+
+def _looks(label: str) -> str:
+    """What a label looks like in a table: Unicode-normalised, case-folded, spaces collapsed."""
+    return " ".join(unicodedata.normalize("NFKC", label).casefold().split())
 
 
 @dataclass
@@ -287,18 +300,29 @@ class RunSpec:
         if twice:
             raise InputError(f"label(s) {twice} are used by more than one strategy spec; give each spec its own "
                              "label (one spec may list several scales)")
-        seen: dict[str, str] = {}
-        for key, _, _ in self.settings():
+        alike: dict[str, str] = {}
+        for label in labels:  # rows that would look the same in a table, though the labels differ
+            if _looks(label) in alike:
+                raise InputError(f"labels {alike[_looks(label)]!r} and {label!r} differ only in case, spaces or "
+                                 "Unicode form, so their rows would look identical; give them labels that differ "
+                                 "in a letter or digit")
+            alike[_looks(label)] = label
+        seen: dict[str, tuple[str, float]] = {}
+        for key, _, scale in self.settings():
             # Settings share nothing but their file name: equal names (also up to case, for macOS and
             # Windows file systems) would share one checkpoint and report one setting's numbers twice.
             name = safe_name(key).lower()
             if name in seen:
-                raise InputError(f"settings {seen[name]!r} and {key!r} would share the checkpoint file "
+                other, other_scale = seen[name]
+                if other.rsplit("@", 1)[0] == key.rsplit("@", 1)[0]:
+                    raise InputError(f"strategy spec {key.rsplit('@', 1)[0]!r} lists the scale {scale_text(scale)} "
+                                     "twice (equal numbers are one setting); list each scale once")
+                raise InputError(f"settings {other!r} and {key!r} would share the checkpoint file "
                                  f"{safe_name(key)!r}; give them labels that differ in a letter or digit")
-            seen[name] = key
+            seen[name] = (key, scale)
 
     def settings(self) -> list[tuple[str, dict | None, float]]:
-        return [(f"{s.label}@{scale:g}", s.strategy, scale) for s in self.strategies for scale in s.scales]
+        return [(f"{s.label}@{scale_text(scale)}", s.strategy, scale) for s in self.strategies for scale in s.scales]
 
     def identity(self) -> dict:
         """What must match for a run folder to be resumed: everything but the settings (a folder may gain

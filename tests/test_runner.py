@@ -246,3 +246,29 @@ def test_a_folder_being_written_is_refused_to_a_second_run(reference, source, tm
         with pytest.raises(InputError, match="is being written by another guidance-eval run"):
             run(spec(reference, **one), tmp_path, progress=False, source=source)
     assert live.read_bytes() == b"being written"  # nothing of the other run was touched
+
+
+def _cfg_spec(label, scales):
+    return StrategySpec.parse({"label": label, "strategy": {"name": "CFG", "params": {}}, "scales": scales})
+
+
+@pytest.mark.parametrize("labels, message", [
+    (["CFG", "cfg"], "labels 'CFG' and 'cfg' differ only in case"),
+    (["CFG", " CFG  "], "differ only in case, spaces or Unicode form"),
+    (["Caf\u00e9", "Cafe\u0301"], "differ only in case, spaces or Unicode form"),  # NFC and NFD of one word
+])
+def test_labels_that_look_alike_are_refused(labels, message):
+    from evaluation.spec import InputError
+
+    with pytest.raises(InputError, match=message):
+        RunSpec(strategies=[_cfg_spec(label, [3.0]) for label in labels], device="cpu")
+
+
+def test_scales_that_print_alike_get_their_own_names_and_equal_scales_are_named():
+    from evaluation.spec import InputError
+
+    keys = [k for k, _, _ in RunSpec(strategies=[_cfg_spec("A", [2, 2.0000001, 1234567, 1234568, 7.5])],
+                                     device="cpu").settings()]
+    assert keys == ["A@2", "A@2.0000001", "A@1234567.0", "A@1234568.0", "A@7.5"]
+    with pytest.raises(InputError, match=r"lists the scale 2 twice \(equal numbers are one setting\)"):
+        RunSpec(strategies=[_cfg_spec("A", [2, 2.0])], device="cpu")

@@ -52,9 +52,13 @@ def demo_strategies(steps: int) -> list[dict]:
     curves = {"CFG": [3.0, 7.5, 15.0], "APG": [3.0, 7.5, 15.0]}
     strategies = [{**s, "scales": curves.get(s["label"], s["scales"])} for s in DEMO_STRATEGIES]
     coefficients = WEIGHTS_DIR / "linear_ag" / f"embedded-ddim-{steps}.safetensors"
-    extra = [{"label": "LinearAG", "strategy": {"name": "LinearAG", "params": {"coefficients": str(coefficients)}},
-              "scales": [3.0]}] if coefficients.is_file() else []
-    return strategies + extra
+    if not coefficients.is_file():  # said, not silently dropped
+        shipped = sorted(int(p.stem.rsplit("-", 1)[1]) for p in coefficients.parent.glob("embedded-ddim-*.safetensors"))
+        print(f"demo: LinearAG left out: its coefficients ship for {', '.join(map(str, shipped))} steps, not {steps} "
+              "(fit them with `python -m pipelines.linear_ag_fit`)", file=sys.stderr)
+        return strategies
+    return strategies + [{"label": "LinearAG", "strategy": {"name": "LinearAG", "params": {
+        "coefficients": str(coefficients)}}, "scales": [3.0]}]
 
 
 def _read_prompts(value: str | None) -> list[str] | None:

@@ -720,3 +720,12 @@ def test_campaign_strategies_file_with_a_byte_order_mark_runs(tmp_path, capsys):
     argv[2] = str(tmp_path / "s.json")
     code, err = cli(argv, capsys)
     assert code == 0, err
+
+
+def test_demo_says_when_linear_ag_is_left_out(capsys):
+    """Before: `demo --steps 1` left LinearAG out without a word."""
+    from evaluation.cli import demo_strategies
+
+    assert any(s["label"] == "LinearAG" for s in demo_strategies(20)) and capsys.readouterr().err == ""
+    assert not any(s["label"] == "LinearAG" for s in demo_strategies(7))
+    assert "LinearAG left out: its coefficients ship for 20, 50 steps, not 7" in capsys.readouterr().err

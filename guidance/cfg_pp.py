@@ -54,7 +54,7 @@ class CFGPlusPlus(GuidanceStrategy):
         if name == "DDIMScheduler" and (config.get("clip_sample") or config.get("thresholding")):
             raise ValueError("CFGPlusPlus: this DDIMScheduler clips the x0 of the prediction it is given "
                              "(clip_sample / thresholding), which moves the step off the CFG++ update; allowed: "
-                             "DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, thresholding=False)")
+                             "a DDIMScheduler made from_config(<the scheduler's config>, clip_sample=False, thresholding=False)")
 
     def combine(self, ctx: StepContext, preds: Mapping[str, torch.Tensor]) -> torch.Tensor:
         lam = resolve_scale("CFGPlusPlus", "scale", self.scale, ctx)

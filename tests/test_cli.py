@@ -54,8 +54,8 @@ def assert_one_line(err: str, code: int, *needles: str) -> None:
 BAD_SPECS = {
     "labels sanitise to one file name": ([{**CFG, "label": "a/b"}, {**CFG, "label": "a_b"}], "share the checkpoint"),
     "one label twice": ([CFG, {**CFG, "scales": [3]}], "more than one strategy spec"),
-    "labels differ only in case": ([{**CFG, "label": "apg"}, {**CFG, "label": "APG"}], "share the checkpoint"),
-    "one scale twice": ([{**CFG, "scales": [2, 2]}], "share the checkpoint"),
+    "labels differ only in case": ([{**CFG, "label": "apg"}, {**CFG, "label": "APG"}], "differ only in case"),
+    "one scale twice": ([{**CFG, "scales": [2, 2]}], "lists the scale 2 twice"),
     "NaN scale": ('[{"label": "x", "strategy": null, "scales": [NaN]}]', "finite numbers"),
     "infinite scale": ('[{"label": "x", "strategy": null, "scales": [Infinity]}]', "finite numbers"),
     "scale as a string": ([{**CFG, "scales": ["3"]}], "finite numbers"),

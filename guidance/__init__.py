@@ -19,6 +19,7 @@ from .comfyui import CFGNorm, Mahiro
 from .classifier import ImageClassifier, class_prompts, register_classifier, smooth_relu
 from .compose import Interval, Rescale
 from .elucd import CalibratedClassifierGuidance, ClassifierGuidance
+from .fdg import FDG
 from .gfcg import GFCG
 from .linear_ag import LinearAG, LinearAGCoefficients, default_plan, fit_linear_ag
 from .mambo import MAMBOG
@@ -32,6 +33,7 @@ __all__ = [
     "CFGNorm",
     "CFGPlusPlus",
     "CFGZeroStar",
+    "FDG",
     "Mahiro",
     "MAMBOG",
     "TCFG",
@@ -75,5 +77,5 @@ __all__ += ["DynamicCFG", "DynamicThresholding", "plot_schedules"]
 # The strategies configs may name (explicit: a user's class with one of these names cannot replace it).
 for _cls in (CFG, APG, AdaptiveGuidance, Interval, Rescale, LinearAG, CalibratedClassifierGuidance,
              ClassifierGuidance, GFCG, DynamicCFG, Autoguidance, CFGZeroStar, TCFG, MAMBOG, APGMix,
-             DynamicThresholding, CFGNorm, Mahiro, CFGPlusPlus):
+             DynamicThresholding, CFGNorm, Mahiro, CFGPlusPlus, FDG):
     register_strategy(_cls)

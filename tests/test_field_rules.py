@@ -14,8 +14,8 @@ from typing import Callable, Mapping
 
 import pytest
 import torch
-from diffusers.guiders import (AdaptiveProjectedMixGuidance, ClassifierFreeZeroStarGuidance, MagnitudeAwareGuidance,
-                               TangentialClassifierFreeGuidance)
+from diffusers.guiders import (AdaptiveProjectedMixGuidance, ClassifierFreeZeroStarGuidance,
+                               FrequencyDecoupledGuidance, MagnitudeAwareGuidance, TangentialClassifierFreeGuidance)
 from diffusers.guiders.adaptive_projected_guidance_mix import MomentumBuffer
 
 import guidance
@@ -40,6 +40,11 @@ RULES: dict[str, Callable[[float], tuple[GuidanceStrategy, object]]] = {
     "MAMBOG": lambda w: (MAMBOG(w, alpha=2.0), MagnitudeAwareGuidance(guidance_scale=w, alpha=2.0)),
     "MAMBOG original": lambda w: (MAMBOG(w, alpha=2.0, use_original_formulation=True),
                                  MagnitudeAwareGuidance(guidance_scale=w, alpha=2.0, use_original_formulation=True)),
+    "FDG": lambda w: (guidance.FDG([w, w / 2]), FrequencyDecoupledGuidance(guidance_scales=[w, w / 2])),
+    "FDG parallel weights, original": lambda w: (
+        guidance.FDG([w, 2.0, w / 2], parallel_weights=[0.5, 1.0, 0.2], use_original_formulation=True),
+        FrequencyDecoupledGuidance(guidance_scales=[w, 2.0, w / 2], parallel_weights=[0.5, 1.0, 0.2],
+                                   use_original_formulation=True)),
     "APGMix": lambda w: (APGMix(w, apg_scale=6.0, momentum=-0.5, norm_threshold=3.0, eta=0.2, apg_start_step=2),
                          AdaptiveProjectedMixGuidance(guidance_scale=w, adaptive_projected_guidance_scale=6.0,
                                                       adaptive_projected_guidance_momentum=-0.5,
@@ -108,7 +113,7 @@ def test_equals_the_diffusers_guider_over_steps_in_fp32(name):
             assert torch.equal(a, b), step
         else:
             assert max_rel(a, b) <= 1e-6, (step, max_rel(a, b))
-    assert any(not torch.equal(a, b) for a, b in zip(ours, run_steps(*RULES[name](2.0), torch.float32)[0])), \
+    assert any(not torch.equal(a, b) for a, b in zip(ours, run_steps(*RULES[name](3.0), torch.float32)[0])), \
         "the scale must matter (not a vacuous equality)"
 
 
@@ -134,6 +139,18 @@ def test_mambo_g_on_4d_latents_where_diffusers_guider_raises():
     assert max_rel(ours, packed.mT.reshape(cond.shape)) <= 1e-6
 
 
+def test_fdg_level_at_scale_1_where_diffusers_guider_picks_the_wrong_level():
+    """diffusers 0.42.1's FDG appends the previous level's conditional prediction for a level it skips (scale 1),
+    so the rebuild fails on mismatched sizes; ours keeps that level's own, which is the limit of a scale -> 1."""
+    ctx = context(0, 2, (4, 16, 16))
+    g = torch.Generator().manual_seed(3)
+    preds = {COND: torch.randn(2, 4, 16, 16, generator=g), UNCOND: torch.randn(2, 4, 16, 16, generator=g)}
+    with pytest.raises(RuntimeError, match="must match the size"):
+        FrequencyDecoupledGuidance(guidance_scales=[4.0, 1.0]).forward(preds[COND], preds[UNCOND])
+    near = FrequencyDecoupledGuidance(guidance_scales=[4.0, 1.0 + 1e-7]).forward(preds[COND], preds[UNCOND]).pred
+    assert max_rel(guidance.FDG([4.0, 1.0]).combine(ctx, preds), near) <= 1e-6
+
+
 def test_zero_init_steps_skip_the_unconditional_pass():
     ctx = context(0, 2, (4, 4, 4))
     rule = CFGZeroStar(3.0, zero_init_steps=2)
@@ -149,6 +166,10 @@ def test_zero_init_steps_skip_the_unconditional_pass():
     (lambda: APGMix(apg_start_step=-2), r"APGMix: apg_start_step=-2 is invalid"),
     (lambda: APGMix(momentum=2.0), r"APG: momentum=2.0 is out of range"),
     (lambda: TCFG(scale=float("nan")), r"TCFG: scale=nan is invalid"),
+    (lambda: guidance.FDG([3.0]), r"FDG: scales=\[3.0\] has one level, which is CFG"),
+    (lambda: guidance.FDG([3.0, 2.0], parallel_weights=[1.0, 0.5, 0.2]), r"FDG: parallel_weights=.* one number per "
+                                                                         r"pyramid level \(2\)"),
+    (lambda: guidance.FDG([3.0, "a"]), r"FDG: scales\[1\]='a' is invalid"),
 ])
 def test_bad_settings_are_refused_by_name(make, message):
     with pytest.raises(ValueError, match=message):
@@ -165,7 +186,7 @@ def test_configs_round_trip(name):
 
 # --------------------------------------------------------------------------------------------- in pipelines
 
-PIPELINE_RULES = ["CFGZeroStar", "TCFG", "MAMBOG", "APGMix"]
+PIPELINE_RULES = ["CFGZeroStar", "TCFG", "MAMBOG", "APGMix", "FDG"]
 
 
 @pytest.fixture(scope="module")
@@ -195,6 +216,10 @@ def test_through_the_hook_equals_the_guider_in_the_same_pipeline(name, where, em
     """SD: one batched call per step; Flux: sequential true CFG (flow); the embedded class-conditional model."""
     pipe, kwargs, scale = pipeline_case(where, embedded)
     ours, theirs = RULES[name](scale)
+    if name == "FDG" and where == "flux":  # packed token latents: no spatial pyramid
+        with apply_guidance(pipe, ours), pytest.raises(ValueError, match=r"FDG: the Laplacian pyramid needs"):
+            pipe(**kwargs, generator=torch.Generator().manual_seed(0))
+        return
     out, nfe = generate(pipe, kwargs, ours)
     ref, _ = generate(pipe, kwargs, GuiderRule(theirs))
     assert torch.isfinite(out).all()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers.guiders import (AdaptiveProjectedMixGuidance, ClassifierFreeGuidance, ClassifierFreeZeroStarGuidance,
-                               MagnitudeAwareGuidance, TangentialClassifierFreeGuidance)
+                               FrequencyDecoupledGuidance, MagnitudeAwareGuidance, TangentialClassifierFreeGuidance)
 from diffusers.modular_pipelines import SequentialPipelineBlocks
 from diffusers.modular_pipelines.stable_diffusion_3.modular_blocks_stable_diffusion_3 import (
     StableDiffusion3T2ICoreDenoiseStep,
@@ -25,7 +25,7 @@ from diffusers.modular_pipelines.stable_diffusion_xl.before_denoise import (
 from diffusers.modular_pipelines.stable_diffusion_xl.denoise import StableDiffusionXLDenoiseStep
 
 import tiny_pipelines as tp
-from guidance import (APG, CFG, MAMBOG, TCFG, AdaptiveGuidance, APGMix, Autoguidance, CFGZeroStar, DynamicCFG,
+from guidance import (APG, CFG, FDG, MAMBOG, TCFG, AdaptiveGuidance, APGMix, Autoguidance, CFGZeroStar, DynamicCFG,
                       GuidanceStrategy, Interval)
 from pipelines.guider import StrategyGuider
 
@@ -223,6 +223,8 @@ def test_partial_unconditional_runs_the_batch_and_hides_other_rows():
 GUIDER_RULES = {  # ours, diffusers' guider, at the same settings
     "CFGZeroStar": lambda: (CFGZeroStar(SCALE), ClassifierFreeZeroStarGuidance(guidance_scale=SCALE)),
     "TCFG": lambda: (TCFG(SCALE), TangentialClassifierFreeGuidance(guidance_scale=SCALE)),
+    "FDG": lambda: (FDG([SCALE, 2.0], parallel_weights=0.5),
+                    FrequencyDecoupledGuidance(guidance_scales=[SCALE, 2.0], parallel_weights=0.5)),
     "APGMix": lambda: (APGMix(SCALE, apg_scale=8.0, apg_start_step=1),
                        AdaptiveProjectedMixGuidance(guidance_scale=SCALE, adaptive_projected_guidance_scale=8.0,
                                                     adaptive_projected_guidance_start_step=1)),

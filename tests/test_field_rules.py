@@ -280,6 +280,7 @@ def test_dynamic_thresholding_in_the_pipeline_equals_the_schedulers_own():
 # ------------------------------------------------------------------------------------------------- CFG++
 
 
+@torch.no_grad()
 def cfg_pp_loop(model, scheduler_name: str, labels: list[int], lam: float, steps: int) -> torch.Tensor:
     """CFG++ written from the paper's update (x_next = x0_lambda re-noised with eps_u), in the scheduler's own
     space, calling the embedded UNet directly: DDIM in VP form, Euler in VE form (x_next = x0 + sigma' eps)."""

@@ -1,7 +1,8 @@
 """Side-by-side timings of evaluation/ against torchmetrics (and scipy), on the same inputs in one run.
 
 1. Frechet distance on 2048-d float64 statistics: ours (symmetric eigvalsh with the reference's Cholesky factor,
-   on the first call, which computes the factor, and with it cached) vs torchmetrics' FrechetInceptionDistance.compute (eigvals of the product) vs scipy sqrtm, all from
+   on the first call, which computes the factor, and with it cached) vs torchmetrics'
+   FrechetInceptionDistance.compute (eigvals of the product) vs scipy sqrtm, all from
    the same accumulated sums; prints the values and the speed ratios.
 2. Feature extraction: our InceptionFeatures + float64 moments vs torchmetrics' FrechetInceptionDistance.update
    (same TF-resize, antialias=False, and the same weights converted from the local TorchScript file).

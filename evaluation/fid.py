@@ -56,9 +56,9 @@ def psd_factor(sigma: Tensor) -> Tensor:
 
 def lower_sandwich(lower: Tensor, sigma: Tensor, block: int = 256) -> Tensor:
     """L^T sigma L for a lower-triangular L, its blocks on and below the diagonal only (all that eigvalsh reads:
-    the lower triangle; the blocks above are left zero), by blocks that skip L's zeros: about 60% of the two full products' work. Written here because torch has neither BLAS's
-    triangular product (trmm) nor its triangle-only product (gemmt); at d = 2048 this saves 0.3 s of the ~1.5 s a
-    first Frechet distance takes on one CPU thread."""
+    the lower triangle; the blocks above are left zero), by blocks that skip L's zeros: about 60% of the two full
+    products' work. Written here because torch has neither BLAS's triangular product (trmm) nor its triangle-only
+    product (gemmt); at d = 2048 this saves 0.3 s of the ~1.5 s a first Frechet distance takes on one CPU thread."""
     n = lower.shape[-1]
     right = torch.empty(sigma.shape[:-2] + (n, n), dtype=sigma.dtype, device=sigma.device)
     for j in range(0, n, block):  # (sigma L)[:, J] = sigma[:, j:] L[j:, J]: rows of L above j are zero
@@ -286,7 +286,8 @@ def _stats_identity(source, extractor, limit, shuffle_seed, keep_features, total
     folder by path; an array by shape and a hash of its bytes), the preset and network, limit, shuffle, batch."""
     if isinstance(source, (str, os.PathLike)):
         path = Path(source).resolve()
-        what = str(path) + (f" ({path.stat().st_size} bytes, mtime {path.stat().st_mtime_ns})" if path.is_file() else "")
+        stat = path.stat() if path.is_file() else None
+        what = str(path) + ("" if stat is None else f" ({stat.st_size} bytes, mtime {stat.st_mtime_ns})")
     elif isinstance(source, (np.ndarray, Tensor)):
         array = np.ascontiguousarray(source.cpu().numpy() if isinstance(source, Tensor) else source)
         what = f"array {array.shape} {array.dtype} sha256 {hashlib.sha256(array.tobytes()).hexdigest()[:16]}"

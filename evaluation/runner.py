@@ -609,7 +609,7 @@ def execute(job: Prepared, progress: bool = True, checkpoint_seconds: float = CH
     """Evaluate every setting into the folder; returns this spec's result rows. results.json (and the report
     made from it) keeps every finished setting of the folder, earlier runs' included."""
 
-    spec, out, dist = job.spec, job.out, job.dist
+    out, dist = job.out, job.dist
     with contextlib.ExitStack() as held:
         if dist.is_main:
             held.enter_context(_one_writer(out))

@@ -8,16 +8,15 @@ Steps are scheduler steps; APG takes over at step > `apg_start_step` (diffusers'
 
 from __future__ import annotations
 
-import math
 from typing import Mapping
 
 import torch
 
 from .apg import APG
-from .base import COND, UNCOND, GuidanceStrategy, Scale, StepContext, check_scale, resolve_scale
+from .base import COND, UNCOND, Scale, StepContext, TwoBranchRule, check_scale, resolve_scale
 
 
-class APGMix(GuidanceStrategy):
+class APGMix(TwoBranchRule):
     """CFG at `scale` up to scheduler step `apg_start_step`, then APG (diffusers' rule) at `apg_scale`.
 
     scale: the CFG phase's w (None: the call's guidance_scale; a number, per-step list, callable or Schedule).
@@ -48,20 +47,13 @@ class APGMix(GuidanceStrategy):
     def reset(self) -> None:
         self._apg.reset()
 
-    def _off(self, w: float) -> bool:
-        return math.isclose(w, 0.0 if self.use_original_formulation else 1.0)
-
-    def branches(self, ctx: StepContext) -> dict[str, torch.Tensor]:
-        off = self._off(resolve_scale("APGMix", "scale", self.scale, ctx))
-        return {COND: ctx.all(), UNCOND: ctx.none() if off else ctx.all()}
-
     def guide(self, ctx: StepContext, preds: Mapping[str, torch.Tensor]) -> torch.Tensor:
         cond, uncond = preds[COND], preds[UNCOND]
-        w = resolve_scale("APGMix", "scale", self.scale, ctx)
-        if self._off(w):
+        w = self.current_scale(ctx)
+        if self.is_off(w):
             return cond
         apg_on = ctx.scheduler_step > self.apg_start_step
-        if apg_on and not self._off(resolve_scale("APGMix", "apg_scale", self.apg_scale, ctx)):
+        if apg_on and not self.is_off(resolve_scale("APGMix", "apg_scale", self.apg_scale, ctx)):
             return self._apg.guide(ctx, preds)
         self._apg.advance_momentum(cond - uncond, ctx.starts_step)  # the average runs through the CFG phase
         return (cond if self.use_original_formulation else uncond) + w * (cond - uncond)

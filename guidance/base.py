@@ -121,7 +121,8 @@ def check_range(owner: str, name: str, value: Any, low: float | None = None, hig
     if _is_scalar(value):
         value = value.item() if hasattr(value, "item") else value
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 1e308:  # float() would overflow
-        raise ValueError(f"{owner}: {name}=<an integer of {len(str(abs(value)))} digits> is invalid; allowed: {allowed}")
+        digits = len(str(abs(value)))
+        raise ValueError(f"{owner}: {name}=<an integer of {digits} digits> is invalid; allowed: {allowed}")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{owner}: {name}={value!r} is invalid; allowed: {allowed}")
     bad_low = low is not None and (value <= low if low_open else value < low)
@@ -252,6 +253,26 @@ class GuidanceStrategy:
     def __repr__(self) -> str:
         args = ", ".join(f"{f}={getattr(self, f)!r}" for f in self.config_fields)
         return f"{type(self).__name__}({args})"
+
+
+class TwoBranchRule(GuidanceStrategy):
+    """A rule on (cond, uncond) with one scale w that is the conditional model alone at w = 1 (at w = 0 with
+    `use_original_formulation`, diffusers' c + w (c - u)); there, as diffusers' guiders do, it returns the
+    conditional prediction and asks for no unconditional pass. Subclasses set `scale` and
+    `use_original_formulation` and check `is_off(w)` in `guide`."""
+
+    scale: Scale = None
+    use_original_formulation: bool = False
+
+    def current_scale(self, ctx: StepContext) -> float:
+        return resolve_scale(type(self).__name__, "scale", self.scale, ctx)
+
+    def is_off(self, w: float) -> bool:
+        return math.isclose(w, 0.0 if self.use_original_formulation else 1.0)
+
+    def branches(self, ctx: StepContext) -> dict[str, torch.Tensor]:
+        off = self.is_off(self.current_scale(ctx))
+        return {COND: ctx.all(), UNCOND: ctx.none() if off else ctx.all()}
 
 
 def guided_prediction(strategy: GuidanceStrategy, ctx: StepContext, preds: Mapping[str, torch.Tensor]) -> torch.Tensor:

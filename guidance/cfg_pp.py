@@ -7,8 +7,8 @@ it with the *unconditional* noise prediction; with lambda in [0, 1] in place of 
 
 Our contract returns one prediction per step, which the pipeline's own solver then steps with. For the
 first-order solvers that step x_next = alpha' x0 + sigma' eps from the prediction's (x0, eps) pair (DDIM with
-eta = 0 and no x0 clipping, Euler, FlowMatch Euler; alpha', sigma' the next noise level's coefficients of the model input), this
-returns the prediction whose step lands exactly on the CFG++ update: its x0* solves
+eta = 0 and no x0 clipping, Euler, FlowMatch Euler; alpha', sigma' the next noise level's coefficients of the
+model input), this returns the prediction whose step lands exactly on the CFG++ update: its x0* solves
 alpha' x0* + sigma' (x - alpha x0*) / sigma = alpha' x0_lambda + sigma' eps_u. Other solvers step differently
 (multistep history, second stages, injected noise), so they are refused rather than guided approximately.
 """
@@ -53,8 +53,9 @@ class CFGPlusPlus(GuidanceStrategy):
         config = call.scheduler_config
         if name == "DDIMScheduler" and (config.get("clip_sample") or config.get("thresholding")):
             raise ValueError("CFGPlusPlus: this DDIMScheduler clips the x0 of the prediction it is given "
-                             "(clip_sample / thresholding), which moves the step off the CFG++ update; allowed: "
-                             "a DDIMScheduler made from_config(<the scheduler's config>, clip_sample=False, thresholding=False)")
+                             "(clip_sample / thresholding), which moves the step off the CFG++ update; allowed: a "
+                             "DDIMScheduler made from_config(<the scheduler's config>, clip_sample=False, "
+                             "thresholding=False)")
 
     def combine(self, ctx: StepContext, preds: Mapping[str, torch.Tensor]) -> torch.Tensor:
         lam = resolve_scale("CFGPlusPlus", "scale", self.scale, ctx)

@@ -16,12 +16,11 @@ so they cost one evaluation per sample, not two.
 
 from __future__ import annotations
 
-import math
 from typing import Mapping
 
 import torch
 
-from .base import COND, UNCOND, GuidanceStrategy, Scale, StepContext, check_range, check_scale, resolve_scale
+from .base import COND, UNCOND, Scale, StepContext, TwoBranchRule, check_scale
 
 
 def optimised_scale(cond: torch.Tensor, uncond: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -31,7 +30,7 @@ def optimised_scale(cond: torch.Tensor, uncond: torch.Tensor, eps: float = 1e-8)
     return scale.to(cond.dtype).view(-1, *[1] * (cond.ndim - 1))
 
 
-class CFGZeroStar(GuidanceStrategy):
+class CFGZeroStar(TwoBranchRule):
     """guided = s* u + w (c - s* u) (`use_original_formulation`: c + w (c - s* u)); zero for the first
     `zero_init_steps` scheduler steps.
 
@@ -52,20 +51,15 @@ class CFGZeroStar(GuidanceStrategy):
     def _zeroed(self, ctx: StepContext) -> bool:
         return ctx.scheduler_step < self.zero_init_steps
 
-    def _unguided(self, w: float) -> bool:
-        return math.isclose(w, 0.0 if self.use_original_formulation else 1.0)
-
     def branches(self, ctx: StepContext) -> dict[str, torch.Tensor]:
-        w = resolve_scale("CFGZeroStar", "scale", self.scale, ctx)
-        skip = self._zeroed(ctx) or self._unguided(w)
-        return {COND: ctx.all(), UNCOND: ctx.none() if skip else ctx.all()}
+        return {COND: ctx.all(), UNCOND: ctx.none()} if self._zeroed(ctx) else super().branches(ctx)
 
     def guide(self, ctx: StepContext, preds: Mapping[str, torch.Tensor]) -> torch.Tensor:
         cond = preds[COND]
         if self._zeroed(ctx):
             return torch.zeros_like(cond)
-        w = resolve_scale("CFGZeroStar", "scale", self.scale, ctx)
-        if self._unguided(w):
+        w = self.current_scale(ctx)
+        if self.is_off(w):
             return cond
         uncond = preds[UNCOND] * optimised_scale(cond, preds[UNCOND])
         base = cond if self.use_original_formulation else uncond

@@ -90,24 +90,37 @@ class Interval(GuidanceStrategy):
         return torch.where(on.view(-1, *[1] * (guided.ndim - 1)), guided, preds[COND])
 
 
+class Wrapper(GuidanceStrategy):
+    """A rule around `inner`: it evaluates what `inner` asks for and changes what `inner` returns."""
+
+    def __init__(self, inner: GuidanceStrategy):
+        self.inner = _check_inner(type(self).__name__, inner)
+
+    def reset(self) -> None:
+        self.inner.reset()
+
+    def branches(self, ctx: StepContext) -> dict[str, torch.Tensor]:
+        return self.inner.branches(ctx)
+
+
 RESCALE_SPACES = ("model", "v")
 
 
-class Rescale(GuidanceStrategy):
+class Rescale(Wrapper):
     """CFG-rescale (Lin et al. 2023) applied after any rule.
 
     rescale_space: "model" (default) rescales the model's own output (eps, v or flow), as diffusers'
-    `rescale_noise_cfg` does; "v" rescales the v-prediction (alpha eps - sigma x0) made from the guided and conditional x0, whatever
-    the model predicts, which is what ComfyUI's RescaleCFG node does (comfy_extras/nodes_model_advanced.py,
-    `RescaleCFG.patch`: "rescale cfg has to be done on v-pred model output"), so settings brought from ComfyUI
-    give its result on epsilon models too. "v" needs a VP model (epsilon, v or sample prediction) and a
-    scheduler whose noise level is known.
+    `rescale_noise_cfg` does; "v" rescales the v-prediction (alpha eps - sigma x0) made from the guided and
+    conditional x0, whatever the model predicts, which is what ComfyUI's RescaleCFG node does
+    (comfy_extras/nodes_model_advanced.py, `RescaleCFG.patch`: "rescale cfg has to be done on v-pred model
+    output"), so settings brought from ComfyUI give its result on epsilon models too. "v" needs a VP model
+    (epsilon, v or sample prediction) and a scheduler whose noise level is known.
     """
 
     config_fields = ("inner", "phi", "rescale_space")
 
     def __init__(self, inner: GuidanceStrategy, phi: float = 0.7, rescale_space: str = "model"):
-        self.inner = _check_inner("Rescale", inner)
+        super().__init__(inner)
         self.phi = check_range("Rescale", "phi", phi, 0.0, 1.0)
         if rescale_space not in RESCALE_SPACES:
             raise ValueError(f"Rescale: rescale_space={rescale_space!r} is unknown; allowed: "
@@ -116,20 +129,14 @@ class Rescale(GuidanceStrategy):
 
     sets_rescale = True  # its phi replaces the call's guidance_rescale
 
-    def reset(self) -> None:
-        self.inner.reset()
-
-    def branches(self, ctx: StepContext) -> dict[str, torch.Tensor]:
-        return self.inner.branches(ctx)
-
     def combine(self, ctx: StepContext, preds: Mapping[str, torch.Tensor]) -> torch.Tensor:
         guided = self.inner.combine(ctx, preds)
         if self.rescale_space == "model":
             return rescale_to_cond_std(guided, preds[COND], self.phi)
         if ctx.param.prediction_type == "flow":
             raise ValueError("Rescale: rescale_space='v' rescales the v-prediction of a VP model; this model predicts "
-                             "a flow velocity (x = (1 - s) x0 + s eps), for which ComfyUI's v-space formula does not hold; "
-                             "allowed here: rescale_space='model'")
+                             "a flow velocity (x = (1 - s) x0 + s eps), for which ComfyUI's v-space formula does not "
+                             "hold; allowed here: rescale_space='model'")
         x, alpha, sigma = ctx.param._promote(guided)  # the model input and its noise level, in >= float32
 
         def v_of(pred: torch.Tensor) -> torch.Tensor:  # v = alpha eps - sigma x0 = (alpha x - x0) / sigma (VP)

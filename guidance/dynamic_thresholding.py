@@ -21,6 +21,7 @@ from typing import Mapping
 import torch
 
 from .base import COND, GuidanceStrategy, StepContext, check_range
+from .compose import Wrapper
 
 
 def threshold_x0(x0: torch.Tensor, percentile: float, max_value: float) -> torch.Tensor:
@@ -31,7 +32,7 @@ def threshold_x0(x0: torch.Tensor, percentile: float, max_value: float) -> torch
     return (torch.clamp(flat, -s, s) / s).reshape(x0.shape).to(x0.dtype)
 
 
-class DynamicThresholding(GuidanceStrategy):
+class DynamicThresholding(Wrapper):
     """Imagen's dynamic thresholding of the guided x0 (see the module): wraps `inner` (any rule, e.g. CFG()).
 
     percentile: p in (0, 1], the quantile of |x0| taken as s (Imagen and diffusers: 0.995).
@@ -42,18 +43,9 @@ class DynamicThresholding(GuidanceStrategy):
     config_fields = ("inner", "percentile", "max_value")
 
     def __init__(self, inner: GuidanceStrategy, percentile: float = 0.995, max_value: float = 1.0):
-        if not isinstance(inner, GuidanceStrategy):
-            raise ValueError(f"DynamicThresholding: inner={inner!r} is not a guidance strategy; allowed: a "
-                             "GuidanceStrategy instance such as CFG()")
-        self.inner = inner
+        super().__init__(inner)
         self.percentile = check_range("DynamicThresholding", "percentile", percentile, 0.0, 1.0, low_open=True)
         self.max_value = check_range("DynamicThresholding", "max_value", max_value, 1.0)
-
-    def reset(self) -> None:
-        self.inner.reset()
-
-    def branches(self, ctx: StepContext) -> dict[str, torch.Tensor]:
-        return self.inner.branches(ctx)
 
     def combine(self, ctx: StepContext, preds: Mapping[str, torch.Tensor]) -> torch.Tensor:
         guided = self.inner.combine(ctx, preds)

@@ -10,10 +10,10 @@ level (as APG does), then rebuilds the prediction:
 
 As diffusers' `FrequencyDecoupledGuidance` computes it: kornia's `build_laplacian_pyramid` and `pyrup` (the field's
 library for image pyramids), level 0 the finest, on the model's output. A level at scale 1 keeps its own conditional
-level (diffusers 0.42.1 appends the previous level's there, and its rebuild then fails on mismatched sizes). The pyramid needs (B, C, H, W) latents;
-packed token latents (Flux, Qwen-Image, LTX) and 5-D video latents are refused by name. ComfyUI's FreSca is the
-related rule: it scales the low and high frequencies of the *update* c - u with a Fourier-domain mask instead of
-guiding each pyramid level of both predictions.
+level (diffusers 0.42.1 appends the previous level's there, and its rebuild then fails on mismatched sizes). The
+pyramid needs (B, C, H, W) latents; packed token latents (Flux, Qwen-Image, LTX) and 5-D video latents are refused
+by name. ComfyUI's FreSca is the related rule: it scales the low and high frequencies of the *update* c - u with a
+Fourier-domain mask instead of guiding each pyramid level of both predictions.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Mapping, Sequence
 import torch
 
 from .apg import project
-from .base import COND, UNCOND, GuidanceStrategy, StepContext, check_range
+from .base import COND, UNCOND, StepContext, TwoBranchRule, check_range
 
 
 def _per_level(name: str, values, levels: int | None) -> list[float]:
@@ -36,7 +36,7 @@ def _per_level(name: str, values, levels: int | None) -> list[float]:
     return out * levels if levels is not None and len(out) == 1 else out
 
 
-class FDG(GuidanceStrategy):
+class FDG(TwoBranchRule):
     """Frequency-decoupled guidance (see the module).
 
     scales: one CFG scale per pyramid level, finest first (diffusers' default [10, 5]: two levels). Not the call's
@@ -56,16 +56,13 @@ class FDG(GuidanceStrategy):
                                                                                  parallel_weights, levels)
         self.use_original_formulation = bool(use_original_formulation)
 
-    def _unguided(self, w: float) -> bool:
-        return math.isclose(w, 0.0 if self.use_original_formulation else 1.0)
-
     def branches(self, ctx: StepContext) -> dict[str, torch.Tensor]:
-        off = all(self._unguided(w) for w in self.scales)
+        off = all(self.is_off(w) for w in self.scales)
         return {COND: ctx.all(), UNCOND: ctx.none() if off else ctx.all()}
 
     def guide(self, ctx: StepContext, preds: Mapping[str, torch.Tensor]) -> torch.Tensor:
         cond, uncond = preds[COND], preds[UNCOND]
-        if all(self._unguided(w) for w in self.scales):
+        if all(self.is_off(w) for w in self.scales):
             return cond
         if cond.ndim != 4:
             raise ValueError(f"FDG: the Laplacian pyramid needs (B, C, H, W) latents; this pipeline's are "
@@ -80,7 +77,7 @@ class FDG(GuidanceStrategy):
         weights = self.parallel_weights or [1.0] * levels
         guided = []
         for w, w_par, c, u in zip(self.scales, weights, cond_pyramid, uncond_pyramid):
-            if self._unguided(w):
+            if self.is_off(w):
                 guided.append(c)
                 continue
             shift = c - u

@@ -13,15 +13,14 @@ latents but raises on (B, C, H, W) ones ("dim must be a 2-tuple"), so there the 
 
 from __future__ import annotations
 
-import math
 from typing import Mapping
 
 import torch
 
-from .base import COND, UNCOND, GuidanceStrategy, Scale, StepContext, check_range, check_scale, resolve_scale
+from .base import COND, UNCOND, Scale, StepContext, TwoBranchRule, check_range, check_scale
 
 
-class MAMBOG(GuidanceStrategy):
+class MAMBOG(TwoBranchRule):
     """Magnitude-aware CFG: w_t = 1 + (w - 1) exp(-alpha ||c - u|| / ||u||) per sample (see the module).
 
     scale: w (None: the call's guidance_scale; a number, per-step list, callable or Schedule).
@@ -36,17 +35,10 @@ class MAMBOG(GuidanceStrategy):
         self.alpha = check_range("MAMBOG", "alpha", alpha, 0.0)
         self.use_original_formulation = bool(use_original_formulation)
 
-    def _unguided(self, w: float) -> bool:
-        return math.isclose(w, 0.0 if self.use_original_formulation else 1.0)
-
-    def branches(self, ctx: StepContext) -> dict[str, torch.Tensor]:
-        unguided = self._unguided(resolve_scale("MAMBOG", "scale", self.scale, ctx))
-        return {COND: ctx.all(), UNCOND: ctx.none() if unguided else ctx.all()}
-
     def guide(self, ctx: StepContext, preds: Mapping[str, torch.Tensor]) -> torch.Tensor:
         cond, uncond = preds[COND], preds[UNCOND]
-        w = resolve_scale("MAMBOG", "scale", self.scale, ctx)
-        if self._unguided(w):
+        w = self.current_scale(ctx)
+        if self.is_off(w):
             return cond
         dims = list(range(1, cond.ndim))
         diff = cond - uncond

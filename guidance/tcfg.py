@@ -13,12 +13,11 @@ predictions in the model's output space (the sign of v1 cancels in u').
 
 from __future__ import annotations
 
-import math
 from typing import Mapping
 
 import torch
 
-from .base import COND, UNCOND, GuidanceStrategy, Scale, StepContext, check_scale, resolve_scale
+from .base import COND, UNCOND, Scale, StepContext, TwoBranchRule, check_scale
 
 
 def dominant_projection(cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
@@ -30,7 +29,7 @@ def dominant_projection(cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tenso
     return (coords @ vh).reshape(uncond.shape).to(uncond.dtype)
 
 
-class TCFG(GuidanceStrategy):
+class TCFG(TwoBranchRule):
     """guided = u' + w (c - u') with u' the unconditional prediction's dominant-direction part (see the module).
 
     scale: w (None: the call's guidance_scale; a number, per-step list, callable or Schedule).
@@ -44,16 +43,9 @@ class TCFG(GuidanceStrategy):
         self.scale = check_scale("TCFG", "scale", scale)
         self.use_original_formulation = bool(use_original_formulation)
 
-    def _unguided(self, w: float) -> bool:
-        return math.isclose(w, 0.0 if self.use_original_formulation else 1.0)
-
-    def branches(self, ctx: StepContext) -> dict[str, torch.Tensor]:
-        unguided = self._unguided(resolve_scale("TCFG", "scale", self.scale, ctx))
-        return {COND: ctx.all(), UNCOND: ctx.none() if unguided else ctx.all()}
-
     def guide(self, ctx: StepContext, preds: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        cond, w = preds[COND], resolve_scale("TCFG", "scale", self.scale, ctx)
-        if self._unguided(w):
+        cond, w = preds[COND], self.current_scale(ctx)
+        if self.is_off(w):
             return cond
         uncond = dominant_projection(cond, preds[UNCOND])
         return (cond if self.use_original_formulation else uncond) + w * (cond - uncond)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import guidance
-from guidance import (APG, CFG, COND, UNCOND, AdaptiveGuidance, Interval, Parametrization, Rescale, Schedule, StepContext,
-                      guided_prediction)
+from guidance import (APG, CFG, COND, UNCOND, AdaptiveGuidance, Interval, Parametrization, Rescale, Schedule,
+                      StepContext, guided_prediction)
 
 
 def make_ctx(batch=3, shape=(4, 8, 8), step=0, num_steps=10, scale=5.0, kind="epsilon", seed=0, rescale=0.0):

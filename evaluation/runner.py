@@ -282,19 +282,64 @@ def _check_out(out: Path) -> None:
         raise InputError(f"--out {str(out)!r}: {existing} is not writable; pass a folder you can write to")
 
 
+# Keys a run record gained later: a folder or checkpoint written before one of them existed is not refused for it.
+ADDED_RUN_KEYS = ("pipeline_weights",)
+
+
+def pipeline_weights(pipeline: str) -> str | None:
+    """A fingerprint of the pipeline's weight files, so that a run folder or checkpoint made with other weights
+    under the same name (a local folder retrained, a hub snapshot updated) is refused: each file's path and size,
+    and a hash of its first and last MiB (cheap for multi-GB files; git clones and copies keep it). None where
+    the files are not on this machine (a hub id not cached yet: the first run downloads it)."""
+    import hashlib
+
+    if pipeline == "embedded":
+        from pipelines.embedded import WEIGHTS_DIR
+
+        folder = WEIGHTS_DIR / "pipeline"
+    elif Path(pipeline).is_dir():
+        folder = Path(pipeline)
+    else:
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(pipeline, local_files_only=True))
+        except Exception:  # not cached (or not a hub id): nothing to fingerprint yet
+            return None
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        size = path.stat().st_size
+        digest.update(f"{path.relative_to(folder)}:{size}:".encode())
+        with open(path, "rb") as f:
+            digest.update(f.read(1 << 20))
+            if size > 2 << 20:
+                f.seek(size - (1 << 20))
+                digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
+def run_identity(spec: RunSpec) -> dict:
+    """What decided a run's numbers: the spec's identity and the pipeline's weight files."""
+    return {**spec.identity(), "pipeline_weights": pipeline_weights(spec.pipeline)}
+
+
+def _differing(old: dict, new: dict, skip: tuple[str, ...] = ()) -> list[str]:
+    keys = sorted((set(old) | set(new)) - set(skip))
+    return [k for k in keys if old.get(k) != new.get(k) and not (k in ADDED_RUN_KEYS and k not in old)]
+
+
 def _check_run_folder(out: Path, spec: RunSpec, dist: Dist) -> dict:
     """A run folder belongs to one set of run settings and one process count; it may gain strategy
     settings. Returns the settings record to write (the folder's, plus this spec's new settings)."""
     _check_out(out)
     settings_file = out / "settings.json"
-    record = {"run": spec.identity(), "settings": spec.settings_record()}
+    record = {"run": run_identity(spec), "settings": spec.settings_record()}
     if settings_file.is_file():
         previous = _read_json(settings_file)
         if not isinstance(previous, dict) or not isinstance(previous.get("run"), dict):
             raise InputError(f"{settings_file} was written by an older guidance-eval (or edited); use a new --out")
         old, new = previous["run"], record["run"]
-        diff = [f"{k} (folder: {old.get(k)!r}, now: {new.get(k)!r})"
-                for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        diff = [f"{k} (folder: {old.get(k)!r}, now: {new.get(k)!r})" for k in _differing(old, new)]
         started = (out / "results.json").is_file() or any((out / "state").glob("*.pt"))
         if diff and not started:
             # a start that failed before its first checkpoint (e.g. the sampler diverging in the first batch, or
@@ -344,8 +389,8 @@ def _check_checkpoint_run(path: Path, saved: Any, run: dict | None) -> None:
     other = saved["run"]
     # num_images may grow: image i's seed and condition do not depend on it, so the first batches are the same
     # (benchmarks/effects.py continues a row from N = 500 to 2,000 this way).
-    keys = sorted((set(other) | set(run)) - {"num_images"})
-    diff = [f"{k} (checkpoint: {other.get(k)!r}, this run: {run.get(k)!r})" for k in keys if other.get(k) != run.get(k)]
+    diff = [f"{k} (checkpoint: {other.get(k)!r}, this run: {run.get(k)!r})"
+            for k in _differing(other, run, skip=("num_images",))]
     if diff:
         raise InputError(f"{path} was made by a run with other settings (differing: {'; '.join(diff)}); its numbers "
                          "are not this run's: delete it to recompute the setting, or use the run folder it came from")
@@ -433,7 +478,7 @@ def run_setting(spec: RunSpec, source: Source, key: str, strategy_config: dict |
     num_batches = math.ceil(math.ceil(spec.num_images / dist.world_size) / spec.batch_size)
     setting = {"key": key, "strategy": strategy_config, "scale": scale}
     uses_guide = _uses_guide_model(strategy_config)
-    run = spec.identity()
+    run = run_identity(spec)
     prog = _load_checkpoint(state_path, suite, setting, num_batches, uses_guide, run)
     # All processes must resume at the same batch: if one lost its checkpoint, all start this setting over.
     if dist.world_size > 1 and dist.min(-1 if prog is None else prog.done_batches) != dist.max(

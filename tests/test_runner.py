@@ -272,3 +272,26 @@ def test_scales_that_print_alike_get_their_own_names_and_equal_scales_are_named(
     assert keys == ["A@2", "A@2.0000001", "A@1234567.0", "A@1234568.0", "A@7.5"]
     with pytest.raises(InputError, match=r"lists the scale 2 twice \(equal numbers are one setting\)"):
         RunSpec(strategies=[_cfg_spec("A", [2, 2.0])], device="cpu")
+
+
+def test_a_folder_or_checkpoint_made_with_other_pipeline_weights_is_refused(reference, source, tmp_path, monkeypatch):
+    """The pipeline's name is not its weights: a folder retrained under the same name gives other numbers."""
+    import evaluation.runner as runner
+    from evaluation.spec import InputError
+
+    one = dict(strategies=[StrategySpec.parse(SPECS[0])], metrics=("saturation",))
+    assert runner.pipeline_weights("embedded") == runner.pipeline_weights("embedded") is not None
+    run(spec(reference, **one), tmp_path, progress=False, source=source)
+    monkeypatch.setattr(runner, "pipeline_weights", lambda pipeline: "0123456789abcdef")
+    with pytest.raises(InputError, match=r"differing: pipeline_weights \(folder: '[0-9a-f]{16}', now: "
+                                         r"'0123456789abcdef'\)"):
+        run(spec(reference, **one), tmp_path, progress=False, source=source)
+
+
+def test_a_folder_written_before_the_weights_fingerprint_still_resumes(reference, source, tmp_path):
+    one = dict(strategies=[StrategySpec.parse(SPECS[0])], metrics=("saturation",))
+    rows = run(spec(reference, **one), tmp_path, progress=False, source=source)
+    record = json.loads((tmp_path / "settings.json").read_text())
+    del record["run"]["pipeline_weights"]  # as an earlier version wrote it
+    (tmp_path / "settings.json").write_text(json.dumps(record))
+    assert comparable(run(spec(reference, **one), tmp_path, progress=False, source=source)) == comparable(rows)

@@ -191,17 +191,18 @@ class GuidanceStrategy:
         (`config_fields` holding a GuidanceStrategy), so wrappers such as Interval need no override.
         Custom loops may skip it or build a CallDescription themselves.
         """
-        for f in self.config_fields:
-            child = getattr(self, f, None)
-            if isinstance(child, GuidanceStrategy):
-                child.on_call(call)
+        for child in self.wrapped_strategies():
+            child.on_call(call)
+
+    def wrapped_strategies(self) -> list["GuidanceStrategy"]:
+        """The strategies this one wraps (its `config_fields` holding a GuidanceStrategy: Interval's inner, ...)."""
+        return [c for c in (getattr(self, f, None) for f in self.config_fields) if isinstance(c, GuidanceStrategy)]
 
     @property
     def sets_rescale(self) -> bool:
         """True when this rule applies a CFG-rescale of its own (`CFG(guidance_rescale=phi)`, `Rescale`), which
         replaces the call's `guidance_rescale`; wrappers ask the strategies they hold."""
-        return any(isinstance(child, GuidanceStrategy) and child.sets_rescale
-                   for child in (getattr(self, f, None) for f in self.config_fields))
+        return any(child.sets_rescale for child in self.wrapped_strategies())
 
     # --- per-step protocol -------------------------------------------------------------------
     def reset(self) -> None:

@@ -13,7 +13,7 @@ configs say up front; `check_placement` compares device and dtype at every call.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 
@@ -48,19 +48,15 @@ def register_guide_model(name: str, loader: Callable[[], torch.nn.Module]) -> No
 def uses_guide_model(strategy: GuidanceStrategy) -> bool:
     """Whether the strategy, or one it wraps (Interval, GFCG's inner, ...), may ask for the GUIDE branch."""
     return bool(getattr(strategy, "uses_guide_model", False)) or any(
-        uses_guide_model(c) for c in _children(strategy))
+        uses_guide_model(c) for c in strategy.wrapped_strategies())
 
 
 def named_guide_models(strategy: GuidanceStrategy) -> set[str]:
     """Guide model names held by the strategy tree (`guide_model` fields that are strings)."""
     names = {strategy.guide_model} if isinstance(getattr(strategy, "guide_model", None), str) else set()
-    for child in _children(strategy):
+    for child in strategy.wrapped_strategies():
         names |= named_guide_models(child)
     return names
-
-
-def _children(strategy: GuidanceStrategy) -> Iterable[GuidanceStrategy]:
-    return (c for c in (getattr(strategy, f, None) for f in strategy.config_fields) if isinstance(c, GuidanceStrategy))
 
 
 _LOADED: dict[str, tuple[Callable, torch.nn.Module]] = {}  # name -> (its loader, the model it loaded)

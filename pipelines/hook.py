@@ -50,8 +50,7 @@ _IN_USE_LOCK = threading.Lock()
 
 
 def _strategy_tree(strategy: GuidanceStrategy) -> list[GuidanceStrategy]:
-    children = (getattr(strategy, f, None) for f in strategy.config_fields)
-    return [strategy] + [s for c in children if isinstance(c, GuidanceStrategy) for s in _strategy_tree(c)]
+    return [strategy] + [s for child in strategy.wrapped_strategies() for s in _strategy_tree(child)]
 
 
 @contextmanager
@@ -149,8 +148,7 @@ def _needs_reference(strategy: GuidanceStrategy) -> bool:
     """Whether the strategy (or one it wraps) may ask for a REF branch (defines reference_labels)."""
     if type(strategy).reference_labels is not GuidanceStrategy.reference_labels:
         return True
-    children = (getattr(strategy, f, None) for f in strategy.config_fields)
-    return any(isinstance(c, GuidanceStrategy) and _needs_reference(c) for c in children)
+    return any(_needs_reference(child) for child in strategy.wrapped_strategies())
 
 
 class GuidanceHandle:

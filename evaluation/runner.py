@@ -402,7 +402,7 @@ def _load_checkpoint(path: Path, suite: MetricSuite, setting: dict, num_batches:
 
     Checkpoints written before guide-model counting have no "guide_nfe_sum": 0 for a setting without a
     guide model; a setting with one is recomputed (its guide evaluations were not counted). A checkpoint of
-    another run (`run`: this run's `RunSpec.identity()`) is an InputError, not a resumption."""
+    another run (`run`: this run's `run_identity`) is an InputError, not a resumption."""
     if not path.is_file():
         return None
     try:
@@ -467,7 +467,9 @@ class Progress:
 
 def run_setting(spec: RunSpec, source: Source, key: str, strategy_config: dict | None, scale: float,
                 state_path: Path, progress: Progress | None = None, dist: Dist = Dist(), device: str | None = None,
-                checkpoint_seconds: float = CHECKPOINT_SECONDS) -> dict:
+                checkpoint_seconds: float = CHECKPOINT_SECONDS, run: dict | None = None) -> dict:
+    """One setting, resumed from its checkpoint. run: the run's `run_identity(spec)` when the caller has it (the
+    weights fingerprint reads the weight files), else computed here."""
     from pipelines import apply_guidance
 
     device = device or spec.device
@@ -478,7 +480,7 @@ def run_setting(spec: RunSpec, source: Source, key: str, strategy_config: dict |
     num_batches = math.ceil(math.ceil(spec.num_images / dist.world_size) / spec.batch_size)
     setting = {"key": key, "strategy": strategy_config, "scale": scale}
     uses_guide = _uses_guide_model(strategy_config)
-    run = run_identity(spec)
+    run = run_identity(spec) if run is None else run
     prog = _load_checkpoint(state_path, suite, setting, num_batches, uses_guide, run)
     # All processes must resume at the same batch: if one lost its checkpoint, all start this setting over.
     if dist.world_size > 1 and dist.min(-1 if prog is None else prog.done_batches) != dist.max(
@@ -707,7 +709,7 @@ def _execute_settings(job: Prepared, progress: bool, checkpoint_seconds: float) 
         for key, config, scale in spec.settings():
             state_path = out / "state" / f"{safe_name(key)}.rank{dist.rank}-of-{dist.world_size}.pt"
             result = run_setting(spec, job.source, key, config, scale, state_path, bar, dist, job.device,
-                                 checkpoint_seconds)
+                                 checkpoint_seconds, run=job.record["run"])  # fingerprinted once, in prepare
             rows.append(result["row"])
             describe = result["describe"] or describe
             if "clip_score" in describe and job.source.by_class:

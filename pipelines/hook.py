@@ -122,26 +122,26 @@ class CallState:
     reference: ReferencePrompts | None = None  # text pipelines: the class prompts' inputs for REF rows
     solver: dict = field(default_factory=dict)  # build_step_context's per-call state
 
-
     def first_non_finite_step(self) -> int | None:
         """The first step whose guided prediction held NaN or inf, or None."""
         if not self.finite:
             return None
-        flags = torch.isfinite(torch.stack([f.to(self.finite[0].device) for f in self.finite])).cpu()
+        flags = torch.isfinite(_stacked(self.finite))
         return None if bool(flags.all()) else int((~flags).nonzero()[0, 0])
 
     def counts(self, has_guide: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(nfe, guide_nfe) per sample on the CPU: None before any step ran; guide_nfe None without a guide."""
         if not self.evaluated:
             return None, None
-        def total(masks: list[torch.Tensor]) -> torch.Tensor:  # summed on their device, one read back
-            return torch.stack([m.to(masks[0].device) for m in masks]).sum(0).cpu()
-
-        nfe = total(self.evaluated)
+        nfe = _stacked(self.evaluated).sum(0)
         if not has_guide:
             return nfe, None
-        guide = total(self.guide_evaluated) if self.guide_evaluated else None
-        return nfe, torch.zeros_like(nfe) if guide is None else guide
+        return nfe, _stacked(self.guide_evaluated).sum(0) if self.guide_evaluated else torch.zeros_like(nfe)
+
+
+def _stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The per-step tensors of a call stacked on their device and read back once (not one read per step)."""
+    return torch.stack([t.to(tensors[0].device) for t in tensors]).cpu()
 
 
 def _needs_reference(strategy: GuidanceStrategy) -> bool:

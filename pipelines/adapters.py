@@ -50,6 +50,10 @@ class Adapter:
     negated_output: bool = False  # the denoiser predicts the negated velocity (Lumina 2)
     guided_channels: int | None = None  # the pipeline guides only these leading channels (Lumina v1: 3 of 4)
     off_kws: tuple[str, ...] = ()  # call keywords that must be 0 / None (PAG's extra branch): refused otherwise
+    # The pipeline's scale s is CFG's w = s + scale_offset (Kandinsky 3 and Z-Image guide as c + s (c - u)),
+    # and it runs its unconditional branch when s > on_above.
+    scale_offset: float = 0.0
+    on_above: float = 1.0
     note: str = ""  # shown in the README table
 
     def __post_init__(self) -> None:
@@ -59,6 +63,10 @@ class Adapter:
         if layout not in LAYOUTS:
             raise ValueError(f"Adapter: layout={self.layout!r} is unknown; allowed: {', '.join(LAYOUTS)}")
         object.__setattr__(self, "layout", layout)
+        if self.scale_offset and layout.startswith("sequential"):
+            # the sequential layouts hand back n' = (g - s c) / (1 - s), which assumes u + s (c - u)
+            raise ValueError(f"Adapter: scale_offset={self.scale_offset} is only exact on the batched layouts, "
+                             f"not layout={layout!r}")
 
     @property
     def denoisers(self) -> tuple[str, ...]:
@@ -154,6 +162,27 @@ DIFFUSERS_ADAPTERS.update({
     "HunyuanDiTPAGPipeline": replace(DIFFUSERS_ADAPTERS["HunyuanDiTPipeline"], **_PAG_OFF),
 })
 
+# --- rows per family, each verified by its case in tests/zoo_<family>.py --------------------------------
+# UNet image pipelines beyond SD / SDXL's own (tests/zoo_unet.py)
+DIFFUSERS_ADAPTERS.update({
+})
+
+# UNet video pipelines (tests/zoo_unet_video.py)
+DIFFUSERS_ADAPTERS.update({
+})
+
+# video transformers (tests/zoo_video.py)
+DIFFUSERS_ADAPTERS.update({
+})
+
+# image transformers (tests/zoo_image.py)
+DIFFUSERS_ADAPTERS.update({
+})
+
+# cascades, priors, scale conventions, audio and 3-D (tests/zoo_cascades.py)
+DIFFUSERS_ADAPTERS.update({
+})
+
 # Classes that cannot be guided, and why; `adapter_for` raises with this text.
 REFUSED: dict[str, str] = {
     **{name: ("it has a distilled guidance embedding only (guidance_scale is an input of the model) and runs no "
@@ -188,16 +217,26 @@ def adapter_for(pipe) -> Adapter:
     own = getattr(type(pipe), "_guidance_original_class", type(pipe))  # the class under an applied hook
     name = own.__name__
     cls = getattr(diffusers, name, None)
-    if name in REFUSED and cls is own:
-        raise TypeError(f"pipe={name} cannot be guided by apply_guidance: {REFUSED[name]}")
     if name in DIFFUSERS_ADAPTERS and cls is own:
         return DIFFUSERS_ADAPTERS[name]
+    if name in REFUSED and cls is own:
+        raise TypeError(f"pipe={name} cannot be guided by apply_guidance: {REFUSED[name]}")
+    origin = _origin(own)
     raise TypeError(
-        f"pipe={name} is not supported by apply_guidance: its batch layout is not verified, and guiding a "
-        f"layout the hook cannot see would silently change nothing. Supported pipelines: "
-        f"{', '.join(supported_pipelines())}. A custom pipeline following one of the layouts "
-        f"({', '.join(_layout_names())}) can be registered with pipelines.register_adapter"
+        f"pipe={name} is not in guidance-kit's pipeline table ({origin}), so the hook does not know its batch "
+        f"layout and will not guess it. If it follows one of the layouts ({', '.join(_layout_names())}), "
+        f"register it with pipelines.register_adapter(pipeline_class, Adapter(...))"
     )
+
+
+def _origin(cls: type) -> str:
+    """Why a class has no row: not a pipeline, a subclass of a diffusers class, or a class diffusers lacks."""
+    if not issubclass(cls, diffusers.DiffusionPipeline):
+        return "not a diffusers pipeline"
+    for base in cls.__mro__[1:]:
+        if getattr(diffusers, base.__name__, None) is base and base is not diffusers.DiffusionPipeline:
+            return f"a subclass of diffusers' {base.__name__}: a row does not carry over to subclasses"
+    return f"a pipeline class that diffusers {diffusers.__version__} does not have"
 
 
 def _layout_names() -> list[str]:

@@ -301,7 +301,7 @@ class GuidanceHandle:
         reference = None  # text pipelines: the class prompts, encoded once for this call (checked by _check_call)
         if a.class_kw is None and _needs_reference(self.strategy):
             reference = encode_reference_prompts(pipe_self, self.pipe_name, self._reference_prompts(), call)
-        self.call = CallState([None if s is None else float(s) for s in scales[: len(self.denoisers)]],
+        self.call = CallState([None if s is None else float(s) + a.scale_offset for s in scales[: len(self.denoisers)]],
                               float(call.get("guidance_rescale") or 0.0), reference=reference)
         self.layout.start_call()
         # diffusers' cache hooks (FasterCache, PyramidAttentionBroadcast, FirstBlockCache, ...) keep state
@@ -332,8 +332,8 @@ class GuidanceHandle:
         for kw, s in zip((a.scale_kw,) + a.expert_scale_kws, scales):
             if s is not None and not is_finite_number(s):
                 raise ValueError(f"{self.pipe_name} was called with {kw}={s!r}; allowed: a finite number "
-                                 f"(> 1 turns the pipeline's unconditional branch on)")
-        on = scales[0] is not None and scales[0] > 1
+                                 f"(> {a.on_above:g} turns the pipeline's unconditional branch on)")
+        on = scales[0] is not None and scales[0] > a.on_above
         if a.needs_negative:
             on = on and (call.get("negative_prompt") is not None or call.get("negative_prompt_embeds") is not None)
         if not on and getattr(self.strategy, "requires_uncond", True):

@@ -14,6 +14,7 @@ checked against it, so every supported class is one case here.
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 from typing import Any, Callable
 
@@ -596,6 +597,10 @@ CASES.update({
     "SanaPAGPipeline": _pag_make("SanaPAGPipeline", "SanaPipeline", _sana_parts),
     "HunyuanDiTPAGPipeline": _pag_make("HunyuanDiTPAGPipeline", "HunyuanDiTPipeline", _hunyuandit_parts),
 })
+
+# The families' own files (each imports this module's helpers lazily, inside its builders).
+for _family in ("zoo_unet", "zoo_unet_video", "zoo_video", "zoo_image", "zoo_cascades"):
+    CASES.update(importlib.import_module(_family).CASES)
 
 # Wan 2.2 (two experts, guidance_scale_2) is the same class as Wan 2.1: an extra case, not an extra row.
 EXTRA_CASES: dict[str, Case] = {"WanPipeline[2.2 two experts]": _case(lambda: _wan(True), lambda: _wan_kwargs(True))}

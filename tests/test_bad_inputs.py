@@ -178,7 +178,7 @@ def test_one_generator_for_all_images_is_diffusers_semantics(pipe):
     (CFG, "PIPE", TypeError, "strategy=<class 'guidance.cfg.CFG'>"),
     (None, "PIPE", TypeError, "strategy=None"),
     ({"name": "CFG"}, "PIPE", TypeError, "strategy={'name': 'CFG'}"),
-    (CFG(), "pipe", TypeError, "pipe=str is not supported by apply_guidance"),
+    (CFG(), "pipe", TypeError, "pipe=str is not in guidance-kit's pipeline table (not a diffusers pipeline)"),
     (CFG(), "UNET", TypeError, "pipe=UNet2DModel is not supported"),
 ])
 def test_apply_guidance_with_wrong_types(pipe, strategy, pipe_arg, error, message):

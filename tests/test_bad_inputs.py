@@ -179,7 +179,7 @@ def test_one_generator_for_all_images_is_diffusers_semantics(pipe):
     (None, "PIPE", TypeError, "strategy=None"),
     ({"name": "CFG"}, "PIPE", TypeError, "strategy={'name': 'CFG'}"),
     (CFG(), "pipe", TypeError, "pipe=str is not in guidance-kit's pipeline table (not a diffusers pipeline)"),
-    (CFG(), "UNET", TypeError, "pipe=UNet2DModel is not supported"),
+    (CFG(), "UNET", TypeError, "pipe=UNet2DModel is not in guidance-kit's pipeline table (not a diffusers pipeline)"),
 ])
 def test_apply_guidance_with_wrong_types(pipe, strategy, pipe_arg, error, message):
     target = {"PIPE": pipe, "UNET": pipe.unet}.get(pipe_arg, pipe_arg)

@@ -70,12 +70,12 @@ __all__ = [
 ]
 
 from .dynamic_cfg import DynamicCFG, plot_schedules  # noqa: E402
-from .dynamic_thresholding import DynamicThresholding  # noqa: E402
+from .dynamic_thresholding import DynamicThresholding, MimicScaleThresholding  # noqa: E402
 
-__all__ += ["DynamicCFG", "DynamicThresholding", "plot_schedules"]
+__all__ += ["DynamicCFG", "DynamicThresholding", "MimicScaleThresholding", "plot_schedules"]
 
 # The strategies configs may name (explicit: a user's class with one of these names cannot replace it).
 for _cls in (CFG, APG, AdaptiveGuidance, Interval, Rescale, LinearAG, CalibratedClassifierGuidance,
              ClassifierGuidance, GFCG, DynamicCFG, Autoguidance, CFGZeroStar, TCFG, MAMBOG, APGMix,
-             DynamicThresholding, CFGNorm, Mahiro, CFGPlusPlus, FDG):
+             DynamicThresholding, MimicScaleThresholding, CFGNorm, Mahiro, CFGPlusPlus, FDG):
     register_strategy(_cls)

@@ -12,6 +12,11 @@ and (2) the first `zero_init_steps` steps output a zero velocity ("zero-init"). 
 output space, on any prediction type); zero-init outputs a zero prediction whatever the parametrisation, as
 diffusers does (on flow models: x stays put; the paper's setting). The zeroed steps need no unconditional pass,
 so they cost one evaluation per sample, not two.
+
+ComfyUI's CFGZeroStar node (comfy_extras/nodes_cfg.py, `CFGZeroStar.execute`) applies the rule to the denoised
+predictions instead: s* from (x - x0_c, x - x0_u) (in ComfyUI's scaling sigma eps, or sigma v on flow models), then
+x0 = s* x0_u + w (x0_c - s* x0_u), with no zeroed steps. Since x0_u holds the input x, this differs from the
+paper's rule by (1 - s*)(w - 1) x: `x0_space=True` (or `CFGZeroStar.from_comfyui()`) runs the node's reading.
 """
 
 from __future__ import annotations
@@ -39,14 +44,21 @@ class CFGZeroStar(TwoBranchRule):
     diffusers' guider does. zero_init_steps: scheduler steps zeroed at the start (diffusers' default 1; 0 off).
     """
 
-    config_fields = ("scale", "zero_init_steps", "use_original_formulation")
+    config_fields = ("scale", "zero_init_steps", "use_original_formulation", "x0_space")
 
-    def __init__(self, scale: Scale = None, zero_init_steps: int = 1, use_original_formulation: bool = False):
+    def __init__(self, scale: Scale = None, zero_init_steps: int = 1, use_original_formulation: bool = False,
+                 x0_space: bool = False):
         self.scale = check_scale("CFGZeroStar", "scale", scale)
         if isinstance(zero_init_steps, bool) or not isinstance(zero_init_steps, int) or zero_init_steps < 0:
             raise ValueError(f"CFGZeroStar: zero_init_steps={zero_init_steps!r} is invalid; allowed: an integer >= 0")
         self.zero_init_steps = zero_init_steps
         self.use_original_formulation = bool(use_original_formulation)
+        self.x0_space = bool(x0_space)
+
+    @classmethod
+    def from_comfyui(cls, scale: Scale = None) -> "CFGZeroStar":
+        """The rule of ComfyUI's CFGZeroStar node at the sampler's cfg (see the module): x0 space, no zeroed steps."""
+        return cls(scale=scale, zero_init_steps=0, x0_space=True)
 
     def _zeroed(self, ctx: StepContext) -> bool:
         return ctx.scheduler_step < self.zero_init_steps
@@ -61,6 +73,17 @@ class CFGZeroStar(TwoBranchRule):
         w = self.current_scale(ctx)
         if self.is_off(w):
             return cond
-        uncond = preds[UNCOND] * optimised_scale(cond, preds[UNCOND])
-        base = cond if self.use_original_formulation else uncond
-        return base + w * (cond - uncond)
+        uncond = preds[UNCOND]
+        if not self.x0_space:
+            return self._combine(w, cond, uncond, optimised_scale(cond, uncond))
+        # The node fits s* on x - x0, which in ComfyUI's own scaling is sigma * v on flow models and sigma * eps
+        # on the others: the fit of the velocity, or of the noise the prediction implies.
+        flow = ctx.param.prediction_type == "flow"
+        fit = (cond, uncond) if flow else (ctx.param.to_eps(cond), ctx.param.to_eps(uncond))
+        x0 = self._combine(w, ctx.to_x0(cond), ctx.to_x0(uncond), optimised_scale(*fit))
+        return ctx.from_x0(x0).to(cond.dtype)
+
+    def _combine(self, w, cond: torch.Tensor, uncond: torch.Tensor, s_star: torch.Tensor) -> torch.Tensor:
+        scaled = uncond * s_star
+        base = cond if self.use_original_formulation else scaled
+        return base + w * (cond - scaled)

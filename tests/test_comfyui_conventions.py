@@ -154,3 +154,109 @@ def test_channel_norm_rules_refuse_packed_latents():
     for rule in (CFGNorm(3.0), Mahiro(3.0)):
         with pytest.raises(ValueError, match=r"over the channels of \(B, C, H, W\) latents.*\(2, 16, 8\)"):
             rule.combine(ctx, preds)
+
+
+def comfyui_cfg_zero_star(x, d_c, d_u, cond_scale):
+    """comfy_extras/nodes_cfg.py, CFGZeroStar.execute.cfg_zero_star (a post-CFG function on denoised predictions;
+    `out` is ComfyUI's CFG of them, optimized_scale the per-sample <a, b> / (||b||^2 + 1e-8))."""
+    pos, neg = (x - d_c).flatten(1), (x - d_u).flatten(1)
+    alpha = ((pos * neg).sum(1) / ((neg**2).sum(1) + 1e-8)).view(-1, 1, 1, 1)
+    out = d_u + cond_scale * (d_c - d_u)
+    return out + d_u * (alpha - 1.0) + cond_scale * d_u * (1.0 - alpha)
+
+
+def flow_views(sigma: float, seed: int):
+    """ComfyUI's CONST (flow) model: x = (1 - sigma) x0 + sigma eps and D = x - sigma v; our flow context."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, *SHAPE, generator=g, dtype=torch.float64)
+    v_c = torch.randn(B, *SHAPE, generator=g, dtype=torch.float64)
+    v_u = 0.6 * v_c + 0.5 * torch.randn(B, *SHAPE, generator=g, dtype=torch.float64)
+    s = torch.full((B, 1, 1, 1), sigma, dtype=torch.float64)
+    ctx = StepContext(0, 10, 500.0, Parametrization("flow", x, 1 - s, s))
+    return (x, x - sigma * v_c, x - sigma * v_u), ctx, {COND: v_c, UNCOND: v_u}
+
+
+@pytest.mark.parametrize("make_views, sigma", [(views, 4.0), (views, 0.5), (flow_views, 0.8), (flow_views, 0.2)])
+def test_cfg_zero_star_from_comfyui_equals_the_node(make_views, sigma):
+    from guidance import CFGZeroStar
+
+    (x, d_c, d_u), ctx, preds = make_views(sigma, seed=11)
+    w = 5.0
+    expected = comfyui_cfg_zero_star(x, d_c, d_u, w)
+    ours = CFGZeroStar.from_comfyui(w)
+    assert ours.zero_init_steps == 0 and ours.x0_space
+    got = ctx.to_x0(ours.combine(ctx, preds))
+    # 1e-6: s* is fitted in float32, as diffusers' guider does (the node fits in the input's dtype)
+    assert torch.allclose(got, expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max()))
+    paper = ctx.to_x0(CFGZeroStar(w, zero_init_steps=0).combine(ctx, preds))  # s* on the prediction itself
+    assert not torch.allclose(paper, expected, atol=1e-3)
+
+
+def webui_mimic(cond, uncond, cfg_scale, mimic_scale, percentile, sep_feat_channels, startpoint, measure, phi):
+    """sd-dynamic-thresholding (mcmonkeyprojects), dynthres_core.py, DynThresh.dynthresh with constant modes, one
+    cond per uncond and no weights; cond / uncond are the denoised predictions (WebUI's combine_denoised, the
+    ComfyUI node's input - args["cond"])."""
+    relative = cond - uncond
+    mim_target, cfg_target = uncond + relative * mimic_scale, uncond + relative * cfg_scale
+    mim_flat, cfg_flat = mim_target.flatten(2), cfg_target.flatten(2)
+    mim_centered = mim_flat - mim_flat.mean(dim=2).unsqueeze(2)
+    cfg_means = cfg_flat.mean(dim=2).unsqueeze(2)
+    cfg_centered = cfg_flat - cfg_means
+    if sep_feat_channels:
+        if measure == "STD":
+            mim_ref, cfg_ref = mim_centered.std(dim=2).unsqueeze(2), cfg_centered.std(dim=2).unsqueeze(2)
+        else:
+            mim_ref = mim_centered.abs().max(dim=2).values.unsqueeze(2)
+            cfg_ref = torch.quantile(cfg_centered.abs(), percentile, dim=2).unsqueeze(2)
+    elif measure == "STD":
+        mim_ref, cfg_ref = mim_centered.std(), cfg_centered.std()
+    else:
+        mim_ref, cfg_ref = mim_centered.abs().max(), torch.quantile(cfg_centered.abs(), percentile)
+    if startpoint == "ZERO":
+        result = cfg_flat * (mim_ref / cfg_ref)
+    elif measure == "STD":
+        result = (cfg_centered / cfg_ref) * mim_ref + cfg_means
+    else:
+        top = torch.maximum(mim_ref, cfg_ref)
+        result = (cfg_centered.clamp(-top, top) / top) * mim_ref + cfg_means
+    out = result.unflatten(2, mim_target.shape[2:])
+    return out * phi + cfg_target * (1.0 - phi) if phi != 1.0 else out
+
+
+MIMIC_SETTINGS = [dict(), dict(threshold_percentile=0.9), dict(variability_measure="STD"),
+                  dict(scaling_startpoint="ZERO", threshold_percentile=0.95), dict(interpolate_phi=0.7),
+                  dict(separate_feature_channels=False, threshold_percentile=0.99)]
+
+
+@pytest.mark.parametrize("settings", MIMIC_SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+def test_mimic_scale_thresholding_equals_the_webui_extension(settings):
+    from guidance import MimicScaleThresholding
+
+    (x, d_c, d_u), ctx, preds = views(2.0, seed=12)
+    w, mimic = 15.0, 5.0
+    rows = slice(None) if settings.get("separate_feature_channels", True) else slice(0, 1)  # it pools the batch
+    ours = MimicScaleThresholding(w, mimic_scale=mimic, **settings)
+    got = ctx.to_x0(ours.combine(ctx, preds))[rows]
+    expected = webui_mimic(d_c[rows], d_u[rows], w, mimic, settings.get("threshold_percentile", 1.0),
+                           settings.get("separate_feature_channels", True), settings.get("scaling_startpoint", "MEAN"),
+                           settings.get("variability_measure", "AD"), settings.get("interpolate_phi", 1.0))
+    assert torch.allclose(got, expected, rtol=1e-9, atol=1e-9 * float(expected.abs().max()))
+    assert not torch.allclose(got, ctx.to_x0(CFG(w).combine(ctx, preds))[rows], atol=1e-2)  # it changes CFG here
+
+
+def test_mimic_scale_modes_follow_the_step_and_bad_settings_are_refused():
+    from guidance import MimicScaleThresholding
+
+    (x, d_c, d_u), ctx, preds = views(2.0, seed=13)
+    last = StepContext(9, 10, 20.0, ctx.param, scheduler_step=9, num_scheduler_steps=10)
+    down = MimicScaleThresholding(15.0, mimic_scale=5.0, cfg_mode="Linear Down", cfg_scale_min=3.0,
+                                  mimic_mode="Cosine Down", mimic_scale_min=2.0)
+    # at the last step "Linear Down" reaches its minimum and "Cosine Down" cos(1.5707) ~ 8e-5 of the way above it
+    expected = webui_mimic(d_c, d_u, 3.0, 2.0 + 3.0 * torch.cos(torch.tensor(1.5707, dtype=torch.float64)).item(),
+                           1.0, True, "MEAN", "AD", 1.0)
+    got = last.to_x0(down.combine(last, preds))
+    assert torch.allclose(got, expected, rtol=1e-9, atol=1e-9 * float(expected.abs().max()))
+    with pytest.raises(ValueError, match=r"MimicScaleThresholding: mimic_mode='Linear' is invalid; allowed: 'Constant'"):
+        MimicScaleThresholding(mimic_mode="Linear")
+    with pytest.raises(ValueError, match=r"MimicScaleThresholding: threshold_percentile=1.5 is out of range"):
+        MimicScaleThresholding(threshold_percentile=1.5)

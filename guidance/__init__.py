@@ -9,7 +9,7 @@ from .adaptive import AdaptiveGuidance
 from .apg import APG
 from .apg_mix import APGMix
 from .autoguidance import Autoguidance
-from .base import (COND, GUIDE, REF, REGISTRY, UNCOND, GuidanceStrategy, StepContext, from_config, guided_prediction,
+from .base import (COND, GUIDE, PERTURBED, REF, REGISTRY, UNCOND, GuidanceStrategy, StepContext, from_config, guided_prediction,
                    register_strategy)
 from .call import CallDescription
 from .cfg import CFG, rescale_to_cond_std
@@ -71,11 +71,14 @@ __all__ = [
 
 from .dynamic_cfg import DynamicCFG, plot_schedules  # noqa: E402
 from .dynamic_thresholding import DynamicThresholding, MimicScaleThresholding  # noqa: E402
+from .pag import PAG  # noqa: E402
+from .base import Perturbation  # noqa: E402
 
-__all__ += ["DynamicCFG", "DynamicThresholding", "MimicScaleThresholding", "plot_schedules"]
+__all__ += ["DynamicCFG", "DynamicThresholding", "MimicScaleThresholding", "PAG", "PERTURBED", "Perturbation",
+            "plot_schedules"]
 
 # The strategies configs may name (explicit: a user's class with one of these names cannot replace it).
 for _cls in (CFG, APG, AdaptiveGuidance, Interval, Rescale, LinearAG, CalibratedClassifierGuidance,
              ClassifierGuidance, GFCG, DynamicCFG, Autoguidance, CFGZeroStar, TCFG, MAMBOG, APGMix,
-             DynamicThresholding, MimicScaleThresholding, CFGNorm, Mahiro, CFGPlusPlus, FDG):
+             DynamicThresholding, MimicScaleThresholding, CFGNorm, Mahiro, CFGPlusPlus, FDG, PAG):
     register_strategy(_cls)

@@ -27,6 +27,34 @@ COND, UNCOND, REF = "cond", "uncond", "ref"  # REF: the condition of another cla
 # same input x_t, timestep and condition as COND. The caller supplies the model (pipelines.apply_guidance's
 # `guide_model`); guidance/ only asks for its prediction.
 GUIDE = "guide"
+# PERTURBED: the pipeline's own denoiser at the conditional input with a perturbation active for those rows only
+# (PAG's identity self-attention, SEG's blurred queries, skipped blocks, ...). The strategy names it with a
+# `Perturbation` (its `perturbation`); the caller applies it (pipelines/branches/perturbed.py).
+PERTURBED = "perturbed"
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    """What the PERTURBED branch changes in the denoiser; guidance/ names it, the caller applies it.
+
+    kind: "identity_attention" (PAG: the self-attention map replaced by the identity, so each token keeps its
+    own value). layers: which self-attention layers, as diffusers' `pag_applied_layers`: regular expressions
+    searched in the names of the denoiser's self-attention modules ("mid", "down_blocks.2",
+    "transformer_blocks.1")."""
+
+    kind: str
+    layers: tuple[str, ...]
+
+    KINDS: ClassVar[tuple[str, ...]] = ("identity_attention",)
+
+    def __post_init__(self) -> None:
+        if self.kind not in self.KINDS:
+            raise ValueError(f"Perturbation: kind={self.kind!r} is unknown; allowed: {', '.join(self.KINDS)}")
+        layers = (self.layers,) if isinstance(self.layers, str) else tuple(self.layers)
+        if not layers or not all(isinstance(x, str) and x for x in layers):
+            raise ValueError(f"Perturbation: layers={self.layers!r} is invalid; allowed: a non-empty list of "
+                             "layer-name patterns, e.g. ['mid'] or ['transformer_blocks.1']")
+        object.__setattr__(self, "layers", layers)
 
 # Name -> class of the strategies that configs may name, filled explicitly by `register_strategy`
 # (guidance/__init__ registers ours), so that a user's subclass called e.g. `CFG` cannot replace ours.
@@ -178,6 +206,7 @@ class GuidanceStrategy:
     space: ClassVar[str] = "model"
     config_fields: ClassVar[tuple[str, ...]] = ()
     uses_guide_model: ClassVar[bool] = False  # may ask for the GUIDE branch (the caller must supply a guide model)
+    perturbation: Perturbation | None = None  # set by rules that may ask for the PERTURBED branch
 
     # --- per-call protocol -------------------------------------------------------------------
     def on_call(self, call: "CallDescription") -> None:
@@ -212,7 +241,8 @@ class GuidanceStrategy:
         """Which samples need which model evaluation at this step (bool masks of shape (B,)).
 
         Keys: COND (every sample), UNCOND, REF (with `reference_labels`), GUIDE (the guide model at the
-        conditional inputs; set `uses_guide_model = True` so callers check for a guide model up front)."""
+        conditional inputs; set `uses_guide_model = True` so callers check for a guide model up front),
+        PERTURBED (the denoiser at the conditional inputs with `perturbation` active)."""
         return {COND: ctx.all(), UNCOND: ctx.all()}
 
     def reference_labels(self, ctx: StepContext) -> torch.Tensor:

@@ -18,8 +18,8 @@ the call keyword holding the pipeline's own scale, and the few quirks a family h
 - `negated_output`: Lumina 2's transformer predicts the negated velocity.
 
 Rows are keyed by class name; every row is verified by `tests/test_pipeline_zoo.py` on a tiny
-pipeline (CFG through the hook equals native CFG). `REFUSED` lists classes that cannot be guided
-and why; the README table is generated from both (`support_table_markdown`).
+pipeline (CFG through the hook equals native CFG). `REFUSED` (pipelines/refusals.py) lists the classes
+that cannot be guided and why; docs/pipelines.md is generated from both (`pipelines.support_table`).
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import diffusers
+
+from .refusals import REFUSED  # noqa: F401  (the classes that cannot be guided, and why)
 
 LAYOUT_ALIASES = {"sequential": "sequential_cache_context"}
 
@@ -165,36 +167,133 @@ DIFFUSERS_ADAPTERS.update({
 # --- rows per family, each verified by its case in tests/zoo_<family>.py --------------------------------
 # UNet image pipelines beyond SD / SDXL's own (tests/zoo_unet.py)
 DIFFUSERS_ADAPTERS.update({
+    **_rows(_UNET, "KolorsPipeline StableDiffusionXLControlNetUnionPipeline "
+                   "StableDiffusionXLControlNetUnionImg2ImgPipeline StableDiffusionXLControlNetUnionInpaintPipeline "
+                   "StableDiffusionAdapterPipeline StableDiffusionXLAdapterPipeline"),
+    "KolorsPAGPipeline": replace(_UNET, **_PAG_OFF),
+    **_rows(_UNET, "StableDiffusionControlNetXSPipeline StableDiffusionXLControlNetXSPipeline",
+            note="UNetControlNetXSModel (the UNet fused with its ControlNet-XS adapter)"),
+    **_rows(_UNET, "StableDiffusionImageVariationPipeline StableDiffusionLDM3DPipeline StableDiffusionGLIGENPipeline "
+                   "AltDiffusionPipeline AltDiffusionImg2ImgPipeline"),
+    "PaintByExamplePipeline": replace(_UNET, extra_input_channels=True),
+    "StableDiffusionUpscalePipeline": replace(_UNET, extra_input_channels=True,
+                                              note="7-channel UNet (latents + noised low-res image)"),
+    **_rows(replace(_UNET, guide_channels_of_input=True, extra_input_channels=True),
+            "KandinskyV22ControlnetPipeline KandinskyV22ControlnetImg2ImgPipeline",
+            note="learned-sigma UNet; input = [latents, encoded hint]"),
+    # Self-attention guidance (sag_scale > 0, default 0.75) adds a UNet call on degraded latents.
+    "StableDiffusionSAGPipeline": replace(_UNET, off_kws=("sag_scale",),
+                                          note="call with sag_scale=0 (self-attention guidance adds a UNet call)"),
 })
 
 # UNet video pipelines (tests/zoo_unet_video.py)
 DIFFUSERS_ADAPTERS.update({
+    "AnimateDiffSDXLPipeline": DIFFUSERS_ADAPTERS["AnimateDiffPipeline"],
+    "AnimateDiffPAGPipeline": replace(DIFFUSERS_ADAPTERS["AnimateDiffPipeline"], **_PAG_OFF),
+    "PIAPipeline": replace(DIFFUSERS_ADAPTERS["AnimateDiffPipeline"], extra_input_channels=True,
+                           note="UNetMotionModel with a 9-channel input (latents + mask + image latents), "
+                                "5-D video latents (B, C, F, H, W)"),
+    **_rows(_UNET, "TextToVideoSDPipeline VideoToVideoSDPipeline",
+            note="UNet3DConditionModel, 5-D video latents (B, C, F, H, W)"),
+    "I2VGenXLPipeline": replace(_UNET, note="I2VGenXLUNet (image latents and CLIP image embeddings as keywords), "
+                                            "5-D video latents (B, C, F, H, W)"),
 })
 
 # video transformers (tests/zoo_video.py)
 DIFFUSERS_ADAPTERS.update({
+    # Wan 2.1 I2V: [latents, first-frame mask, first-frame latents] on channels (36); Wan 2.2 expert as in WanPipeline
+    "WanImageToVideoPipeline": replace(DIFFUSERS_ADAPTERS["WanPipeline"], extra_input_channels=True,
+                                       note="5-D video latents; first-frame conditioning on channels (the sample is "
+                                            "the first out_channels); Wan 2.2's transformer_2 with guidance_scale_2"),
+    # VACE: the control context is the same in both calls; its per-layer scales are no batch
+    "WanVACEPipeline": replace(DIFFUSERS_ADAPTERS["WanPipeline"], unbatched=("control_hidden_states_scale",),
+                               note="5-D video latents; VACE control context; Wan 2.2's transformer_2 with "
+                                    "guidance_scale_2"),
+    "WanVideoToVideoPipeline": replace(DIFFUSERS_ADAPTERS["WanPipeline"], layout="sequential_call_order",
+                                       extra_denoisers=(), expert_scale_kws=(),
+                                       note="5-D video latents; cond and uncond calls without a cache context"),
+    **_rows(_DIT, "SkyReelsV2Pipeline SkyReelsV2DiffusionForcingPipeline "
+                  "SkyReelsV2DiffusionForcingImageToVideoPipeline SkyReelsV2DiffusionForcingVideoToVideoPipeline",
+            layout="sequential_cache_context",
+            note="5-D video latents (Wan layout); diffusion forcing: per-frame timesteps, the image / video prefix "
+                 "frames held clean"),
+    "SkyReelsV2ImageToVideoPipeline": replace(_DIT, layout="sequential_cache_context", extra_input_channels=True,
+                                              note="5-D video latents; first-frame conditioning on channels"),
+    "CogVideoXVideoToVideoPipeline": DIFFUSERS_ADAPTERS["CogVideoXPipeline"],
+    # LTX conditions: scheduler.step(-noise_pred, per_token_timesteps=...) with dt = sigma - next_sigma is the usual
+    # Euler step, so the transformer predicts the usual velocity (no negated_output)
+    "LTXConditionPipeline": replace(DIFFUSERS_ADAPTERS["LTXPipeline"],
+                                    note="packed token latents; per-token timesteps (conditioning tokens are clean)"),
+    "AllegroPipeline": replace(_DIT, note="5-D video latents"),
+    # Latte's learned-sigma channels are dropped by the pipeline after CFG: guide the eps half only.
+    "LattePipeline": replace(_DIT, guide_channels_of_input=True, note="5-D video latents; learned sigma"),
+    # EasyAnimate's inpaint latents are a keyword (2B rows) the transformer concatenates itself
+    **_rows(_DIT, "EasyAnimatePipeline EasyAnimateInpaintPipeline", note="5-D video latents"),
 })
 
 # image transformers (tests/zoo_image.py)
 DIFFUSERS_ADAPTERS.update({
+    **_rows(DIFFUSERS_ADAPTERS["QwenImagePipeline"], "QwenImageControlNetPipeline QwenImageControlNetInpaintPipeline"),
+    # The edit variants append the condition image's tokens to the sample's: the strategy sees both (the pipeline
+    # keeps the sample's tokens after its CFG).
+    **_rows(DIFFUSERS_ADAPTERS["QwenImagePipeline"],
+            "QwenImageEditPipeline QwenImageEditPlusPipeline QwenImageEditInpaintPipeline",
+            note="rescales to the conditional norm after its CFG; packed token latents, condition-image tokens "
+                 "appended"),
+    "ChromaInpaintPipeline": DIFFUSERS_ADAPTERS["ChromaPipeline"],
+    "CogView4ControlPipeline": replace(_DIT, layout="sequential_call_order", extra_input_channels=True,
+                                       note="control latents concatenated on channels"),
+    "SanaControlNetPipeline": DIFFUSERS_ADAPTERS["SanaPipeline"],
+    "HunyuanDiTControlNetPipeline": DIFFUSERS_ADAPTERS["HunyuanDiTPipeline"],
+    "StableDiffusion3ControlNetInpaintingPipeline": DIFFUSERS_ADAPTERS["StableDiffusion3ControlNetPipeline"],
+    "CogView3PlusPipeline": _DIT,
+    **_rows(_FLUX, "Flux2KleinPipeline Flux2KleinInpaintPipeline", layout="sequential_cache_context",
+            scale_kw="guidance_scale", enable_hint=_SD_HINT, needs_negative=False, unbatched=(),
+            note="packed token latents; a distilled Klein (is_distilled) runs no CFG"),
+    "OvisImagePipeline": replace(_FLUX, layout="sequential_cache_context", scale_kw="guidance_scale",
+                                 enable_hint=_SD_HINT, needs_negative=False, note="packed token latents"),
+    "NucleusMoEImagePipeline": replace(_DIT, layout="sequential_call_order", negated_output=True,
+                                       note="rescales to the conditional norm after its CFG; packed token latents"),
+    **_rows(_DIT, "BriaPipeline BriaFiboPipeline", note="packed token latents"),
+    "PRXPipeline": _DIT,
+    "ErnieImagePipeline": _DIT,
 })
 
 # cascades, priors, scale conventions, audio and 3-D (tests/zoo_cascades.py)
 DIFFUSERS_ADAPTERS.update({
+    # Kandinsky 3 guides as (s + 1) c - s u (CFG's w = s + 1), its unconditional branch on when s > 1.
+    **_rows(_UNET, "Kandinsky3Pipeline Kandinsky3Img2ImgPipeline", scale_offset=1.0, on_above=1.0,
+            note="guides as (s + 1) c - s u: a strategy sees w = guidance_scale + 1"),
+    # DeepFloyd IF: learned variance (6 output channels, the pipeline keeps the conditional variance).
+    **_rows(_UNET, "IFPipeline IFImg2ImgPipeline IFInpaintingPipeline", guide_channels_of_input=True,
+            note="pixel space; learned variance: guides the eps channels, keeps the conditional variance"),
+    # The super-resolution stages take [noisy image; upscaled image] (6 channels) and the noise level as class labels.
+    **_rows(_UNET, "IFSuperResolutionPipeline IFImg2ImgSuperResolutionPipeline IFInpaintingSuperResolutionPipeline",
+            guide_channels_of_input=True, extra_input_channels=True,
+            note="pixel space; input [noisy image; upscaled image]; learned variance kept from the conditional branch"),
+    **_rows(_UNET, "AudioLDMPipeline MusicLDMPipeline", note="mel-spectrogram latents; CLAP embedding as class labels"),
+    "AudioLDM2Pipeline": replace(_UNET, note="mel-spectrogram latents; two cross-attention streams (GPT-2 and T5)"),
+    "StableAudio3Pipeline": replace(_DIT, note="1-D audio latents (B, C, T); the duration is a cross-attention token"),
 })
 
-# Classes that cannot be guided, and why; `adapter_for` raises with this text.
-REFUSED: dict[str, str] = {
-    **{name: ("it has a distilled guidance embedding only (guidance_scale is an input of the model) and runs no "
-              "unconditional pass to guide; use a pipeline that runs CFG (e.g. FluxPipeline / FluxImg2ImgPipeline "
-              "with true_cfg_scale > 1 and a negative prompt)")
-       for name in ("FluxFillPipeline", "FluxControlPipeline", "FluxControlImg2ImgPipeline",
-                    "FluxControlInpaintPipeline", "FluxControlNetImg2ImgPipeline", "FluxControlNetInpaintPipeline",
-                    "Flux2Pipeline", "SanaSprintPipeline")},
-    "StableDiffusionInstructPix2PixPipeline": (
-        "it runs a three-way batch [text+image; image; none] with two scales, a layout the hook does not "
-        "split yet; use StableDiffusionImg2ImgPipeline"),
-}
+# research and single-purpose pipelines (tests/zoo_misc.py)
+DIFFUSERS_ADAPTERS.update({
+    "StableDiffusionModelEditingPipeline": replace(_UNET, note="the SD loop; edit_model() rewrites cross-attention "
+                                                                "weights and calls no denoiser"),
+    "StableDiffusionDiffEditPipeline": replace(_UNET, note="guides __call__'s loop; generate_mask() and invert() "
+                                                            "are not guided"),
+    **_rows(_UNET, "VersatileDiffusionTextToImagePipeline VersatileDiffusionImageVariationPipeline",
+            denoiser="image_unet"),
+    "VersatileDiffusionDualGuidedPipeline": replace(
+        _UNET, denoiser="image_unet", note="text and image embeddings concatenated on tokens; diffusers 0.42.1's "
+                                           "DualTransformer2DModel fails natively (encoder_attention_mask)"),
+    # BLIP-Diffusion: the cond embeddings carry the subject query tokens, the uncond half is neg_prompt without them
+    **_rows(_UNET, "BlipDiffusionPipeline BlipDiffusionControlNetPipeline",
+            note="subject query embeddings in the conditional half only"),
+    "Kandinsky5T2IPipeline": replace(_DIT, layout="sequential_call_order", unbatched=("visual_rope_pos", "text_rope_pos"),
+                                     note="channels-last (B, 1, H, W, C) latents; cond and uncond calls without a "
+                                          "cache context"),
+})
 
 # Our own pipelines register here (see pipelines/embedded/pipeline.py).
 EXTRA_ADAPTERS: dict[type, Adapter] = {}
@@ -233,6 +332,8 @@ def _origin(cls: type) -> str:
     """Why a class has no row: not a pipeline, a subclass of a diffusers class, or a class diffusers lacks."""
     if not issubclass(cls, diffusers.DiffusionPipeline):
         return "not a diffusers pipeline"
+    if getattr(diffusers, cls.__name__, None) is cls:
+        return "a diffusers pipeline that runs no guidance: its call takes no guidance scale"
     for base in cls.__mro__[1:]:
         if getattr(diffusers, base.__name__, None) is base and base is not diffusers.DiffusionPipeline:
             return f"a subclass of diffusers' {base.__name__}: a row does not carry over to subclasses"

@@ -234,14 +234,35 @@ class StrategyGuider(BaseGuidance):
             self._capture_handle.remove()
             self._capture_handle = None
 
+    @staticmethod
+    def _model_input(x: Any, pred: torch.Tensor) -> torch.Tensor | None:
+        """x_t in the prediction's shape, read from the denoiser's first input, or None where it cannot be.
+        - a list of per-sample inputs (Z-Image's `x=[(C, 1, H, W), ...]`, whose prediction the block stacks
+          and squeezes): stacked, reshaped when it holds as many numbers as the prediction;
+        - an input larger than the prediction along one dimension only (conditioning concatenated after the
+          noisy latents, the diffusers convention: HunyuanVideo 1.5's [latents, image latents, mask] on
+          channels, Wan I2V's on channels, Flux.2 / Kontext image tokens on the sequence): its leading part."""
+        if isinstance(x, (list, tuple)) and x and all(torch.is_tensor(v) for v in x):
+            x = torch.stack(list(x))
+            return x.reshape(pred.shape) if x.numel() == pred.numel() else None
+        if not torch.is_tensor(x) or x.ndim != pred.ndim:
+            return None
+        larger = [d for d in range(x.ndim) if x.shape[d] != pred.shape[d]]
+        if not larger:
+            return x
+        if len(larger) == 1 and x.shape[larger[0]] > pred.shape[larger[0]]:
+            return x.narrow(larger[0], 0, pred.shape[larger[0]])
+        return None
+
     def _parametrization(self, pred: torch.Tensor) -> Parametrization:
         x = self._x
         if self.scheduler is None:
-            return self._no_noise_level(pred if x is None else x)
-        if x is None or not torch.is_tensor(x) or x.shape != pred.shape:
-            shape = None if not torch.is_tensor(x) else tuple(x.shape)
+            return self._no_noise_level(x if torch.is_tensor(x) else pred)
+        x = self._model_input(x, pred)
+        if x is None:
+            shape = tuple(self._x.shape) if torch.is_tensor(self._x) else None
             param = self._no_noise_level(pred)
-            param.unavailable = (f"StrategyGuider: the denoiser's input {shape} does not have the shape of its "
+            param.unavailable = (f"StrategyGuider: the denoiser's input {shape} does not match the shape of its "
                                  f"prediction {tuple(pred.shape)}, so x_t is unknown and "
                                  f"{type(self.strategy).__name__} cannot convert to x0 here")
             return param

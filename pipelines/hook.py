@@ -29,13 +29,12 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
-from guidance.base import (COND, GUIDE, REF, UNCOND, GuidanceStrategy, StepContext, guided_prediction,
+from guidance.base import (COND, GUIDE, PERTURBED, REF, UNCOND, GuidanceStrategy, StepContext, guided_prediction,
                            is_finite_number)
 
 from .adapters import Adapter, adapter_for
+from .branches import ConditionalRowsBranch, GuideModelBranch, PerturbedBranch
 from .call import describe_call
-from .guide import (check_arguments, check_guide_model, check_placement, load_guide_model, named_guide_models,
-                    uses_guide_model)
 from .layouts import LAYOUTS, DenoiserCall, Layout
 from .parametrization import build_step_context
 from .reference import ReferencePrompts, encode_reference_prompts, unsupported_reason
@@ -113,7 +112,8 @@ class CallState:
     # The masks of the rows evaluated at each step, kept as they come and summed once at the end of the call
     # (a running sum would cost a few tensor operations per step on the masks' device).
     evaluated: list[torch.Tensor] = field(default_factory=list)
-    guide_evaluated: list[torch.Tensor] = field(default_factory=list)  # the guide model's, counted apart
+    # The extra branches' rows (GUIDE, PERTURBED: pipelines.branches), counted apart, per branch.
+    extra_evaluated: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     # Per step, the float32 sum of the guided prediction (finite exactly when it is): 0-dim tensors on its device,
     # read once at the end of the call (a read per step would synchronise an accelerator at every step).
     finite: list[torch.Tensor] = field(default_factory=list)
@@ -129,14 +129,14 @@ class CallState:
         flags = torch.isfinite(_stacked(self.finite))
         return None if bool(flags.all()) else int((~flags).nonzero()[0, 0])
 
-    def counts(self, has_guide: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(nfe, guide_nfe) per sample on the CPU: None before any step ran; guide_nfe None without a guide."""
+    def counts(self, branches) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """(nfe, {branch: its count}) per sample on the CPU, for the extra `branches` the handle provides: None
+        and {} before any step ran."""
         if not self.evaluated:
-            return None, None
+            return None, {}
         nfe = _stacked(self.evaluated).sum(0)
-        if not has_guide:
-            return nfe, None
-        return nfe, _stacked(self.guide_evaluated).sum(0) if self.guide_evaluated else torch.zeros_like(nfe)
+        extra = self.extra_evaluated
+        return nfe, {b: _stacked(extra[b]).sum(0) if extra.get(b) else torch.zeros_like(nfe) for b in branches}
 
 
 def _stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -159,9 +159,10 @@ class GuidanceHandle:
     which call are cond / uncond) is a `pipelines.layouts.Layout`.
 
     After a pipeline call, `.nfe` holds the number of denoiser evaluations each sample received
-    (a (B,) int tensor, B = batch x num_images_per_prompt) and `.nfe_per_sample` its mean. With a
-    guide model, `.guide_nfe` / `.guide_nfe_per_sample` count the guide model's evaluations apart
-    (None without a guide model); `.nfe` keeps counting the pipeline's denoiser only.
+    (a (B,) int tensor, B = batch x num_images_per_prompt) and `.nfe_per_sample` its mean: the pipeline's
+    own conditional and unconditional rows. The extra branches are counted apart: with a guide model,
+    `.guide_nfe` / `.guide_nfe_per_sample` (None without one); with a perturbed branch (PAG),
+    `.perturbed_nfe` / `.perturbed_nfe_per_sample` (None without one).
     """
 
     def __init__(self, pipe, strategy: GuidanceStrategy, guide_model: torch.nn.Module | None = None):
@@ -176,9 +177,9 @@ class GuidanceHandle:
         ]
         self.denoiser = self.denoisers[0]
         self.layout: Layout = LAYOUTS[self.adapter.layout](self)
-        self.guide_model, self._owns_guide = self._resolve_guide(guide_model)
+        self.branches: dict[str, ConditionalRowsBranch] = self._extra_branches(guide_model)
         self.nfe: torch.Tensor | None = None
-        self.guide_nfe: torch.Tensor | None = None
+        self.extra_nfe: dict[str, torch.Tensor] = {}
         self.call: CallState | None = None
         self._call_lock = threading.Lock()  # one pipeline call at a time through this handle
         self._cache_on = False
@@ -186,37 +187,35 @@ class GuidanceHandle:
         self._removed = False
         self._install()
 
-    def _resolve_guide(self, guide_model) -> tuple[torch.nn.Module | None, bool]:
-        """The guide model for the GUIDE branch: the one given, or the one the strategy names (loaded
-        here, then owned: moved to the denoiser's device and dtype at each call). Checked up front."""
-        names, name = named_guide_models(self.strategy), type(self.strategy).__name__
-        if guide_model is not None and names:
-            raise ValueError(f"guide_model was given to apply_guidance and {name} also names guide_model="
-                             f"{sorted(names)}; allowed: one of the two")
-        if len(names) > 1:
-            raise ValueError(f"{name} names several guide models {sorted(names)}; allowed: one per pipeline")
-        owned = guide_model is None and bool(names)
-        if owned:
-            guide_model = load_guide_model(next(iter(names)))
-        if guide_model is None:
-            if uses_guide_model(self.strategy):
-                raise ValueError(f"{name} needs a guide model and none was given; allowed: "
-                                 "apply_guidance(pipe, strategy, guide_model=model) with a denoiser of the same family "
-                                 "(e.g. UNet2DModel.from_pretrained(...)), or a registered name in the strategy")
-            return None, False
-        if not uses_guide_model(self.strategy):
-            raise ValueError(f"guide_model was given but {name} never asks for the guide model's prediction "
-                             "(its uses_guide_model is False); allowed: guide_model=None, or a strategy that uses "
-                             "it, e.g. Autoguidance()")
-        if len(self.denoisers) > 1:
-            raise NotImplementedError(f"{self.pipe_name} has {len(self.denoisers)} denoisers (experts); a guide model "
-                                      "is supported on single-denoiser pipelines only")
-        if isinstance(guide_model, SkipLayerGuide):  # the denoiser itself, blocks skipped: check the blocks
-            guide_model.stack(self.denoiser, self.pipe_name)
-            return guide_model, owned
-        prediction_type = getattr(getattr(self.pipe, "scheduler", None), "config", {}).get("prediction_type")
-        check_guide_model(guide_model, self.denoiser, self.pipe_name, prediction_type)
-        return guide_model, owned
+    def _extra_branches(self, guide_model) -> dict[str, ConditionalRowsBranch]:
+        """The providers of the branches beyond the pipeline's own (pipelines.branches), checked up front."""
+        branches: dict[str, ConditionalRowsBranch] = {}
+        guide = GuideModelBranch.resolve(self, guide_model)
+        if guide is not None:
+            branches[GUIDE] = guide
+        perturbations = {s.perturbation for s in _strategy_tree(self.strategy) if s.perturbation is not None}
+        if len(perturbations) > 1:
+            raise ValueError(f"{type(self.strategy).__name__} asks for several perturbations "
+                             f"{sorted(map(str, perturbations))}; allowed: one perturbed branch per pipeline")
+        if perturbations:
+            branches[PERTURBED] = PerturbedBranch(self, perturbations.pop())
+        return branches
+
+    @property
+    def guide_model(self) -> torch.nn.Module | None:
+        return self.branches[GUIDE].model if GUIDE in self.branches else None
+
+    @property
+    def guide_nfe(self) -> torch.Tensor | None:
+        return self.extra_nfe.get(GUIDE) if GUIDE in self.branches else None
+
+    @property
+    def perturbed_nfe(self) -> torch.Tensor | None:
+        return self.extra_nfe.get(PERTURBED) if PERTURBED in self.branches else None
+
+    @property
+    def perturbed_nfe_per_sample(self) -> float | None:
+        return None if self.perturbed_nfe is None else float(self.perturbed_nfe.float().mean())
 
     # --- installation ----------------------------------------------------------------------------
     def _install(self) -> None:
@@ -312,7 +311,7 @@ class GuidanceHandle:
             self._check_finite()
         finally:
             self.layout.end_call()
-            self.nfe, self.guide_nfe = self.call.counts(self.guide_model is not None)
+            self.nfe, self.extra_nfe = self.call.counts(self.branches)
             self.call = None
 
     def _check_finite(self) -> None:
@@ -394,7 +393,7 @@ class GuidanceHandle:
 
     def masks(self, ctx: StepContext) -> dict[str, torch.Tensor]:
         masks = self.strategy.branches(ctx)
-        unknown = set(masks) - {COND, UNCOND, REF, GUIDE}
+        unknown = set(masks) - {COND, UNCOND, REF, GUIDE, PERTURBED}
         if unknown:
             raise NotImplementedError(f"branches {sorted(unknown)} are not supported by this pipeline adapter")
         out = {COND: masks[COND], UNCOND: masks[UNCOND] if UNCOND in masks else ctx.none()}
@@ -412,11 +411,16 @@ class GuidanceHandle:
                 )
             out[REF] = masks[REF]
         if GUIDE in masks:  # kept even when no row asks: the strategy then reads NaN rows, no call is made
-            if self.guide_model is None:
+            if GUIDE not in self.branches:
                 raise ValueError(f"{type(self.strategy).__name__} asks for the guide model's prediction but none was "
                                  "given; allowed: apply_guidance(pipe, strategy, guide_model=model)")
             out[GUIDE] = masks[GUIDE]
-        if self._cache_on and (REF in out or not self.call.every_row):
+        if PERTURBED in masks:
+            if PERTURBED not in self.branches:
+                raise ValueError(f"{type(self.strategy).__name__} asks for the perturbed branch but names no "
+                                 "perturbation (its `perturbation` is None)")
+            out[PERTURBED] = masks[PERTURBED]
+        if self._cache_on and (REF in out or PERTURBED in out or not self.call.every_row):
             # FasterCache splits every denoiser batch into [uncond; cond] halves and the other caches reuse
             # outputs of earlier steps by position: a batch of other rows would be misread, silently.
             raise NotImplementedError(
@@ -459,28 +463,18 @@ class GuidanceHandle:
         return guided
 
     def _finish_step(self, masks: dict[str, torch.Tensor]) -> None:
-        self.call.evaluated.extend(m for k, m in masks.items() if k != GUIDE)
-        if GUIDE in masks:
-            self.call.guide_evaluated.append(masks[GUIDE])
+        for k, m in masks.items():
+            if k in self.branches:
+                self.call.extra_evaluated.setdefault(k, []).append(m)
+            else:
+                self.call.evaluated.append(m)
         self.call.step += 1
 
-    def guide_forward(self, call) -> Callable:
-        """What evaluates the GUIDE rows of this denoiser call: the guide model (through its own hooks,
-        offloading included), or, when it is the pipeline's denoiser itself, its forward below our hook."""
-        guide = self.guide_model
-        if guide is self.denoisers[call.expert]:
-            return call.forward
-        if isinstance(guide, SkipLayerGuide):  # the denoiser below our hook, its blocks skipped for this call only
-            return guide.bind(self.denoisers[call.expert], call.forward, self.pipe_name)
-        if not self.call.guide_placed:
-            dtype = getattr(self.denoiser, "dtype", None)
-            param = next(guide.parameters(), None)
-            if self._owns_guide and param is not None and (param.device, param.dtype) != (call.x.device, dtype):
-                guide.to(call.x.device, dtype)  # only when needed: diffusers' .to(dtype) logs a warning each time
-            check_placement(guide, call.x, dtype, self.pipe_name)
-            check_arguments(guide, call.kwargs, self.pipe_name)
-            self.call.guide_placed = True
-        return guide
+    def evaluate_branches(self, call: DenoiserCall, masks: dict, cond_rows: torch.Tensor, preds: dict) -> None:
+        """Adds to `preds` each extra branch the strategy asked for at this step (pipelines.branches)."""
+        for name, branch in self.branches.items():
+            if name in masks:
+                preds[name] = branch.evaluate(call, cond_rows, masks[name], preds[COND])
 
     # --- the denoiser call -----------------------------------------------------------------------
     def _forward(self, forward: Callable, expert: int, context_name: str | None, args: tuple, kwargs: dict):

@@ -165,12 +165,12 @@ def test_state_is_per_call_and_per_sample():
     assert (both - alone).abs().max().item() <= 1e-5
 
 
-def test_unsupported_pipeline_gets_a_type_error_listing_the_supported_ones():
+def test_a_pipeline_without_guidance_gets_a_type_error_saying_so():
     from diffusers import DDPMPipeline, UNet2DModel, DDPMScheduler
 
     unet = UNet2DModel(sample_size=8, block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4,
                        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
-    with pytest.raises(TypeError, match="DDPMPipeline is not supported.*StableDiffusionXLPipeline"):
+    with pytest.raises(TypeError, match="DDPMPipeline is not in guidance-kit's pipeline table \\(a diffusers pipeline that runs no guidance"):
         apply_guidance(DDPMPipeline(unet, DDPMScheduler()), CFG())
 
 

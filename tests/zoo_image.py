@@ -6,6 +6,286 @@ this module at its end) and cache shared components with functools.cache.
 
 from __future__ import annotations
 
+import copy
+import functools
+
+import torch
+
+import diffusers
 import pipeline_zoo as zoo  # noqa: F401  (helpers: zoo._make, zoo._new, zoo._text, zoo._latent_call, ...)
 
-CASES: dict = {}
+
+# --- Qwen-Image ControlNet variants (the Qwen-Image components plus a ControlNet) ------------------------
+@functools.cache
+def _qwen_controlnet() -> torch.nn.Module:
+    return zoo._init(diffusers.QwenImageControlNetModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=16, num_attention_heads=3,
+        joint_attention_dim=16, axes_dims_rope=(8, 4, 4)), 201)
+
+
+@functools.cache
+def _qwen_controlnet_inpaint() -> torch.nn.Module:
+    # inpainting control: [control latents, mask] -> the ControlNet's extra conditioning channels
+    return zoo._init(diffusers.QwenImageControlNetModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=16, num_attention_heads=3,
+        joint_attention_dim=16, axes_dims_rope=(8, 4, 4), extra_condition_channels=4), 202)
+
+
+def _qwen_controlnet_kwargs(mask: bool = False) -> dict:
+    kw = {**zoo._qwen_kwargs(), "control_image": zoo._image(seed=201), "controlnet_conditioning_scale": 0.8}
+    if mask:
+        kw["control_mask"] = zoo._mask()
+    return kw
+
+
+# --- Qwen-Image edit variants: they resize every input image to ~1024 x 1024 pixels (calculate_dimensions), so
+# a VAE with a factor of 64 (7 levels, no residual blocks) keeps the image tokens few (8 x 8) and the encoding short.
+@functools.cache
+def _qwen_edit_parts() -> dict:
+    vae = zoo._new(lambda: diffusers.AutoencoderKLQwenImage(
+        base_dim=2, z_dim=4, dim_mult=[1] * 7, num_res_blocks=0, temperal_downsample=[False] * 6,
+        latents_mean=[0.0] * 4, latents_std=[1.0] * 4), 205)
+    return {**zoo._qwen_parts(), "vae": vae}
+
+
+def _pil_images(n: int = zoo.BATCH, seed: int = 206) -> list:
+    import PIL.Image
+
+    pixels = (zoo._image(32, seed=seed)[:1].repeat(n, 1, 1, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1)
+    return [PIL.Image.fromarray(p.roll(i, 0).numpy()) for i, p in enumerate(pixels)]
+
+
+def _qwen_edit_kwargs(batch: int = zoo.BATCH, **extra) -> dict:
+    kw = zoo._qwen_kwargs()
+    kw.update({k: v[:batch] for k, v in kw.items() if torch.is_tensor(v)})
+    return {**kw, "image": _pil_images(), "height": 128, "width": 128} | extra
+
+
+# --- Chroma inpainting (packed token latents, two calls without a context) ------------------------------
+@functools.cache
+def _chroma_inpaint_parts() -> dict:
+    # diffusers 0.42.1's ChromaInpaintPipeline reads transformer.config.guidance_embeds, a key that
+    # ChromaTransformer2DModel's config lacks (AttributeError): a copy of the transformer with the key set (False).
+    parts = dict(zoo._chroma_parts())
+    parts["transformer"] = copy.deepcopy(parts["transformer"])
+    parts["transformer"].register_to_config(guidance_embeds=False)
+    return parts
+
+
+def _chroma_inpaint_kwargs() -> dict:
+    return {**zoo._chroma_kwargs(image=True), "mask_image": zoo._mask()}
+
+
+# --- CogView4 Control (latents concatenated with the control latents on channels) -------------------------
+@functools.cache
+def _cogview4_control_parts() -> dict:
+    parts = dict(zoo._cogview4_parts())
+    parts["transformer"] = zoo._new(lambda: diffusers.CogView4Transformer2DModel(
+        patch_size=2, in_channels=8, num_layers=2, attention_head_dim=4, num_attention_heads=4, out_channels=4,
+        text_embed_dim=32, time_embed_dim=8, condition_dim=4), 211)
+    return parts
+
+
+# --- Sana ControlNet ---------------------------------------------------------------------------------------
+@functools.cache
+def _sana_controlnet() -> torch.nn.Module:
+    return zoo._init(diffusers.SanaControlNetModel(
+        patch_size=1, in_channels=4, out_channels=4, num_layers=1, num_attention_heads=2, attention_head_dim=4,
+        num_cross_attention_heads=2, cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=8,
+        sample_size=32), 221)
+
+
+# --- HunyuanDiT ControlNet -------------------------------------------------------------------------------
+@functools.cache
+def _hunyuandit_controlnet() -> torch.nn.Module:
+    return zoo._init(diffusers.HunyuanDiT2DControlNetModel(
+        sample_size=16, transformer_num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3,
+        in_channels=4, cross_attention_dim=32, cross_attention_dim_t5=32, pooled_projection_dim=16, hidden_size=24,
+        activation_fn="gelu-approximate"), 231)
+
+
+@functools.cache
+def _vae_f8() -> torch.nn.Module:
+    """A tiny AutoencoderKL with the usual factor 8 (HunyuanDiT's rotary grid assumes it)."""
+    return zoo._new(lambda: diffusers.AutoencoderKL(
+        block_out_channels=(4, 4, 4, 4), layers_per_block=1, latent_channels=4, norm_num_groups=2,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4), 232)
+
+
+# --- SD3 ControlNet inpainting (control image + mask into the ControlNet) ----------------------------------
+@functools.cache
+def _sd3_controlnet_inpaint() -> torch.nn.Module:
+    return zoo._init(diffusers.SD3ControlNetModel(
+        sample_size=16, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=4,
+        joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64, out_channels=4,
+        pos_embed_max_size=32, extra_conditioning_channels=1), 241)
+
+
+# --- CogView3-Plus (batched [uncond; cond]) ----------------------------------------------------------------
+@functools.cache
+def _cogview3plus_parts() -> dict:
+    transformer = zoo._new(lambda: diffusers.CogView3PlusTransformer2DModel(
+        patch_size=2, in_channels=4, num_layers=1, attention_head_dim=4, num_attention_heads=2, out_channels=4,
+        text_embed_dim=32, time_embed_dim=8, condition_dim=2, pos_embed_max_size=8, sample_size=8), 251)
+    return dict(transformer=transformer, vae=zoo._sd_parts()["vae"], scheduler=diffusers.CogVideoXDDIMScheduler())
+
+
+# --- Flux.2 Klein (packed token latents; cond / uncond in cache_context) ----------------------------------
+@functools.cache
+def _flux2_parts() -> dict:
+    transformer = zoo._new(lambda: diffusers.Flux2Transformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=16, timestep_guidance_channels=256, axes_dims_rope=[4, 4, 4, 4], guidance_embeds=False), 261)
+    vae = zoo._new(lambda: diffusers.AutoencoderKLFlux2(
+        sample_size=32, in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",), block_out_channels=(4,), layers_per_block=1, latent_channels=1,
+        norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False), 262)
+    return dict(transformer=transformer, vae=vae, scheduler=diffusers.FlowMatchEulerDiscreteScheduler())
+
+
+def _flux2_kwargs(**extra) -> dict:
+    return zoo._latent_call(height=32, width=32, guidance_scale=4.0, **zoo._text(16, 263), **extra)
+
+
+# --- Ovis-Image (packed token latents; cache_context) -----------------------------------------------------
+@functools.cache
+def _ovis_parts() -> dict:
+    transformer = zoo._new(lambda: diffusers.OvisImageTransformer2DModel(
+        patch_size=1, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 4, 8)), 271)
+    vae = zoo._new(lambda: diffusers.AutoencoderKL(
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1, latent_channels=1,
+        norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
+        scaling_factor=1.5035), 272)
+    return dict(transformer=transformer, vae=vae, scheduler=diffusers.FlowMatchEulerDiscreteScheduler())
+
+
+# --- NucleusMoE-Image (Qwen-Image-like; two calls without a context; negated velocity) ------------------------
+@functools.cache
+def _nucleusmoe_parts() -> dict:
+    transformer = zoo._new(lambda: diffusers.NucleusMoEImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=4,
+        joint_attention_dim=16, axes_dims_rope=(8, 4, 4), moe_enabled=False, capacity_factors=[8.0, 8.0]), 281)
+    return {**zoo._qwen_parts(), "transformer": transformer}
+
+
+# --- Bria (batched [uncond; cond]; packed token latents) ----------------------------------------------------
+@functools.cache
+def _bria_parts() -> dict:
+    transformer = zoo._new(lambda: diffusers.BriaTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=None, axes_dims_rope=[0, 4, 4]), 291)
+    vae = zoo._new(lambda: diffusers.AutoencoderKL(
+        block_out_channels=(4,), layers_per_block=1, latent_channels=4, norm_num_groups=1, shift_factor=0.0,
+        use_quant_conv=False, use_post_quant_conv=False), 292)
+    return dict(transformer=transformer, vae=vae, scheduler=diffusers.FlowMatchEulerDiscreteScheduler())
+
+
+# --- PRX (batched [uncond; cond]) ---------------------------------------------------------------------------
+@functools.cache
+def _prx_parts() -> dict:
+    transformer = zoo._new(lambda: diffusers.PRXTransformer2DModel(
+        patch_size=1, in_channels=4, context_in_dim=8, hidden_size=8, mlp_ratio=2.0, num_heads=2, depth=1,
+        axes_dim=[2, 2]), 301)
+    return dict(transformer=transformer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler())
+
+
+def _prx_kwargs() -> dict:
+    # One prompt: diffusers 0.42.1's PRXPipeline builds its CFG timestep as .repeat(2) (2 rows, not 2 x batch),
+    # so its own CFG fails on a batch of 2 prompts.
+    text = {k: v[:1] for k, v in zoo._text(8, 303, mask="prompt_attention_mask").items()}
+    return zoo._latent_call(height=32, width=32, guidance_scale=4.0, use_resolution_binning=False, **text)
+
+
+# --- ERNIE-Image (batched [uncond; cond]; prompt embeddings as a list of per-prompt tensors) --------------------
+@functools.cache
+def _ernie_parts() -> dict:
+    # _init, not _new: its zero-initialised output layer would make every prediction 0
+    transformer = zoo._init(diffusers.ErnieImageTransformer2DModel(
+        hidden_size=32, num_attention_heads=2, num_layers=1, ffn_hidden_size=32, in_channels=4, out_channels=4,
+        patch_size=1, text_in_dim=16, rope_axes_dim=(4, 6, 6)), 311)
+    return dict(transformer=transformer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler())
+
+
+def _ernie_kwargs() -> dict:
+    text = zoo._text(16, 313)
+    return zoo._latent_call(height=32, width=32, guidance_scale=4.0, use_pe=False,
+                            prompt_embeds=list(text["prompt_embeds"]),
+                            negative_prompt_embeds=list(text["negative_prompt_embeds"][:, :5]))
+
+
+# --- Bria FIBO (batched [uncond; cond]; every text-encoder layer feeds a block): no prompt-embedding input, so a
+# tiny SmolLM3 with the offline T5-style tokenizer (diffusers' own FIBO test pairs SmolLM3 with a T5 tokenizer).
+@functools.cache
+def _fibo_parts() -> dict:
+    from transformers import SmolLM3Config, SmolLM3ForCausalLM
+
+    transformer = zoo._new(lambda: diffusers.BriaFiboTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=64, pooled_projection_dim=None, axes_dims_rope=[0, 4, 4], text_encoder_dim=32), 321)
+    # vocab past 128000: the pipeline encodes an empty prompt as token 128000
+    config = SmolLM3Config(hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           num_key_value_heads=1, vocab_size=128256)
+    text_encoder = zoo._new(lambda: SmolLM3ForCausalLM(config), 322)
+    return dict(transformer=transformer, text_encoder=text_encoder, tokenizer=zoo.tp.t5_tokenizer(),
+                scheduler=diffusers.FlowMatchEulerDiscreteScheduler())
+
+
+def _fibo_kwargs(**extra) -> dict:
+    return zoo._latent_call(prompt=zoo.tp.PROMPTS, negative_prompt=zoo.tp.NEGATIVE_PROMPTS, height=32, width=32,
+                            guidance_scale=4.0, **extra)
+
+
+CASES: dict = {
+    "QwenImageControlNetPipeline": zoo._case(
+        lambda: zoo._make("QwenImageControlNetPipeline", **zoo._qwen_parts(), controlnet=_qwen_controlnet()),
+        _qwen_controlnet_kwargs),
+    "QwenImageControlNetInpaintPipeline": zoo._case(
+        lambda: zoo._make("QwenImageControlNetInpaintPipeline", **zoo._qwen_parts(),
+                          controlnet=_qwen_controlnet_inpaint()),
+        lambda: _qwen_controlnet_kwargs(mask=True)),
+    "ChromaInpaintPipeline": zoo._case(lambda: zoo._finish(diffusers.ChromaInpaintPipeline(**_chroma_inpaint_parts())),
+                                       _chroma_inpaint_kwargs),
+    "CogView4ControlPipeline": zoo._case(lambda: zoo._make("CogView4ControlPipeline", **_cogview4_control_parts()),
+                                         lambda: {**zoo._cogview4_kwargs(), "control_image": zoo._image(seed=212)}),
+    "SanaControlNetPipeline": zoo._case(
+        lambda: zoo._make("SanaControlNetPipeline", **zoo._sana_parts(), controlnet=_sana_controlnet()),
+        lambda: {**zoo._sana_kwargs(), "control_image": zoo._image(seed=222)}),
+    "HunyuanDiTControlNetPipeline": zoo._case(
+        lambda: zoo._make("HunyuanDiTControlNetPipeline", **zoo._hunyuandit_parts(), vae=_vae_f8(),
+                          controlnet=_hunyuandit_controlnet()),
+        lambda: {**zoo._hunyuandit_kwargs(), "control_image": zoo._image(seed=232)}),
+    "StableDiffusion3ControlNetInpaintingPipeline": zoo._case(
+        lambda: zoo._make("StableDiffusion3ControlNetInpaintingPipeline", **zoo._sd3_parts(),
+                          controlnet=_sd3_controlnet_inpaint()),
+        lambda: {**zoo._sd3_kwargs(), "control_image": zoo._image(seed=242), "control_mask": zoo._mask()}),
+    "CogView3PlusPipeline": zoo._case(lambda: zoo._make("CogView3PlusPipeline", **_cogview3plus_parts()),
+                                      lambda: zoo._latent_call(height=32, width=32, guidance_scale=4.0,
+                                                               **zoo._text(32, 253))),
+    "Flux2KleinPipeline": zoo._case(lambda: zoo._make("Flux2KleinPipeline", **_flux2_parts()), _flux2_kwargs),
+    "Flux2KleinInpaintPipeline": zoo._case(
+        lambda: zoo._make("Flux2KleinInpaintPipeline", **_flux2_parts()),
+        lambda: _flux2_kwargs(image=zoo._image(seed=264), mask_image=zoo._mask(), strength=0.75)
+        | {"num_inference_steps": 4}),
+    "OvisImagePipeline": zoo._case(lambda: zoo._make("OvisImagePipeline", **_ovis_parts()),
+                                   lambda: zoo._latent_call(height=32, width=32, guidance_scale=4.0, negative_prompt=None,
+                                                            **zoo._text(32, 273))),
+    "NucleusMoEImagePipeline": zoo._case(
+        lambda: zoo._make("NucleusMoEImagePipeline", **_nucleusmoe_parts()),
+        lambda: zoo._latent_call(height=32, width=32, guidance_scale=4.0,
+                                 **zoo._text(16, 283, mask="prompt_embeds_mask"))),
+    "BriaPipeline": zoo._case(lambda: zoo._make("BriaPipeline", **_bria_parts()),
+                              lambda: zoo._latent_call(height=32, width=32, guidance_scale=4.0, **zoo._text(32, 293))),
+    "PRXPipeline": zoo._case(lambda: zoo._make("PRXPipeline", **_prx_parts()), _prx_kwargs),
+    "ErnieImagePipeline": zoo._case(lambda: zoo._make("ErnieImagePipeline", **_ernie_parts()), _ernie_kwargs),
+    "QwenImageEditPipeline": zoo._case(lambda: zoo._make("QwenImageEditPipeline", **_qwen_edit_parts()),
+                                       _qwen_edit_kwargs),
+    # Edit Plus takes one prompt (batch_size > 1 is refused) and several condition images: two images per prompt.
+    "QwenImageEditPlusPipeline": zoo._case(
+        lambda: zoo._make("QwenImageEditPlusPipeline", **_qwen_edit_parts()),
+        lambda: _qwen_edit_kwargs(batch=1, num_images_per_prompt=2, image=_pil_images(1))),
+    "QwenImageEditInpaintPipeline": zoo._case(
+        lambda: zoo._make("QwenImageEditInpaintPipeline", **_qwen_edit_parts()),
+        lambda: _qwen_edit_kwargs(mask_image=zoo._mask(128), strength=0.75, num_inference_steps=4)),
+    "BriaFiboPipeline": zoo._case(lambda: zoo._make("BriaFiboPipeline", **_fibo_parts()), _fibo_kwargs),
+}

@@ -6,6 +6,276 @@ this module at its end) and cache shared components with functools.cache.
 
 from __future__ import annotations
 
+import functools
+
+import torch
+
+import diffusers
 import pipeline_zoo as zoo  # noqa: F401  (helpers: zoo._make, zoo._new, zoo._text, zoo._latent_call, ...)
 
-CASES: dict = {}
+
+def _without(parts: dict, *names: str) -> dict:
+    return {k: v for k, v in parts.items() if k not in names}
+
+
+@functools.cache
+def _unet_like(base: str, seed: int, **changes) -> torch.nn.Module:
+    """The SD / SDXL tiny UNet's config with a few changes, random weights."""
+    parts = zoo._sd_parts() if base == "sd" else zoo._sdxl_parts()
+    config = {k: v for k, v in parts["unet"].config.items() if k != "_use_default_values"}
+    return zoo._init(diffusers.UNet2DConditionModel.from_config({**config, **changes}), seed)
+
+
+def _parts_with_unet(base: str, unet: torch.nn.Module) -> dict:
+    return {**(zoo._sd_parts() if base == "sd" else zoo._sdxl_parts()), "unet": unet}
+
+
+# --- Kolors: the SDXL UNet fed with ChatGLM-sized prompt embeddings (no text encoder needed) -------------
+def _kolors(cls_name: str):
+    sdxl = zoo._sdxl_parts()
+    return zoo._make(cls_name, unet=sdxl["unet"], vae=sdxl["vae"], scheduler=sdxl["scheduler"])
+
+
+def _kolors_kwargs(image: bool = False, pag: bool = False) -> dict:
+    kw = zoo._latent_call(height=32, width=32, guidance_scale=5.0, **zoo._text(64, 201),
+                          pooled_prompt_embeds=zoo._embeds(zoo.BATCH, 32, seed=203),
+                          negative_pooled_prompt_embeds=zoo._embeds(zoo.BATCH, 32, seed=204))
+    if pag:
+        kw["pag_scale"] = 0.0
+    return zoo._with_image(kw, image)
+
+
+# --- SDXL ControlNet-Union ------------------------------------------------------------------------------
+@functools.cache
+def _union_controlnet() -> torch.nn.Module:
+    unet = zoo._sdxl_parts()["unet"]
+    config = diffusers.ControlNetUnionModel.from_unet(unet, conditioning_embedding_out_channels=(4, 8)).config
+    # the union's control transformer is 320 wide by default: as wide as the first block here
+    config = {**{k: v for k, v in config.items() if k != "_use_default_values"},  # else from_config drops these
+              "num_trans_channel": 8, "num_trans_head": 2, "num_proj_channel": 8}
+    return zoo._init(diffusers.ControlNetUnionModel.from_config(config), 211)
+
+
+def _union(cls_name: str):
+    return zoo._make(cls_name, **_without(zoo._sdxl_parts(), "feature_extractor", "image_encoder"),
+                     controlnet=_union_controlnet())
+
+
+def _union_kwargs(image: bool = False, mask: bool = False) -> dict:
+    kw = zoo._sd_kwargs("sdxl", image=image, mask=mask)
+    # the random union ControlNet's residuals dwarf the text's effect (guidance_rescale would change ~nothing)
+    kw.update(control_image=[zoo._image(seed=212)], control_mode=[1], controlnet_conditioning_scale=0.1,
+              output_type="latent")
+    return kw
+
+
+# --- T2I-Adapter: its residuals enter the first down block inside (a cross-attention block) -------------
+_ADAPTER_UNET = dict(down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+
+@functools.cache
+def _t2i_adapter(base: str) -> torch.nn.Module:
+    return zoo._new(lambda: diffusers.T2IAdapter(in_channels=3, channels=[8, 16], num_res_blocks=1,
+                                                 downscale_factor=2, adapter_type="full_adapter"),
+                    221 if base == "sd" else 222)
+
+
+def _adapter(cls_name: str, base: str):
+    unet = _unet_like(base, 224, **_ADAPTER_UNET)
+    return zoo._make(cls_name, **_parts_with_unet(base, unet), adapter=_t2i_adapter(base))
+
+
+def _adapter_kwargs(base: str) -> dict:
+    return {**zoo._sd_kwargs(base), "image": zoo._image(seed=223), "output_type": "latent"}
+
+
+# --- ControlNet-XS (the pipeline fuses the UNet and the adapter into a UNetControlNetXSModel) ------------
+def _xs_unet(base: str) -> torch.nn.Module:
+    return _unet_like(base, 233, layers_per_block=2)  # UNetControlNetXSModel supports 2 layers per block only
+
+
+@functools.cache
+def _controlnet_xs(base: str) -> torch.nn.Module:
+    unet = _xs_unet(base)
+    return zoo._init(diffusers.ControlNetXSAdapter.from_unet(unet, size_ratio=0.5,
+                                                             conditioning_embedding_out_channels=(4, 8)), 231)
+
+
+def _xs(cls_name: str, base: str):
+    return zoo._make(cls_name, **_parts_with_unet(base, _xs_unet(base)), controlnet=_controlnet_xs(base))
+
+
+def _xs_kwargs(base: str) -> dict:
+    return {**zoo._sd_kwargs(base), "image": zoo._image(seed=232), "output_type": "latent"}
+
+
+
+# --- SD variants on the SD components -------------------------------------------------------------------
+def _sd_variant(cls_name: str, **changes):
+    return zoo._make(cls_name, **{**zoo._sd_parts(), **changes})
+
+
+def _sd_latent_kwargs(**kw) -> dict:
+    return {**zoo._sd_kwargs("sd"), "output_type": "latent", **kw}
+
+
+@functools.cache
+def _clip_vision(projection_dim: int = 32) -> torch.nn.Module:
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    config = CLIPVisionConfig(hidden_size=32, projection_dim=projection_dim, num_hidden_layers=2,
+                              num_attention_heads=4, intermediate_size=37, image_size=32, patch_size=4)
+    return zoo._new(lambda: CLIPVisionModelWithProjection(config), 241)
+
+
+@functools.cache
+def _paint_by_example_encoder() -> torch.nn.Module:
+    from transformers import CLIPVisionConfig
+
+    from diffusers.pipelines.deprecated.paint_by_example import PaintByExampleImageEncoder
+
+    config = CLIPVisionConfig(hidden_size=32, projection_dim=32, num_hidden_layers=4, num_attention_heads=4,
+                              intermediate_size=37, image_size=32, patch_size=4)
+    return zoo._new(lambda: PaintByExampleImageEncoder(config, proj_size=32), 242)
+
+
+def _upscale():
+    sd = zoo._sd_parts()
+    unet = _unet_like("sd", 251, in_channels=7, num_class_embeds=400)  # latents + low-res image; noise-level ids
+    return zoo._make("StableDiffusionUpscalePipeline", **_without(sd, "unet", "safety_checker", "feature_extractor"),
+                     unet=unet, low_res_scheduler=diffusers.DDPMScheduler())
+
+
+def _upscale_kwargs() -> dict:
+    kw = {k: v for k, v in _sd_latent_kwargs().items() if k not in ("height", "width")}
+    return {**kw, "image": zoo._image(16, seed=252)}
+
+
+def _ldm3d():
+    """LDM3D post-processes to numpy / PIL only ("latent" and "pt" raise): its RGB as a tensor, for the test."""
+
+    class TensorOutput(diffusers.image_processor.VaeImageProcessorLDM3D):
+        def postprocess(self, image, output_type="np", do_denormalize=None):
+            rgb, depth = super().postprocess(image, output_type, do_denormalize)
+            return torch.from_numpy(rgb), torch.from_numpy(depth)
+
+    pipe = _sd_variant("StableDiffusionLDM3DPipeline")
+    pipe.image_processor = TensorOutput(vae_scale_factor=pipe.vae_scale_factor)
+    return pipe
+
+
+@functools.cache
+def _gligen_unet() -> torch.nn.Module:
+    return _unet_like("sd", 261, attention_type="gated")
+
+
+def _gligen_kwargs() -> dict:
+    return _sd_latent_kwargs(gligen_phrases=["a cat", "a car"], gligen_boxes=[[0.1, 0.1, 0.5, 0.5], [0.5, 0.4, 0.9, 0.9]])
+
+
+# --- Kandinsky 2.2 ControlNet: the UNet appends the encoded hint (4 channels, 1/8 of the hint's size) -----
+@functools.cache
+def _kandinsky_hint_unet() -> torch.nn.Module:
+    config = {k: v for k, v in zoo._kandinsky_unet(4).config.items() if k != "_use_default_values"}
+    return zoo._new(lambda: diffusers.UNet2DConditionModel.from_config(
+        {**config, "in_channels": 8, "addition_embed_type": "image_hint"}), 291)
+
+
+def _kandinsky_controlnet(cls_name: str):
+    pipe = zoo._kandinsky(cls_name)
+    pipe.register_modules(unet=_kandinsky_hint_unet())
+    return pipe
+
+
+def _kandinsky_controlnet_kwargs(image: bool = False) -> dict:
+    return {**zoo._kandinsky_kwargs(image=image), "hint": zoo._image(128, seed=292)}  # 1/8 of it: the 16x16 latents
+
+
+# --- Stable unCLIP: the noised CLIP image embedding (and its noise level) enter the UNet as class labels ----
+@functools.cache
+def _unclip_parts() -> dict:
+    from diffusers.pipelines.stable_diffusion import StableUnCLIPImageNormalizer
+
+    sd = zoo._sd_parts()
+    unet = _unet_like("sd", 301, class_embed_type="projection", projection_class_embeddings_input_dim=64)
+    return dict(tokenizer=sd["tokenizer"], text_encoder=sd["text_encoder"], unet=unet, scheduler=sd["scheduler"],
+                vae=sd["vae"], image_normalizer=StableUnCLIPImageNormalizer(embedding_dim=32),
+                image_noising_scheduler=diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2"))
+
+
+def _unclip_make(cls_name: str, **parts):
+    """zoo._make, the normalizer registered after zoo._finish (its .to() takes torch_device, not device)."""
+    parts = {**_unclip_parts(), **parts}
+    normalizer = parts.pop("image_normalizer")
+    pipe = zoo._make(cls_name, **parts)
+    pipe.register_modules(image_normalizer=normalizer)
+    return pipe
+
+
+@functools.cache
+def _unclip_prior() -> torch.nn.Module:
+    return zoo._new(lambda: diffusers.PriorTransformer(num_attention_heads=2, attention_head_dim=12, embedding_dim=32,
+                                                       num_layers=1), 302)
+
+
+def _stable_unclip():
+    sdxl = zoo._sdxl_parts()  # its second text encoder has a 32-d projection: the prior's text encoder
+    prior_scheduler = diffusers.DDPMScheduler(variance_type="fixed_small_log", prediction_type="sample",
+                                              clip_sample=True, clip_sample_range=5.0, beta_schedule="squaredcos_cap_v2")
+    return _unclip_make("StableUnCLIPPipeline", prior=_unclip_prior(), prior_scheduler=prior_scheduler,
+                     prior_tokenizer=sdxl["tokenizer_2"], prior_text_encoder=sdxl["text_encoder_2"])
+
+CASES: dict = {
+    "KolorsPipeline": zoo._case(lambda: _kolors("KolorsPipeline"), _kolors_kwargs),
+    # KOLORSI2I "KolorsImg2ImgPipeline": zoo._case(lambda: _kolors("KolorsImg2ImgPipeline"), lambda: _kolors_kwargs(image=True)),
+    "KolorsPAGPipeline": zoo._case(lambda: _kolors("KolorsPAGPipeline"), lambda: _kolors_kwargs(pag=True)),
+    "StableDiffusionXLControlNetUnionPipeline": zoo._case(
+        lambda: _union("StableDiffusionXLControlNetUnionPipeline"), _union_kwargs),
+    "StableDiffusionXLControlNetUnionImg2ImgPipeline": zoo._case(
+        lambda: _union("StableDiffusionXLControlNetUnionImg2ImgPipeline"), lambda: _union_kwargs(image=True)),
+    "StableDiffusionXLControlNetUnionInpaintPipeline": zoo._case(
+        lambda: _union("StableDiffusionXLControlNetUnionInpaintPipeline"),
+        lambda: _union_kwargs(image=True, mask=True)),
+    "StableDiffusionAdapterPipeline": zoo._case(lambda: _adapter("StableDiffusionAdapterPipeline", "sd"),
+                                                lambda: _adapter_kwargs("sd")),
+    "StableDiffusionXLAdapterPipeline": zoo._case(lambda: _adapter("StableDiffusionXLAdapterPipeline", "sdxl"),
+                                                  lambda: _adapter_kwargs("sdxl")),
+    "StableDiffusionControlNetXSPipeline": zoo._case(lambda: _xs("StableDiffusionControlNetXSPipeline", "sd"),
+                                                     lambda: _xs_kwargs("sd")),
+    "StableDiffusionXLControlNetXSPipeline": zoo._case(lambda: _xs("StableDiffusionXLControlNetXSPipeline", "sdxl"),
+                                                       lambda: _xs_kwargs("sdxl")),
+    "StableDiffusionImageVariationPipeline": zoo._case(
+        lambda: _sd_variant("StableDiffusionImageVariationPipeline", image_encoder=_clip_vision()),
+        lambda: {k: v for k, v in _sd_latent_kwargs(image=zoo._image(seed=243)).items()
+                 if k not in ("prompt", "negative_prompt")}),
+    "PaintByExamplePipeline": zoo._case(
+        lambda: _sd_variant("PaintByExamplePipeline", unet=zoo._unet_variant("sd", 9),
+                            image_encoder=_paint_by_example_encoder()),
+        lambda: {k: v for k, v in _sd_latent_kwargs(image=zoo._image(), mask_image=zoo._mask(),
+                                                     example_image=zoo._image(seed=244)).items()
+                 if k not in ("prompt", "negative_prompt")}),
+    "StableDiffusionUpscalePipeline": zoo._case(_upscale, _upscale_kwargs),
+    # SAG installs an attention-storing processor on its UNet's mid block: its own UNet, not the shared one.
+    "StableDiffusionSAGPipeline": zoo._case(
+        lambda: _sd_variant("StableDiffusionSAGPipeline", unet=_unet_like("sd", 271, cross_attention_dim=32)),
+        lambda: _sd_latent_kwargs(sag_scale=0.0)),
+    "StableDiffusionLDM3DPipeline": zoo._case(_ldm3d, lambda: {**zoo._sd_kwargs("sd"), "output_type": "np"}),
+    "StableDiffusionGLIGENPipeline": zoo._case(lambda: _sd_variant("StableDiffusionGLIGENPipeline",
+                                                                   unet=_gligen_unet()), _gligen_kwargs),
+    "AltDiffusionPipeline": zoo._case(
+        lambda: zoo._make("AltDiffusionPipeline", **_without(zoo._sd_parts(), "text_encoder", "tokenizer")),
+        lambda: zoo._latent_call(height=32, width=32, guidance_scale=7.5, **zoo._text(32, 281))),
+    "AltDiffusionImg2ImgPipeline": zoo._case(
+        lambda: zoo._make("AltDiffusionImg2ImgPipeline", **_without(zoo._sd_parts(), "text_encoder", "tokenizer")),
+        lambda: zoo._with_image(zoo._latent_call(guidance_scale=7.5, **zoo._text(32, 282)), image=True)),
+    "KandinskyV22ControlnetPipeline": zoo._case(lambda: _kandinsky_controlnet("KandinskyV22ControlnetPipeline"),
+                                                _kandinsky_controlnet_kwargs),
+    "KandinskyV22ControlnetImg2ImgPipeline": zoo._case(
+        lambda: _kandinsky_controlnet("KandinskyV22ControlnetImg2ImgPipeline"),
+        lambda: _kandinsky_controlnet_kwargs(image=True)),
+    "StableUnCLIPPipeline": zoo._case(_stable_unclip, lambda: _sd_latent_kwargs(noise_level=50,
+                                                                              prior_num_inference_steps=2)),
+    "StableUnCLIPImg2ImgPipeline": zoo._case(
+        lambda: _unclip_make("StableUnCLIPImg2ImgPipeline", image_encoder=_clip_vision()),
+        lambda: _sd_latent_kwargs(image=zoo._image(seed=303), noise_level=50)),
+}

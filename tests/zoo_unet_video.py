@@ -2,10 +2,121 @@
 
 Builders use pipeline_zoo's helpers (imported as `zoo`, used inside functions only: pipeline_zoo imports
 this module at its end) and cache shared components with functools.cache.
+
+AnimateDiff variants (SDXL, PAG, PIA) reuse the SD / SDXL components with a motion adapter; the
+ModelScope-style UNet3D pipelines (TextToVideoSD, VideoToVideoSD) and I2VGen-XL reuse the SD VAE, text
+encoder and tokenizer (hidden size 32) around their own tiny 3-D UNets.
 """
 
 from __future__ import annotations
 
-import pipeline_zoo as zoo  # noqa: F401  (helpers: zoo._make, zoo._new, zoo._text, zoo._latent_call, ...)
+import functools
 
-CASES: dict = {}
+import torch
+
+import diffusers
+import pipeline_zoo as zoo  # noqa: F401  (helpers: zoo._make, zoo._new, zoo._text, zoo._latent_call, ...)
+import tiny_pipelines as tp
+
+_FRAMES = 4  # 16 x 16 pixels: 8 x 8 latents (the SD VAE's factor 2)
+
+
+def _sd_text_parts() -> dict:
+    sd = zoo._sd_parts()
+    return {k: sd[k] for k in ("vae", "text_encoder", "tokenizer", "scheduler")}
+
+
+def _video_call(**kw) -> dict:
+    return dict(prompt=tp.PROMPTS, height=16, width=16, num_inference_steps=zoo.STEPS, output_type="latent", **kw)
+
+
+def _video() -> list:
+    """Two 4-frame videos (lists of (3, 16, 16) frames), one per prompt."""
+    frames = list(zoo._image(16, seed=152))
+    return [frames * 2, frames[::-1] * 2]
+
+
+# --- AnimateDiff SDXL: the SDXL components plus a motion adapter of the same widths ---------------------
+def _animatediff_sdxl():
+    return zoo._make("AnimateDiffSDXLPipeline", **zoo._sdxl_parts(), motion_adapter=zoo._motion_adapter())
+
+
+def _animatediff_sdxl_kwargs() -> dict:
+    return _video_call(guidance_scale=5.0, num_frames=_FRAMES)
+
+
+# --- PIA: a motion adapter with a 9-channel conv_in (latents, mask, masked-image latents) -----------------
+@functools.cache
+def _pia_motion_adapter() -> torch.nn.Module:
+    return zoo._init(diffusers.MotionAdapter(block_out_channels=(8, 16), motion_layers_per_block=1,
+                                             motion_norm_num_groups=4, motion_num_attention_heads=2,
+                                             conv_in_channels=9), 201)
+
+
+def _pia():
+    return zoo._make("PIAPipeline", **_sd_text_parts(), unet=zoo._sd_parts()["unet"],
+                     motion_adapter=_pia_motion_adapter())
+
+
+def _pia_kwargs() -> dict:
+    return _video_call(image=zoo._image(seed=202), guidance_scale=7.5, num_frames=_FRAMES)
+
+
+# --- ModelScope text-to-video / video-to-video (UNet3DConditionModel, latents (B, C, F, H, W)) ---------------
+@functools.cache
+def _unet3d() -> torch.nn.Module:
+    return zoo._init(diffusers.UNet3DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=4), 211)
+
+
+def _text_to_video(cls_name: str):
+    return zoo._make(cls_name, **_sd_text_parts(), unet=_unet3d())
+
+
+def _text_to_video_kwargs(video: bool = False) -> dict:
+    if video:
+        # One prompt and one 4-frame video: VideoToVideoSDPipeline noises (B*F, C, h, w) latents with B timesteps,
+        # so diffusers 0.42 fails on any batch of several multi-frame videos. Strength 0.75 of 4 steps: 3 run.
+        return dict(prompt=tp.PROMPTS[:1], video=_video()[:1], strength=0.75, guidance_scale=9.0,
+                    num_inference_steps=4, output_type="latent")
+    return _video_call(guidance_scale=9.0, num_frames=_FRAMES)
+
+
+# --- I2VGen-XL: its own UNet, a tiny CLIP vision encoder (image embeddings) and the SD VAE (image latents) ------
+@functools.cache
+def _i2vgen_parts() -> dict:
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    unet = zoo._init(diffusers.I2VGenXLUNet(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=4), 221)
+    image_encoder = zoo._new(lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, projection_dim=32, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+        intermediate_size=16, patch_size=4)), 222)
+    scheduler = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                                        timestep_spacing="leading")
+    return dict(_sd_text_parts(), unet=unet, image_encoder=image_encoder, scheduler=scheduler,
+                feature_extractor=CLIPImageProcessor(crop_size=32, size=32))
+
+
+def _i2vgen_kwargs() -> dict:
+    # clip_skip=None: its default 1 reads text_encoder.text_model, which this transformers' CLIPTextModel lacks
+    return _video_call(image=zoo._image(seed=223), guidance_scale=9.0, num_frames=_FRAMES, target_fps=8,
+                       clip_skip=None)
+
+
+CASES: dict = {
+    "AnimateDiffSDXLPipeline": zoo._case(_animatediff_sdxl, _animatediff_sdxl_kwargs),
+    "AnimateDiffPAGPipeline": zoo._case(
+        lambda: zoo._animatediff("AnimateDiffPAGPipeline"),
+        lambda: zoo._pag_kwargs("AnimateDiffPAGPipeline", "AnimateDiffPipeline")),
+    "PIAPipeline": zoo._case(_pia, _pia_kwargs),
+    "TextToVideoSDPipeline": zoo._case(lambda: _text_to_video("TextToVideoSDPipeline"), _text_to_video_kwargs),
+    "VideoToVideoSDPipeline": zoo._case(lambda: _text_to_video("VideoToVideoSDPipeline"),
+                                        lambda: _text_to_video_kwargs(video=True)),
+    "I2VGenXLPipeline": zoo._case(lambda: zoo._make("I2VGenXLPipeline", **_i2vgen_parts()), _i2vgen_kwargs),
+}

@@ -6,6 +6,258 @@ this module at its end) and cache shared components with functools.cache.
 
 from __future__ import annotations
 
+import functools
+
+import PIL.Image
+import torch
+
+import diffusers
 import pipeline_zoo as zoo  # noqa: F401  (helpers: zoo._make, zoo._new, zoo._text, zoo._latent_call, ...)
 
-CASES: dict = {}
+_WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, out_channels=16, text_dim=32,
+            freq_dim=256, ffn_dim=32, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+
+
+def _video(frames: int = 5, size: int = 16, seed: int = 201) -> list:
+    """One video as a list of PIL frames."""
+    pixels = torch.randint(0, 256, (frames, size, size, 3), generator=torch.Generator().manual_seed(seed))
+    return [PIL.Image.fromarray(frame.numpy().astype("uint8")) for frame in pixels]
+
+
+# --- Wan 2.1 variants (WanTransformer3DModel, sequential cond / uncond calls) -------------------------------
+@functools.cache
+def _wan_i2v_transformer() -> torch.nn.Module:
+    # 36 input channels: 16 noisy latents + 4 first-frame mask + 16 first-frame latents; CLIP image tokens (dim 4)
+    return zoo._init(diffusers.WanTransformer3DModel(**_WAN, in_channels=36, num_layers=1, image_dim=4), 202)
+
+
+@functools.cache
+def _clip_vision() -> tuple:
+    """A tiny CLIP vision tower (hidden size 4, 4x4 images: 17 tokens) and its processor."""
+    import transformers
+
+    config = transformers.CLIPVisionConfig(hidden_size=4, projection_dim=4, num_hidden_layers=2, num_attention_heads=2,
+                                           image_size=4, intermediate_size=16, patch_size=1)
+    encoder = zoo._init(transformers.CLIPVisionModelWithProjection(config), 210)
+    return encoder, transformers.CLIPImageProcessor(crop_size=4, size=4)
+
+
+def _wan_i2v():
+    encoder, processor = _clip_vision()
+    return zoo._make("WanImageToVideoPipeline", transformer=_wan_i2v_transformer(), vae=zoo._wan_vae(),
+                     scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=7.0), image_encoder=encoder,
+                     image_processor=processor)
+
+
+def _wan_i2v_kwargs() -> dict:
+    # The pipeline takes one image for the batch (it repeats its latents and CLIP tokens over the prompts) and refuses
+    # image_embeds next to the image it needs for the first-frame latents: a tiny CLIP encodes it.
+    return zoo._latent_call(image=zoo._image(16, seed=203)[:1], height=16, width=16, num_frames=5, guidance_scale=5.0,
+                            **zoo._text(32, 205))
+
+
+def _wan_v2v():
+    return zoo._make("WanVideoToVideoPipeline", transformer=zoo._wan_transformer(51), vae=zoo._wan_vae(),
+                     scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=7.0))
+
+
+def _wan_v2v_kwargs() -> dict:
+    # one video for the batch (the pipeline encodes it once and repeats its latents); strength 0.75 of 4 steps: 3 run
+    kw = zoo._latent_call(video=_video(), strength=0.75, height=16, width=16, guidance_scale=5.0, **zoo._text(32, 206))
+    return {**kw, "num_inference_steps": 4}
+
+
+@functools.cache
+def _wan_vace_transformer() -> torch.nn.Module:
+    # VACE context: 32 video latent channels (inactive, reactive) + 64 mask channels (8 x 8 pixels per latent)
+    return zoo._init(diffusers.WanVACETransformer3DModel(**_WAN, in_channels=16, num_layers=2, vace_layers=[0, 1],
+                                                         vace_in_channels=96), 207)
+
+
+def _wan_vace():
+    return zoo._make("WanVACEPipeline", transformer=_wan_vace_transformer(), vae=zoo._wan_vae(),
+                     scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=7.0))
+
+
+def _wan_vace_kwargs() -> dict:
+    # The pipeline takes one control video and its transformer pads the VACE context to the batch of that one
+    # video: batch 1 (one prompt), as in diffusers' own tests.
+    mask = [PIL.Image.new("L", (16, 16), 0)] * 2 + [PIL.Image.new("L", (16, 16), 255)] * 3
+    text = {k: v[:1] for k, v in zoo._text(32, 209).items()}
+    return zoo._latent_call(video=_video(seed=208), mask=mask, conditioning_scale=0.8, height=16, width=16,
+                            num_frames=5, guidance_scale=5.0, **text)
+
+
+# --- SkyReels-V2 (SkyReelsV2Transformer3DModel: Wan's layout; diffusion forcing runs per-frame timesteps) -------
+@functools.cache
+def _skyreels_transformer(in_channels: int = 16, image_dim: int | None = None) -> torch.nn.Module:
+    return zoo._init(diffusers.SkyReelsV2Transformer3DModel(**_WAN, in_channels=in_channels, num_layers=1,
+                                                            image_dim=image_dim), 211 + in_channels)
+
+
+def _skyreels(cls_name: str, in_channels: int = 16, image_dim: int | None = None, clip: bool = False):
+    # UniPC with flow sigmas, as SkyReels ships (diffusion forcing steps per-frame copies with integer timesteps)
+    scheduler = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                  flow_shift=8.0)
+    parts = dict(transformer=_skyreels_transformer(in_channels, image_dim), vae=zoo._wan_vae(), scheduler=scheduler)
+    if clip:
+        parts["image_encoder"], parts["image_processor"] = _clip_vision()
+    return zoo._make(cls_name, **parts)
+
+
+def _skyreels_kwargs(image: bool = False, video: bool = False, forcing: bool = False) -> dict:
+    kw = zoo._latent_call(height=16, width=16, num_frames=5, guidance_scale=5.0, **zoo._text(32, 220))
+    if image:
+        kw["image"] = zoo._image(16, seed=221)[:1]  # one image for the batch, as in Wan I2V
+    if video:
+        # one video for the batch: its 5 frames are the prefix (2 latent frames) of 9, one window
+        kw.update(video=_video(seed=222), num_frames=9, overlap_history=5)
+    if forcing:
+        # one window: every frame denoised together (ar_step=0); `prompt` has no default there
+        kw.update(base_num_frames=kw["num_frames"], prompt=None)
+    return kw
+
+
+# --- CogVideoX video-to-video (batched [uncond; cond], (B, F, C, H, W) latents) --------------------------------
+# CogVideoXImageToVideoPipeline / CogVideoXFunControlPipeline concatenate their image / control latents on axis 2 of
+# (B, F, C, H, W): not supported (the hook separates extra input channels on axis 1).
+def _cogvideox_kwargs(**extra) -> dict:
+    return {**zoo._latent_call(height=16, width=16, guidance_scale=6.0, **zoo._text(32, 232)), **extra}
+
+
+# --- LTX-Video with conditions (LTXImageToVideoPipeline's components) -----------------------------------------
+def _ltx_condition_kwargs() -> dict:
+    # one conditioning image (frame 0) for the batch; its tokens get timestep 0 (per-token timesteps)
+    kw = zoo._latent_call(height=32, width=32, num_frames=9, guidance_scale=3.0,
+                          **zoo._text(32, 240, mask="prompt_attention_mask"))
+    return {**kw, "image": zoo._image(32, seed=241)[:1]}
+
+
+# --- batched [uncond; cond] text-to-video transformers (prompt embeddings, latent output, no VAE where it runs) --
+# MochiPipeline is not supported: its shipped scheduler is FlowMatchEulerDiscreteScheduler(invert_sigmas=True), which
+# the hook's x0 parametrization does not read (APG gets NaN at the first step).
+
+
+@functools.cache
+def _allegro_transformer() -> torch.nn.Module:
+    return zoo._init(diffusers.AllegroTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4, num_layers=1,
+        cross_attention_dim=24, sample_width=8, sample_height=8, sample_frames=8, caption_channels=24), 252)
+
+
+def _allegro_kwargs() -> dict:
+    return zoo._latent_call(height=16, width=16, num_frames=8, guidance_scale=6.0, clean_caption=False,
+                            negative_prompt=None, **zoo._text(24, 253, mask="prompt_attention_mask"))
+
+
+@functools.cache
+def _latte_transformer() -> torch.nn.Module:
+    # learned sigma: 8 output channels for 4 latent channels (the pipeline keeps the first 4 after its CFG)
+    return zoo._init(diffusers.LatteTransformer3DModel(
+        sample_size=4, video_length=2, num_layers=1, patch_size=2, attention_head_dim=8, num_attention_heads=3,
+        caption_channels=32,
+        in_channels=4, cross_attention_dim=24, out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6), 254)
+
+
+def _latte_kwargs() -> dict:
+    return zoo._latent_call(height=32, width=32, video_length=2, guidance_scale=5.0, clean_caption=False,
+                            negative_prompt=None, mask_feature=False, **zoo._text(32, 255))
+
+
+# --- EasyAnimate (batched; control / inpaint latents are keywords the transformer concatenates itself) ---------
+@functools.cache
+def _easyanimate_transformer(in_channels: int = 4) -> torch.nn.Module:
+    # 4 latent channels (+ 8 inpaint channels: mask and masked-video latents, concatenated by the transformer).
+    # resize_inpaint_mask_directly=True reads vae.config.cache_mag_vae, which AutoencoderKLMagvit lacks (diffusers 0.42.1).
+    return zoo._init(diffusers.EasyAnimateTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=in_channels, out_channels=4, time_embed_dim=2,
+        text_embed_dim=16, num_layers=1, sample_width=16, sample_height=16, patch_size=2,
+        resize_inpaint_mask_directly=False), 260 + in_channels)
+
+
+@functools.cache
+def _magvit() -> torch.nn.Module:
+    return zoo._init(diffusers.AutoencoderKLMagvit(
+        in_channels=3, out_channels=3, block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1,
+        norm_num_groups=2, spatial_group_norm=False,
+        down_block_types=("SpatialDownBlock3D",) + ("SpatialTemporalDownBlock3D",) * 3,
+        up_block_types=("SpatialUpBlock3D",) + ("SpatialTemporalUpBlock3D",) * 3), 269)
+
+
+def _easyanimate(cls_name: str, in_channels: int = 4):
+    return zoo._make(cls_name, transformer=_easyanimate_transformer(in_channels), vae=_magvit(),
+                     scheduler=diffusers.FlowMatchEulerDiscreteScheduler())
+
+
+def _clip(seed: int, frames: int = 5, channels: int = 3) -> torch.Tensor:
+    """A batch of videos (B, C, F, H, W) in [0, 1], one per prompt."""
+    return torch.rand(zoo.BATCH, channels, frames, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+
+# EasyAnimateControlPipeline is not supported: in diffusers 0.42.1 its __call__ passes text_encoder_index=0 to its
+# own encode_prompt, which has no such parameter (a TypeError on every call).
+def _easyanimate_kwargs(inpaint: bool = False) -> dict:
+    kw = zoo._latent_call(height=16, width=16, num_frames=5, guidance_scale=6.0,
+                          **zoo._text(16, 270, mask="prompt_attention_mask"))
+    if inpaint:
+        mask = torch.zeros(zoo.BATCH, 1, 5, 16, 16)
+        mask[..., 4:12, 4:12] = 255.0
+        kw.update(video=_clip(273) * 255.0, mask_video=mask, strength=1.0)
+    return kw
+
+
+# --- Sana-Video (batched; I2V keeps the first latent frame clean through per-frame timesteps) ----------------
+@functools.cache
+def _sana_video_transformer() -> torch.nn.Module:
+    return zoo._init(diffusers.SanaVideoTransformer3DModel(
+        in_channels=16, out_channels=16, num_attention_heads=2, attention_head_dim=12, num_layers=1,
+        num_cross_attention_heads=2, cross_attention_head_dim=12, cross_attention_dim=24, caption_channels=8,
+        mlp_ratio=2.5, dropout=0.0, attention_bias=False, sample_size=8, patch_size=(1, 2, 2),
+        norm_elementwise_affine=False, norm_eps=1e-6, qk_norm="rms_norm_across_heads", rope_max_seq_len=32), 280)
+
+
+def _sana_video(cls_name: str):
+    return zoo._make(cls_name, transformer=_sana_video_transformer(), vae=zoo._wan_vae(),
+                     scheduler=diffusers.FlowMatchEulerDiscreteScheduler())
+
+
+def _sana_video_kwargs(image: bool = False) -> dict:
+    kw = zoo._latent_call(height=32, width=32, frames=5, guidance_scale=6.0, negative_prompt=None,
+                          use_resolution_binning=False, complex_human_instruction=None,
+                          **zoo._text(8, 281, mask="prompt_attention_mask"))
+    if image:
+        kw["image"] = zoo._image(32, seed=282)
+    return kw
+
+
+CASES: dict = {
+    "WanImageToVideoPipeline": (_wan_i2v, _wan_i2v_kwargs),
+    "WanVideoToVideoPipeline": (_wan_v2v, _wan_v2v_kwargs),
+    "WanVACEPipeline": (_wan_vace, _wan_vace_kwargs),
+    "CogVideoXVideoToVideoPipeline": (
+        lambda: zoo._make("CogVideoXVideoToVideoPipeline", **zoo._cogvideox_parts()),
+        lambda: _cogvideox_kwargs(video=_video(9, seed=234), strength=0.75, num_inference_steps=4)),
+    "LTXConditionPipeline": (lambda: zoo._make("LTXConditionPipeline", **zoo._ltx_parts()), _ltx_condition_kwargs),
+    "AllegroPipeline": (lambda: zoo._make("AllegroPipeline", transformer=_allegro_transformer(),
+                                          scheduler=diffusers.DDIMScheduler()), _allegro_kwargs),
+    "LattePipeline": (lambda: zoo._make("LattePipeline", transformer=_latte_transformer(),
+                                        scheduler=diffusers.DDIMScheduler()), _latte_kwargs),
+    "EasyAnimatePipeline": (lambda: _easyanimate("EasyAnimatePipeline"), _easyanimate_kwargs),
+    "EasyAnimateInpaintPipeline": (lambda: _easyanimate("EasyAnimateInpaintPipeline", 12),
+                                   lambda: _easyanimate_kwargs(inpaint=True)),
+    "SanaVideoPipeline": (lambda: _sana_video("SanaVideoPipeline"), _sana_video_kwargs),
+    "SanaImageToVideoPipeline": (lambda: _sana_video("SanaImageToVideoPipeline"),
+                                 lambda: _sana_video_kwargs(image=True)),
+    "SkyReelsV2Pipeline": (lambda: _skyreels("SkyReelsV2Pipeline"), _skyreels_kwargs),
+    "SkyReelsV2ImageToVideoPipeline": (lambda: _skyreels("SkyReelsV2ImageToVideoPipeline", 36, 4, clip=True),
+                                       lambda: _skyreels_kwargs(image=True)),
+    "SkyReelsV2DiffusionForcingPipeline": (lambda: _skyreels("SkyReelsV2DiffusionForcingPipeline"),
+                                           lambda: _skyreels_kwargs(forcing=True)),
+    "SkyReelsV2DiffusionForcingImageToVideoPipeline": (
+        lambda: _skyreels("SkyReelsV2DiffusionForcingImageToVideoPipeline"),
+        lambda: _skyreels_kwargs(image=True, forcing=True)),
+    "SkyReelsV2DiffusionForcingVideoToVideoPipeline": (
+        lambda: _skyreels("SkyReelsV2DiffusionForcingVideoToVideoPipeline"),
+        lambda: _skyreels_kwargs(video=True, forcing=True)),
+}

@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from .rows import first, gather_rows, nan_rows
 
 if TYPE_CHECKING:  # the handle imports the layouts; layouts only use it
     from ..hook import GuidanceHandle
@@ -52,19 +51,3 @@ class Layout:
 
     def forward(self, call: DenoiserCall):
         raise NotImplementedError
-
-    def evaluate_guide(self, call: DenoiserCall, cond_rows: torch.Tensor, mask: torch.Tensor,
-                       like: torch.Tensor) -> torch.Tensor:
-        """The GUIDE branch: the guide model on the conditional rows `cond_rows[mask]` of this call, with
-        the call's own arguments at those rows (same x_t, timestep, class ids / text embeddings), in one
-        call of only those rows. Returns (B, ...) like `like` (the conditional predictions), NaN where
-        `mask` is False; no call at all when no row asks."""
-        out = nan_rows(like, like.shape[0])
-        rows = cond_rows[mask.cpu()]
-        if len(rows) == 0:
-            return out
-        a, n = self.handle.adapter, call.x.shape[0]
-        args = gather_rows(call.args, call.args, rows, rows[:0], n, a.unbatched)
-        kwargs = gather_rows(call.kwargs, call.kwargs, rows, rows[:0], n, a.unbatched, a.per_frame_kws)
-        out[mask.to(out.device)] = first(self.handle.guide_forward(call)(*args, **kwargs)).to(out.dtype)
-        return out

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from guidance.base import COND, GUIDE, REF, UNCOND
+from guidance.base import COND, REF, UNCOND
 
 from .base import DenoiserCall, Layout
 from .rows import first, gather_rows, nan_rows, replace_first
@@ -54,8 +54,7 @@ class UncondCond(Layout):
         else:
             cond_rows, uncond_rows = torch.arange(n)[cond_half], torch.arange(n)[uncond_half]
             out, preds = self._evaluate_rows(call, ctx, masks, cond_rows, uncond_rows)
-        if GUIDE in masks:
-            preds[GUIDE] = self.evaluate_guide(call, torch.arange(n)[cond_half], masks[GUIDE], preds[COND])
+        h.evaluate_branches(call, masks, torch.arange(n)[cond_half], preds)  # GUIDE, PERTURBED rows
         g = h.combine(ctx, masks, preds, ctx.x.shape[1])
         return replace_first(out, torch.cat([g, g]))
 

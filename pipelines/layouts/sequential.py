@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from guidance.base import COND, GUIDE, UNCOND, StepContext
+from guidance.base import COND, UNCOND, StepContext
 
 from .base import DenoiserCall, Layout
 from .rows import first, nan_rows, replace_first, select_rows
@@ -32,7 +32,7 @@ class _Pending:
     masks: dict
     out: Any  # the conditional call's output
     x: torch.Tensor  # the latent input of the conditional call
-    guide: torch.Tensor | None = None  # the guide model's predictions at the conditional inputs (GUIDE branch)
+    extra: dict  # the extra branches' predictions at the conditional inputs (GUIDE, PERTURBED)
 
 
 class _Sequential(Layout):
@@ -64,11 +64,9 @@ class _Sequential(Layout):
         ctx = h._context(h.sample_of(call.x), call.timestep, call.expert)
         masks = h.masks(ctx)
         out = call.run()
-        guide = None
-        if GUIDE in masks:
-            cond = first(out)
-            guide = self.evaluate_guide(call, torch.arange(cond.shape[0]), masks[GUIDE], cond)
-        self.pending = _Pending(ctx, masks, out, call.x, guide)
+        extra = {COND: first(out)}
+        h.evaluate_branches(call, masks, torch.arange(extra[COND].shape[0]), extra)  # GUIDE, PERTURBED rows
+        self.pending = _Pending(ctx, masks, out, call.x, {k: v for k, v in extra.items() if k != COND})
         return out
 
     def _uncond(self, call: DenoiserCall):
@@ -89,7 +87,7 @@ class _Sequential(Layout):
                 uncond[rows.to(cond.device)] = first(out)
         # combine runs at every step, as in the batched layouts (stateful rules such as LinearAG
         # guide with no unconditional evaluation at all).
-        preds = {COND: cond, UNCOND: uncond} | ({} if p.guide is None else {GUIDE: p.guide})
+        preds = {COND: cond, UNCOND: uncond} | p.extra
         g = h.combine(p.ctx, p.masks, preds, cond.shape[1])
         if out is p.out and torch.equal(g, cond):
             # n' = c makes the pipeline's n' + s (c - n') exactly c, with no model evaluation.

@@ -1,0 +1,132 @@
+"""PAG as a perturbed branch of the hook: equal to diffusers' own PAG pipelines on the same components, counted
+apart, composable, and refused where it cannot be made."""
+
+import pytest
+import torch
+
+import diffusers
+from pipeline_zoo import build, call_kwargs
+
+from guidance import APG, CFG, PAG, PERTURBED, Interval, Perturbation, from_config
+from pipelines import apply_guidance
+
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning"),
+              pytest.mark.usefixtures("one_thread_per_module")]
+
+
+def run(pipe, kwargs) -> torch.Tensor:
+    return pipe(**kwargs, generator=torch.Generator().manual_seed(0))[0]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def pag_pipeline(base_name: str, pag_name: str, layers: list[str]):
+    """diffusers' PAG class on the very components of our tiny plain pipeline."""
+    base = build(base_name)
+    cls = getattr(diffusers, pag_name)
+    parts = {k: v for k, v in base.components.items() if k in cls.__init__.__code__.co_varnames}
+    pag = cls(**parts, pag_applied_layers=layers)
+    pag.set_progress_bar_config(disable=True)
+    return base, pag
+
+
+CASES = [("StableDiffusionPipeline", "StableDiffusionPAGPipeline", ["mid"]),
+         ("StableDiffusionPipeline", "StableDiffusionPAGPipeline", ["down_blocks.1", "up"]),
+         ("StableDiffusionXLPipeline", "StableDiffusionXLPAGPipeline", ["mid"]),
+         ("StableDiffusion3Pipeline", "StableDiffusion3PAGPipeline", ["transformer_blocks.0"])]
+
+
+@pytest.mark.parametrize("base_name, pag_name, layers", CASES, ids=lambda v: v if isinstance(v, str) else "+".join(v))
+def test_pag_equals_diffusers_pag_pipeline(base_name, pag_name, layers):
+    base, pag = pag_pipeline(base_name, pag_name, layers)
+    kwargs = call_kwargs(base_name)
+    native = run(pag, {**kwargs, "pag_scale": 2.5})
+    assert rel(native, run(pag, {**kwargs, "pag_scale": 0.0})) > 1e-3  # the perturbation changes the output here
+    with apply_guidance(base, PAG(pag_scale=2.5, layers=layers)) as handle:
+        ours = run(base, kwargs)
+    assert rel(ours, native) <= 1e-5
+    steps = int(handle.nfe[0]) // 2
+    assert handle.nfe.tolist() == [2 * steps] * native.shape[0]
+    assert handle.perturbed_nfe.tolist() == [steps] * native.shape[0] and handle.guide_nfe is None
+    assert torch.equal(run(base, kwargs), run(build(base_name), kwargs)), "removal leaves no perturbation behind"
+
+
+def test_pag_with_adaptive_scale_and_rescale_equals_the_pipeline():
+    base, pag = pag_pipeline("StableDiffusionPipeline", "StableDiffusionPAGPipeline", ["mid"])
+    kwargs = {**call_kwargs("StableDiffusionPipeline"), "guidance_rescale": 0.5}
+    native = run(pag, {**kwargs, "pag_scale": 3.0, "pag_adaptive_scale": 0.004})
+    with apply_guidance(base, PAG(pag_scale=3.0, adaptive_scale=0.004)):
+        assert rel(run(base, kwargs), native) <= 1e-5
+
+
+def test_pag_window_and_interval_skip_the_perturbed_rows():
+    base = build("StableDiffusionPipeline")
+    kwargs = call_kwargs("StableDiffusionPipeline")
+    with apply_guidance(base, PAG(pag_scale=2.0, pag_stop=0.5)) as handle:  # 3 steps: int(0.5 * 3) = 1 step
+        run(base, kwargs)
+    assert handle.perturbed_nfe.tolist() == [1, 1] and handle.nfe.tolist() == [6, 6]
+    with apply_guidance(base, Interval(PAG(pag_scale=2.0), start=0.0, stop=0.34)) as handle:
+        run(base, kwargs)
+    assert handle.perturbed_nfe.tolist() == [1, 1] and handle.nfe.tolist() == [4, 4]
+
+
+def test_pag_batch_rows_equal_each_sample_alone():
+    base = build("StableDiffusionPipeline")
+    kwargs = call_kwargs("StableDiffusionPipeline")
+    assert len(kwargs["prompt"]) == 2
+    with apply_guidance(base, Interval(PAG(pag_scale=2.0), start=0.0, stop=0.67)):
+        both = run(base, kwargs)
+        first = run(base, {**kwargs, "prompt": kwargs["prompt"][:1]})  # the same generator draws its latents first
+    assert rel(both[:1], first) <= 1e-5
+
+
+def test_pag_config_round_trip_and_bad_layers_are_refused():
+    rule = PAG(scale=5.0, pag_scale=2.0, layers=["mid", "up_blocks.0"], adaptive_scale=0.01, pag_stop=0.8)
+    again = from_config(rule.to_config())
+    assert again.to_config() == rule.to_config() and again.perturbation == Perturbation(
+        "identity_attention", ("mid", "up_blocks.0"))
+    with pytest.raises(ValueError, match=r"layers pattern 'nowhere' matches no self-attention module of its "
+                                         r"UNet2DConditionModel"):
+        apply_guidance(build("StableDiffusionPipeline"), PAG(layers=["nowhere"]))
+    with pytest.raises(ValueError, match=r"Perturbation: layers=\[\] is invalid"):
+        PAG(layers=[])
+    with pytest.raises(ValueError, match=r"PAG: pag_scale=-1 is out of range"):
+        PAG(pag_scale=-1)
+
+
+def test_a_strategy_asking_for_perturbed_rows_without_a_perturbation_is_refused():
+    class Broken(CFG):
+        def branches(self, ctx):
+            return {**super().branches(ctx), PERTURBED: ctx.all()}
+
+    pipe = build("StableDiffusionPipeline")
+    with apply_guidance(pipe, Broken()), pytest.raises(ValueError, match="asks for the perturbed branch but names no"):
+        run(pipe, call_kwargs("StableDiffusionPipeline"))
+
+
+def test_pag_runs_on_a_sequential_layout():
+    """Flux true CFG: two calls per step; the perturbed rows ride on the conditional call."""
+    pipe = build("FluxPipeline")
+    kwargs = call_kwargs("FluxPipeline")
+    plain = run(pipe, kwargs)
+    with apply_guidance(pipe, PAG(pag_scale=2.0, layers=["single_transformer_blocks.0"])) as handle:
+        ours = run(pipe, kwargs)
+    steps = int(handle.nfe[0]) // 2
+    assert handle.perturbed_nfe.tolist() == [steps] * plain.shape[0]
+    assert torch.isfinite(ours).all() and rel(ours, plain) > 1e-4
+    with apply_guidance(pipe, PAG(pag_scale=0.0, layers=["single_transformer_blocks.0"])) as handle:
+        assert rel(run(pipe, kwargs), plain) <= 1e-5  # s = 0: CFG, no perturbed evaluation
+    assert handle.perturbed_nfe.tolist() == [0] * plain.shape[0]
+
+
+def test_pag_composes_with_apg_through_the_perturbed_term():
+    """PAG's term on top of another rule is what no pipeline offers: here checked to differ from both parts."""
+    pipe = build("StableDiffusionPipeline")
+    kwargs = call_kwargs("StableDiffusionPipeline")
+    with apply_guidance(pipe, APG(eta=0.0)):
+        apg = run(pipe, kwargs)
+    with apply_guidance(pipe, PAG(pag_scale=2.0)):
+        pag = run(pipe, kwargs)
+    assert rel(apg, pag) > 1e-4

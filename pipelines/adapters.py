@@ -181,6 +181,9 @@ DIFFUSERS_ADAPTERS.update({
     **_rows(replace(_UNET, guide_channels_of_input=True, extra_input_channels=True),
             "KandinskyV22ControlnetPipeline KandinskyV22ControlnetImg2ImgPipeline",
             note="learned-sigma UNet; input = [latents, encoded hint]"),
+    **_rows(_UNET, "StableUnCLIPPipeline StableUnCLIPImg2ImgPipeline",
+            note="the noised CLIP image embedding enters as class labels; the prior's own CFG is not hooked"),
+    "LDMTextToImagePipeline": _UNET,
     # Self-attention guidance (sag_scale > 0, default 0.75) adds a UNet call on degraded latents.
     "StableDiffusionSAGPipeline": replace(_UNET, off_kws=("sag_scale",),
                                           note="call with sag_scale=0 (self-attention guidance adds a UNet call)"),
@@ -197,6 +200,11 @@ DIFFUSERS_ADAPTERS.update({
             note="UNet3DConditionModel, 5-D video latents (B, C, F, H, W)"),
     "I2VGenXLPipeline": replace(_UNET, note="I2VGenXLUNet (image latents and CLIP image embeddings as keywords), "
                                             "5-D video latents (B, C, F, H, W)"),
+    # ControlNet residuals come per frame (2B x frames rows), like the prompt embeddings.
+    "AnimateDiffControlNetPipeline": replace(
+        DIFFUSERS_ADAPTERS["AnimateDiffPipeline"],
+        per_frame_kws=("encoder_hidden_states", "down_block_additional_residuals", "mid_block_additional_residual"),
+        note="UNetMotionModel with per-frame ControlNet residuals, 5-D video latents (B, C, F, H, W)"),
 })
 
 # video transformers (tests/zoo_video.py)
@@ -229,6 +237,8 @@ DIFFUSERS_ADAPTERS.update({
     "LattePipeline": replace(_DIT, guide_channels_of_input=True, note="5-D video latents; learned sigma"),
     # EasyAnimate's inpaint latents are a keyword (2B rows) the transformer concatenates itself
     **_rows(_DIT, "EasyAnimatePipeline EasyAnimateInpaintPipeline", note="5-D video latents"),
+    "SanaVideoPipeline": replace(_DIT, note="5-D video latents"),
+    "SanaImageToVideoPipeline": replace(_DIT, note="5-D video latents; per-frame timesteps (the first frame is clean)"),
 })
 
 # image transformers (tests/zoo_image.py)
@@ -252,9 +262,14 @@ DIFFUSERS_ADAPTERS.update({
             note="packed token latents; a distilled Klein (is_distilled) runs no CFG"),
     "OvisImagePipeline": replace(_FLUX, layout="sequential_cache_context", scale_kw="guidance_scale",
                                  enable_hint=_SD_HINT, needs_negative=False, note="packed token latents"),
+    "LongCatImagePipeline": replace(_FLUX, layout="sequential_cache_context", scale_kw="guidance_scale",
+                                    enable_hint=_SD_HINT, needs_negative=False,
+                                    note="renormalises to the conditional norm after its CFG (enable_cfg_renorm); "
+                                         "packed token latents"),
     "NucleusMoEImagePipeline": replace(_DIT, layout="sequential_call_order", negated_output=True,
                                        note="rescales to the conditional norm after its CFG; packed token latents"),
-    **_rows(_DIT, "BriaPipeline BriaFiboPipeline", note="packed token latents"),
+    **_rows(_DIT, "BriaPipeline BriaFiboPipeline BriaFiboEditPipeline", unbatched=("txt_ids", "img_ids"),
+            note="packed token latents"),
     "PRXPipeline": _DIT,
     "ErnieImagePipeline": _DIT,
 })
@@ -290,9 +305,17 @@ DIFFUSERS_ADAPTERS.update({
     # BLIP-Diffusion: the cond embeddings carry the subject query tokens, the uncond half is neg_prompt without them
     **_rows(_UNET, "BlipDiffusionPipeline BlipDiffusionControlNetPipeline",
             note="subject query embeddings in the conditional half only"),
-    "Kandinsky5T2IPipeline": replace(_DIT, layout="sequential_call_order", unbatched=("visual_rope_pos", "text_rope_pos"),
+    "Kandinsky5T2IPipeline": replace(_DIT, layout="sequential_call_order",
+                                     unbatched=("visual_rope_pos", "text_rope_pos"),
                                      note="channels-last (B, 1, H, W, C) latents; cond and uncond calls without a "
                                           "cache context"),
+    # SANA-WM steps its scheduler with -noise_pred; per-frame timesteps (B, 1, T) with the first frame at 0
+    "SanaWMPipeline": replace(_DIT, negated_output=True, unbatched=("data_info",),
+                              note="one image and prompt per call; 5-D video latents (B, C, F, H, W), the first "
+                                   "frame kept clean; camera conditioning"),
+    "JoyImageEditPipeline": replace(_DIT, layout="sequential_call_order",
+                                    note="rescales to the conditional norm after its CFG; 6-D latents (B, items, C, T, "
+                                         "H, W), the reference image item kept clean"),
 })
 
 # Our own pipelines register here (see pipelines/embedded/pipeline.py).

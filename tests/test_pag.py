@@ -130,3 +130,16 @@ def test_pag_composes_with_apg_through_the_perturbed_term():
     with apply_guidance(pipe, PAG(pag_scale=2.0)):
         pag = run(pipe, kwargs)
     assert rel(apg, pag) > 1e-4
+
+
+def test_pag_alone_skips_the_unconditional_rows_and_equals_the_pipeline_without_cfg():
+    """PAG at w = 1: c + s (c - p), as diffusers' PAG pipeline computes it at guidance_scale = 1 ([cond; perturbed]);
+    through a call that runs CFG, the unconditional rows are not evaluated."""
+    base, pag = pag_pipeline("StableDiffusionPipeline", "StableDiffusionPAGPipeline", ["mid"])
+    kwargs = call_kwargs("StableDiffusionPipeline")
+    native = run(pag, {**kwargs, "guidance_scale": 1.0, "pag_scale": 2.0})
+    with apply_guidance(base, PAG(scale=1.0, pag_scale=2.0)) as handle:
+        ours = run(base, kwargs)
+    assert rel(ours, native) <= 1e-5
+    steps = int(handle.perturbed_nfe[0])
+    assert handle.nfe.tolist() == [steps] * 2 and steps >= 2

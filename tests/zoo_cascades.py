@@ -17,21 +17,21 @@ import pipeline_zoo as zoo  # noqa: F401  (helpers: zoo._make, zoo._new, zoo._te
 # --- Kandinsky 3: guides as (s + 1) c - s u, on when s > 1 ----------------------------------------------
 @functools.cache
 def _kandinsky3_unet() -> torch.nn.Module:
-    return zoo._new(lambda: diffusers.Kandinsky3UNet(
-        in_channels=4, time_embedding_dim=4, groups=2, attention_head_dim=4, layers_per_block=3,
-        block_out_channels=(32, 64), cross_attention_dim=4, encoder_hid_dim=32), 201)
+    return zoo._init(diffusers.Kandinsky3UNet(
+        in_channels=4, time_embedding_dim=4, groups=2, attention_head_dim=4, layers_per_block=2,
+        block_out_channels=(32, 64), cross_attention_dim=4, encoder_hid_dim=32), 202)
 
 
 def _kandinsky3(cls_name: str):
     scheduler = diffusers.DDPMScheduler(beta_start=0.00085, beta_end=0.012, steps_offset=1,
                                         beta_schedule="squaredcos_cap_v2", clip_sample=True, thresholding=False)
-    return zoo._make(cls_name, unet=zoo._init(_kandinsky3_unet(), 202), movq=zoo._movq(), scheduler=scheduler)
+    return zoo._make(cls_name, unet=_kandinsky3_unet(), movq=zoo._movq(), scheduler=scheduler)
 
 
 def _kandinsky3_kwargs(image: bool = False) -> dict:
-    kw = zoo._latent_call(height=32, width=32, guidance_scale=3.0, **zoo._text(32, 203, mask="attention_mask"))
+    kw = zoo._latent_call(height=16, width=16, guidance_scale=3.0, **zoo._text(32, 203, mask="attention_mask"))
     if image:
-        kw.update(image=zoo._image(), strength=0.75, num_inference_steps=4)
+        kw.update(image=zoo._image(16), strength=0.75, num_inference_steps=4)
     return kw
 
 
@@ -109,9 +109,13 @@ def _audioldm_parts() -> dict:
         model_in_dim=8, sampling_rate=16000, upsample_initial_channel=16, upsample_rates=[2, 2],
         upsample_kernel_sizes=[4, 4], resblock_kernel_sizes=[3, 7], resblock_dilation_sizes=[[1, 3, 5], [1, 3, 5]],
         normalize_before=False)), 224)
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, vocoder=vocoder)
+
+
+def _audioldm(cls_name: str, parts: dict):
     scheduler = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                         clip_sample=False, set_alpha_to_one=False)
-    return dict(unet=unet, vae=vae, text_encoder=text_encoder, vocoder=vocoder, scheduler=scheduler)
+    return zoo._make(cls_name, **parts, scheduler=scheduler)
 
 
 def _audioldm_kwargs() -> dict:
@@ -133,8 +137,8 @@ def _audioldm2_parts() -> dict:
     language_model = zoo._new(lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
         n_embd=32, n_layer=1, n_head=2, vocab_size=100, n_positions=64, bos_token_id=0, eos_token_id=2)), 233)
     audioldm = _audioldm_parts()
-    return dict(unet=unet, vae=audioldm["vae"], vocoder=audioldm["vocoder"], scheduler=audioldm["scheduler"],
-                text_encoder_2=text_encoder_2, language_model=language_model)
+    return dict(unet=unet, vae=audioldm["vae"], vocoder=audioldm["vocoder"], text_encoder_2=text_encoder_2,
+                language_model=language_model)
 
 
 def _audioldm2_kwargs() -> dict:
@@ -173,9 +177,9 @@ _IF = ("IFPipeline IFImg2ImgPipeline IFInpaintingPipeline IFSuperResolutionPipel
 CASES: dict = {
     "StableAudio3Pipeline": zoo._case(lambda: zoo._make("StableAudio3Pipeline", **_stable_audio3_parts()),
                                       _stable_audio3_kwargs),
-    "AudioLDM2Pipeline": zoo._case(lambda: zoo._make("AudioLDM2Pipeline", **_audioldm2_parts()), _audioldm2_kwargs),
-    "AudioLDMPipeline": zoo._case(lambda: zoo._make("AudioLDMPipeline", **_audioldm_parts()), _audioldm_kwargs),
-    "MusicLDMPipeline": zoo._case(lambda: zoo._make("MusicLDMPipeline", **_audioldm_parts()), _audioldm_kwargs),
+    "AudioLDM2Pipeline": zoo._case(lambda: _audioldm("AudioLDM2Pipeline", _audioldm2_parts()), _audioldm2_kwargs),
+    "AudioLDMPipeline": zoo._case(lambda: _audioldm("AudioLDMPipeline", _audioldm_parts()), _audioldm_kwargs),
+    "MusicLDMPipeline": zoo._case(lambda: _audioldm("MusicLDMPipeline", _audioldm_parts()), _audioldm_kwargs),
     **{name: zoo._case(lambda name=name: _if(name), lambda name=name: _if_kwargs(name)) for name in _IF},
     "Kandinsky3Pipeline": zoo._case(lambda: _kandinsky3("Kandinsky3Pipeline"), _kandinsky3_kwargs),
     "Kandinsky3Img2ImgPipeline": zoo._case(lambda: _kandinsky3("Kandinsky3Img2ImgPipeline"),

@@ -231,9 +231,40 @@ def _fibo_parts() -> dict:
                 scheduler=diffusers.FlowMatchEulerDiscreteScheduler())
 
 
+@functools.cache
+def _fibo_edit_parts() -> dict:
+    vae = zoo._new(lambda: diffusers.AutoencoderKLWan(
+        base_dim=8, decoder_base_dim=8, dim_mult=[1, 1, 1, 1], num_res_blocks=1, in_channels=12, out_channels=12,
+        is_residual=True, patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4, z_dim=16,
+        temperal_downsample=[False, True, True], latents_mean=[0.0] * 16, latents_std=[1.0] * 16), 323)
+    return {**_fibo_parts(), "vae": vae}
+
+
 def _fibo_kwargs(**extra) -> dict:
     return zoo._latent_call(prompt=zoo.tp.PROMPTS, negative_prompt=zoo.tp.NEGATIVE_PROMPTS, height=32, width=32,
                             guidance_scale=4.0, **extra)
+
+
+# --- LongCat-Image (packed token latents; cache_context): its prompt-embedding path is broken in diffusers 0.42.1
+# (encode_prompt takes len(prompt) even when prompt is None, and re-encodes the negative prompt "" at batch 1), so
+# the prompts go through a tiny Qwen2.5-VL text model with the offline T5-style tokenizer.
+@functools.cache
+def _longcat_parts() -> dict:
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tokenizer = zoo.tp.t5_tokenizer()
+    transformer = zoo._new(lambda: diffusers.LongCatImageTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=16, pooled_projection_dim=16, axes_dims_rope=[4, 6, 6]), 331)
+    config = Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=2, vocab_size=len(tokenizer),
+                         rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"}),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16),
+        hidden_size=16, vocab_size=len(tokenizer))
+    text_encoder = zoo._new(lambda: Qwen2_5_VLForConditionalGeneration(config), 332)
+    return dict(transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer,
+                scheduler=diffusers.FlowMatchEulerDiscreteScheduler())
 
 
 CASES: dict = {
@@ -288,4 +319,14 @@ CASES: dict = {
         lambda: zoo._make("QwenImageEditInpaintPipeline", **_qwen_edit_parts()),
         lambda: _qwen_edit_kwargs(mask_image=zoo._mask(128), strength=0.75, num_inference_steps=4)),
     "BriaFiboPipeline": zoo._case(lambda: zoo._make("BriaFiboPipeline", **_fibo_parts()), _fibo_kwargs),
+    # one reference image for both prompts (a list of images is several references, not a batch); JSON prompts
+    # with the edit instruction its check requires
+    "BriaFiboEditPipeline": zoo._case(
+        lambda: zoo._make("BriaFiboEditPipeline", **_fibo_edit_parts()),
+        lambda: _fibo_kwargs(image=_pil_images(1)[0]) | {"prompt": [
+            '{"text": "%s", "edit_instruction": "%s"}' % (p, p) for p in zoo.tp.PROMPTS]}),
+    "LongCatImagePipeline": zoo._case(
+        lambda: zoo._make("LongCatImagePipeline", **_longcat_parts()),
+        lambda: zoo._latent_call(prompt=zoo.tp.PROMPTS, negative_prompt=zoo.tp.NEGATIVE_PROMPTS, height=32, width=32,
+                                 guidance_scale=4.0, enable_prompt_rewrite=False)),
 }

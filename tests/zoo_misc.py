@@ -257,6 +257,61 @@ def _kandinsky5_kwargs() -> dict:
     return kw
 
 
+# --- SANA-WM: one image + one prompt (batch 1), camera-conditioned video DiT, first latent frame kept clean ----
+@functools.cache
+def _sana_wm_parts() -> dict:
+    vae = zoo._new(lambda: diffusers.AutoencoderKLLTX2Video(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,), decoder_block_out_channels=(8,),
+        layers_per_block=(1,), decoder_layers_per_block=(1, 1), spatio_temporal_scaling=(True,),
+        decoder_spatio_temporal_scaling=(True,), decoder_inject_noise=(False, False), downsample_type=("spatial",),
+        upsample_residual=(False,), upsample_factor=(1,), timestep_conditioning=False, patch_size=1, patch_size_t=1,
+        encoder_causal=True, decoder_causal=False, spatial_compression_ratio=2, temporal_compression_ratio=4), 351)
+    transformer = zoo._init(zoo._new(lambda: diffusers.SanaWMTransformer3DModel(
+        in_channels=4, num_layers=2, hidden_size=32, num_attention_heads=2, linear_head_dim=16, softmax_every_n=2,
+        chunk_plucker_channels=24, chunk_plucker_post_attn_blocks=2, caption_channels=16, image_size=16,
+        mixed_precision="fp32"), 352), 352)  # chunk_plucker_channels = 6 x the VAE's temporal ratio
+    return dict(vae=vae, transformer=transformer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler())
+
+
+def _sana_wm_kwargs() -> dict:
+    ones = torch.ones(1, 8, dtype=torch.long)
+    return dict(image=_pil_images(353)[0], prompt="a road", action="w-8", intrinsics=[16.0, 16.0, 8.0, 8.0],
+                height=16, width=16, num_frames=9, num_inference_steps=zoo.STEPS, guidance_scale=5.0,
+                prompt_embeds=zoo._embeds(1, 1, 8, 16, seed=354), prompt_attention_mask=ones,
+                negative_prompt_embeds=zoo._embeds(1, 1, 8, 16, seed=355), negative_prompt_attention_mask=ones.clone(),
+                output_type="latent")
+
+
+# --- JoyImage-Edit: 6-D latents (B, items, C, T, H, W), the clean reference image first; cond then uncond call --
+def _joyimage():
+    from diffusers.pipelines.joyimage.image_processor import JoyImageEditImageProcessor
+
+    class _AsAsked(JoyImageEditImageProcessor):
+        """The pipeline snaps (height, width) to its 1024-px buckets (>= 512 px a side); diffusers' own tiny test
+        patches that lookup out too: keep the asked size."""
+
+        def get_default_height_width(self, image, height=None, width=None):
+            return height, width
+
+    pipe = zoo._make("JoyImageEditPipeline", transformer=_joyimage_transformer(), vae=zoo._wan_vae(),
+                     scheduler=diffusers.FlowMatchEulerDiscreteScheduler())
+    pipe.vae_image_processor = _AsAsked(vae_scale_factor=pipe.vae_scale_factor_spatial)
+    return pipe
+
+
+@functools.cache
+def _joyimage_transformer() -> torch.nn.Module:
+    return zoo._new(lambda: diffusers.JoyImageEditTransformer3DModel(
+        patch_size=[1, 2, 2], in_channels=16, hidden_size=32, num_attention_heads=2, text_dim=16, num_layers=1,
+        rope_dim_list=[4, 6, 6], theta=256), 361)
+
+
+def _joyimage_kwargs() -> dict:
+    kw = zoo._latent_call(height=32, width=32, guidance_scale=4.0, image=_pil_images(362),
+                          **zoo._text(16, 363, mask="prompt_embeds_mask"))
+    return kw
+
+
 CASES: dict = {
     "KolorsPipeline": zoo._case(lambda: _kolors("KolorsPipeline"), _kolors_kwargs),
     # KOLORSI2I "KolorsImg2ImgPipeline": zoo._case(lambda: _kolors("KolorsImg2ImgPipeline"), lambda: _kolors_kwargs(image=True)),
@@ -291,4 +346,6 @@ CASES: dict = {
         lambda: zoo._make("BlipDiffusionControlNetPipeline", **_blip_parts(), controlnet=zoo._controlnet("sd")),
         lambda: _blip_kwargs(control=True)),
     "Kandinsky5T2IPipeline": zoo._case(_kandinsky5, _kandinsky5_kwargs),
+    "SanaWMPipeline": zoo._case(lambda: zoo._make("SanaWMPipeline", **_sana_wm_parts()), _sana_wm_kwargs),
+    "JoyImageEditPipeline": zoo._case(_joyimage, _joyimage_kwargs),
 }

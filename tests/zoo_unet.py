@@ -225,6 +225,24 @@ def _stable_unclip():
     return _unclip_make("StableUnCLIPPipeline", prior=_unclip_prior(), prior_scheduler=prior_scheduler,
                      prior_tokenizer=sdxl["tokenizer_2"], prior_text_encoder=sdxl["text_encoder_2"])
 
+
+# --- LDM text-to-image (LDMBert text encoder) -------------------------------------------------------------
+@functools.cache
+def _ldm_bert() -> torch.nn.Module:
+    from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig, LDMBertModel
+
+    config = LDMBertConfig(vocab_size=len(zoo._sd_parts()["tokenizer"]), d_model=32, encoder_layers=1,
+                           encoder_ffn_dim=37, encoder_attention_heads=2, head_dim=16, max_position_embeddings=77)
+    return zoo._new(lambda: LDMBertModel(config), 311)
+
+
+def _ldm_text_to_image():
+    sd = zoo._sd_parts()
+    # The SD VAE decodes in place of the VQ-VAE: the same decode() interface, and no codebook lookup that a
+    # rounding difference in the latents could flip (the pipeline has no latent output).
+    return zoo._make("LDMTextToImagePipeline", vqvae=sd["vae"], bert=_ldm_bert(), tokenizer=sd["tokenizer"],
+                     unet=sd["unet"], scheduler=sd["scheduler"])
+
 CASES: dict = {
     "KolorsPipeline": zoo._case(lambda: _kolors("KolorsPipeline"), _kolors_kwargs),
     # KOLORSI2I "KolorsImg2ImgPipeline": zoo._case(lambda: _kolors("KolorsImg2ImgPipeline"), lambda: _kolors_kwargs(image=True)),
@@ -278,4 +296,7 @@ CASES: dict = {
     "StableUnCLIPImg2ImgPipeline": zoo._case(
         lambda: _unclip_make("StableUnCLIPImg2ImgPipeline", image_encoder=_clip_vision()),
         lambda: _sd_latent_kwargs(image=zoo._image(seed=303), noise_level=50)),
+    "LDMTextToImagePipeline": zoo._case(  # latents are height // 8 whatever the VAE: 128 px -> 16x16
+        _ldm_text_to_image, lambda: dict(prompt=zoo.tp.PROMPTS, height=128, width=128, guidance_scale=6.0,
+                                         num_inference_steps=zoo.STEPS, output_type="pt")),
 }

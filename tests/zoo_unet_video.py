@@ -109,7 +109,21 @@ def _i2vgen_kwargs() -> dict:
                        clip_skip=None)
 
 
+# --- AnimateDiff ControlNet: the SD ControlNet on one conditioning frame per video frame -----------------
+def _animatediff_controlnet():
+    parts = dict(zoo._sd_parts(), motion_adapter=zoo._motion_adapter(), controlnet=zoo._controlnet("sd"))
+    return zoo._make("AnimateDiffControlNetPipeline", **{k: v for k, v in parts.items() if k != "safety_checker"})
+
+
+def _animatediff_controlnet_kwargs() -> dict:
+    # One prompt: the pipeline does not repeat its conditioning frames over several prompts (a diffusers bug).
+    return dict(prompt=tp.PROMPTS[:1], guidance_scale=7.5, height=32, width=32, num_frames=4,
+                conditioning_frames=list(zoo._image(32, seed=160)) * 2, num_inference_steps=zoo.STEPS,
+                output_type="latent")
+
+
 CASES: dict = {
+    "AnimateDiffControlNetPipeline": zoo._case(_animatediff_controlnet, _animatediff_controlnet_kwargs),
     "AnimateDiffSDXLPipeline": zoo._case(_animatediff_sdxl, _animatediff_sdxl_kwargs),
     "AnimateDiffPAGPipeline": zoo._case(
         lambda: zoo._animatediff("AnimateDiffPAGPipeline"),

@@ -227,8 +227,32 @@ def _sana_video_kwargs(image: bool = False) -> dict:
                           use_resolution_binning=False, complex_human_instruction=None,
                           **zoo._text(8, 281, mask="prompt_attention_mask"))
     if image:
-        kw["image"] = zoo._image(32, seed=282)
+        kw["image"] = zoo._image(32, seed=282)[:1]  # one image for the batch (the pipeline repeats its latents)
     return kw
+
+
+# --- ChronoEdit (Wan I2V layout, calls without a cache context) and Lucy Edit (video latents on channels) -----
+@functools.cache
+def _chronoedit_transformer() -> torch.nn.Module:
+    return zoo._init(diffusers.ChronoEditTransformer3DModel(**_WAN, in_channels=36, num_layers=1, image_dim=4), 290)
+
+
+def _chronoedit():
+    encoder, processor = _clip_vision()
+    return zoo._make("ChronoEditPipeline", transformer=_chronoedit_transformer(), vae=zoo._wan_vae(),
+                     scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=7.0), image_encoder=encoder,
+                     image_processor=processor)
+
+
+@functools.cache
+def _lucy_transformer() -> torch.nn.Module:
+    # 32 input channels: 16 noisy latents + 16 latents of the video to edit
+    return zoo._init(diffusers.WanTransformer3DModel(**_WAN, in_channels=32, num_layers=1), 291)
+
+
+def _lucy():
+    return zoo._make("LucyEditPipeline", transformer=_lucy_transformer(), vae=zoo._wan_vae(),
+                     scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=7.0))
 
 
 CASES: dict = {
@@ -249,6 +273,12 @@ CASES: dict = {
     "SanaVideoPipeline": (lambda: _sana_video("SanaVideoPipeline"), _sana_video_kwargs),
     "SanaImageToVideoPipeline": (lambda: _sana_video("SanaImageToVideoPipeline"),
                                  lambda: _sana_video_kwargs(image=True)),
+    "ChronoEditPipeline": (_chronoedit, lambda: zoo._latent_call(  # one image for the batch, as in Wan I2V
+        image=zoo._image(16, seed=292)[:1], height=16, width=16, num_frames=5, guidance_scale=5.0,
+        **zoo._text(32, 293))),
+    "LucyEditPipeline": (_lucy, lambda: zoo._latent_call(  # one video per prompt
+        video=[_video(seed=294), _video(seed=296)], height=16, width=16, num_frames=5, guidance_scale=5.0,
+        **zoo._text(32, 295))),
     "SkyReelsV2Pipeline": (lambda: _skyreels("SkyReelsV2Pipeline"), _skyreels_kwargs),
     "SkyReelsV2ImageToVideoPipeline": (lambda: _skyreels("SkyReelsV2ImageToVideoPipeline", 36, 4, clip=True),
                                        lambda: _skyreels_kwargs(image=True)),

@@ -30,14 +30,13 @@ def gather_rows(obj: Any, ref_obj: Any, rows: torch.Tensor, ref_rows: torch.Tens
                 unbatched: tuple[str, ...] = (), per_frame: tuple[str, ...] = ()) -> Any:
     """`obj` at `rows` followed by `ref_obj` (same structure) at `ref_rows`, for every batched tensor.
 
-    Keyword tensors named in `per_frame` hold `batch * frames` rows, each sample's frames together."""
+    Keyword tensors named in `per_frame` (or lists of them: AnimateDiff ControlNet's residuals) hold
+    `batch * frames` rows, each sample's frames together."""
     if isinstance(obj, dict) and per_frame:
         out = gather_rows(obj, ref_obj, rows, ref_rows, batch, unbatched + per_frame)
         for k in per_frame:
-            v = obj.get(k)
-            if torch.is_tensor(v) and v.shape[0] % batch == 0 and v.shape[0] > batch:
-                f = v.shape[0] // batch
-                out[k] = gather_rows(v, ref_obj[k], block_rows(rows, f), block_rows(ref_rows, f), batch * f)
+            if k in obj:
+                out[k] = _per_frame_rows(obj[k], ref_obj[k], rows, ref_rows, batch)
         return out
     if isinstance(obj, torch.Tensor):
         if obj.ndim >= 1 and obj.shape[0] == batch:
@@ -49,6 +48,15 @@ def gather_rows(obj: Any, ref_obj: Any, rows: torch.Tensor, ref_rows: torch.Tens
     if isinstance(obj, (list, tuple)):
         return type(obj)(gather_rows(v, r, rows, ref_rows, batch, unbatched) for v, r in zip(obj, ref_obj))
     return obj
+
+
+def _per_frame_rows(v: Any, ref_v: Any, rows: torch.Tensor, ref_rows: torch.Tensor, batch: int) -> Any:
+    if isinstance(v, (list, tuple)):
+        return type(v)(_per_frame_rows(t, r, rows, ref_rows, batch) for t, r in zip(v, ref_v))
+    if torch.is_tensor(v) and v.shape[0] % batch == 0 and v.shape[0] > batch:
+        f = v.shape[0] // batch
+        return gather_rows(v, ref_v, block_rows(rows, f), block_rows(ref_rows, f), batch * f)
+    return v
 
 
 def first(output: Any) -> torch.Tensor:

@@ -38,14 +38,17 @@ class Perturbation:
     """What the PERTURBED branch changes in the denoiser; guidance/ names it, the caller applies it.
 
     kind: "identity_attention" (PAG: the self-attention map replaced by the identity, so each token keeps its
-    own value). layers: which self-attention layers, as diffusers' `pag_applied_layers`: regular expressions
-    searched in the names of the denoiser's self-attention modules ("mid", "down_blocks.2",
-    "transformer_blocks.1")."""
+    own value), or "skip_blocks" (SLG / STG: whole transformer blocks skipped, their inputs passed through).
+    layers: for "identity_attention", which self-attention layers, as diffusers' `pag_applied_layers`: regular
+    expressions searched in the names of the denoiser's self-attention modules ("mid", "down_blocks.2",
+    "transformer_blocks.1"); for "skip_blocks", block indices ("7", "8") of the stack `blocks` (None: the
+    denoiser's main stack)."""
 
     kind: str
     layers: tuple[str, ...]
+    blocks: str | None = None
 
-    KINDS: ClassVar[tuple[str, ...]] = ("identity_attention",)
+    KINDS: ClassVar[tuple[str, ...]] = ("identity_attention", "skip_blocks")
 
     def __post_init__(self) -> None:
         if self.kind not in self.KINDS:
@@ -54,6 +57,9 @@ class Perturbation:
         if not layers or not all(isinstance(x, str) and x for x in layers):
             raise ValueError(f"Perturbation: layers={self.layers!r} is invalid; allowed: a non-empty list of "
                              "layer-name patterns, e.g. ['mid'] or ['transformer_blocks.1']")
+        if self.kind == "skip_blocks" and not all(x.isdigit() for x in layers):
+            raise ValueError(f"Perturbation: layers={self.layers!r} is invalid for kind='skip_blocks'; allowed: "
+                             "block indices, e.g. ['7', '8', '9']")
         object.__setattr__(self, "layers", layers)
 
 # Name -> class of the strategies that configs may name, filled explicitly by `register_strategy`

@@ -83,3 +83,46 @@ class PAG(GuidanceStrategy):
             base = cond if self.use_original_formulation else preds[UNCOND]
             guided = base + w * (cond - preds[UNCOND])
         return guided + s * (cond - preds[PERTURBED]) if s > 0 else guided
+
+
+class SLG(PAG):
+    """Skip-layer guidance (Stability AI's, shipped with SD 3.5; diffusers' `skip_guidance_layers` of
+    `StableDiffusion3Pipeline` and its `SkipLayerGuidance` guider): PAG's rule with whole transformer blocks
+    skipped in the perturbed pass instead of an identity attention map,
+
+        g = u + w (c - u) + s (c - p_skip),
+
+    on a window of steps while CFG runs on every step. STG (spatiotemporal skip guidance, Hyung et al. 2024,
+    arXiv 2411.18664) is the same rule on a video transformer's blocks.
+
+    layers: block indices of the stack `blocks` (None: the main one; Flux: "single_transformer_blocks" too);
+    SD 3.5 Medium's recommended [7, 8, 9]. slg_scale: s (2.8, the pipeline's default). slg_start / slg_stop:
+    step fractions of the perturbed term (diffusers' guider counts int(start N) <= k < int(stop N); the SD3
+    pipeline's own test is N start < k < N stop, so its start=0.01, stop=0.2 is this rule's window on the
+    same steps only where the two agree). Denoisers whose blocks are not known are refused by name.
+    """
+
+    config_fields = ("scale", "slg_scale", "layers", "blocks", "slg_start", "slg_stop", "use_original_formulation")
+
+    def __init__(self, scale: Scale = None, slg_scale: float = 2.8, layers: Sequence[int] = (7, 8, 9),
+                 blocks: str | None = None, slg_start: float = 0.01, slg_stop: float = 0.2,
+                 use_original_formulation: bool = False):
+        if isinstance(layers, (str, bytes)) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                       for i in layers) or not len(layers):
+            raise ValueError(f"SLG: layers={layers!r} is invalid; allowed: a non-empty list of block indices (ints "
+                             ">= 0), e.g. [7, 8, 9]")
+        super().__init__(scale, pag_scale=check_range("SLG", "slg_scale", slg_scale, 0.0), layers=("mid",),
+                         pag_start=check_range("SLG", "slg_start", slg_start, 0.0, 1.0),
+                         pag_stop=check_range("SLG", "slg_stop", slg_stop, 0.0, 1.0),
+                         use_original_formulation=use_original_formulation)
+        self.layers = sorted(layers)
+        self.blocks = blocks
+
+    @property
+    def perturbation(self) -> Perturbation:  # type: ignore[override]
+        return Perturbation("skip_blocks", tuple(str(i) for i in self.layers), self.blocks)
+
+    # Its knobs under the pipeline's names (PAG's attributes hold them).
+    slg_scale = property(lambda self: self.pag_scale)
+    slg_start = property(lambda self: self.pag_start)
+    slg_stop = property(lambda self: self.pag_stop)

@@ -7,7 +7,7 @@ import torch
 import diffusers
 from pipeline_zoo import build, call_kwargs
 
-from guidance import APG, CFG, PAG, PERTURBED, Interval, Perturbation, from_config
+from guidance import APG, CFG, PAG, PERTURBED, SLG, Interval, Perturbation, from_config
 from pipelines import apply_guidance
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning"),
@@ -143,3 +143,27 @@ def test_pag_alone_skips_the_unconditional_rows_and_equals_the_pipeline_without_
     assert rel(ours, native) <= 1e-5
     steps = int(handle.perturbed_nfe[0])
     assert handle.nfe.tolist() == [steps] * 2 and steps >= 2
+
+
+def test_slg_equals_sd3s_own_skip_layer_guidance():
+    """StableDiffusion3Pipeline(skip_guidance_layers=...): CFG at every step plus s (c - c_skip) on its window. The
+    pipeline's window N start < k < N stop is steps 1, 2 of 3 with start=0, stop=1; ours int(start N) <= k is with
+    slg_start=0.34."""
+    pipe = build("StableDiffusion3Pipeline")
+    kwargs = call_kwargs("StableDiffusion3Pipeline")
+    native = run(pipe, {**kwargs, "skip_guidance_layers": [0], "skip_layer_guidance_scale": 2.0,
+                        "skip_layer_guidance_start": 0.0, "skip_layer_guidance_stop": 1.0})
+    assert rel(native, run(pipe, kwargs)) > 1e-3
+    with apply_guidance(pipe, SLG(slg_scale=2.0, layers=[0], slg_start=0.34, slg_stop=1.0)) as handle:
+        ours = run(pipe, kwargs)
+    assert rel(ours, native) <= 1e-5
+    assert handle.perturbed_nfe.tolist() == [2, 2] and handle.nfe.tolist() == [6, 6]
+    assert from_config(SLG(layers=[7, 8, 9]).to_config()).to_config() == SLG(layers=[7, 8, 9]).to_config()
+
+
+def test_slg_refuses_a_denoiser_whose_blocks_are_not_known():
+    with pytest.raises(ValueError, match=r"SkipLayerGuide: StableDiffusionPipeline's denoiser is a "
+                                         r"UNet2DConditionModel; allowed: DiTTransformer2DModel"):
+        apply_guidance(build("StableDiffusionPipeline"), SLG(layers=[0]))
+    with pytest.raises(ValueError, match=r"SLG: layers=\[\] is invalid"):
+        SLG(layers=[])

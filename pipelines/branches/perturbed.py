@@ -1,6 +1,9 @@
 """The PERTURBED branch: the pipeline's own denoiser at the conditional inputs of the rows asked, with the
 strategy's perturbation active for that call only, counted in `handle.perturbed_nfe`.
 
+"skip_blocks" (SLG, STG) skips whole transformer blocks with diffusers' block-skip hook, as
+`pipelines.SkipLayerGuide` does for autoguidance (the same object, the same checks of the block stack).
+
 "identity_attention" (PAG) makes the chosen self-attention modules' scaled-dot-product attention return the
 values (the identity attention map), whatever attention processor they run, as diffusers' layer-skip machinery
 does (`AttentionScoreSkipFunctionMode`, used here as is). On the joint attention of MMDiT models (SD3: image and
@@ -26,6 +29,7 @@ from diffusers.hooks.layer_skip import AttentionScoreSkipFunctionMode
 from guidance.base import PERTURBED, Perturbation
 
 from ..layouts.base import DenoiserCall
+from ..skip_layer import SkipLayerGuide
 from .base import ConditionalRowsBranch
 
 if TYPE_CHECKING:
@@ -98,10 +102,19 @@ class PerturbedBranch(ConditionalRowsBranch):
     def __init__(self, handle: "GuidanceHandle", perturbation: Perturbation):
         super().__init__(handle)
         self.perturbation = perturbation
-        # Found now, so that a pattern matching nothing is refused by apply_guidance, not at the first step.
-        self.targets = [self_attention_modules(d, perturbation.layers, handle.pipe_name) for d in handle.denoisers]
+        # Checked now, so that a pattern matching nothing or an unknown block stack is refused by apply_guidance,
+        # not at the first step.
+        if perturbation.kind == "skip_blocks":
+            self.skip = SkipLayerGuide([int(i) for i in perturbation.layers], perturbation.blocks)
+            for d in handle.denoisers:
+                self.skip.stack(d, handle.pipe_name)
+        else:
+            self.targets = [self_attention_modules(d, perturbation.layers, handle.pipe_name)
+                            for d in handle.denoisers]
 
     def forward(self, call: DenoiserCall) -> Callable:
+        if self.perturbation.kind == "skip_blocks":  # the blocks skipped around this one call (SLG, STG)
+            return self.skip.bind(self.handle.denoisers[call.expert], call.forward, self.handle.pipe_name)
         targets = self.targets[call.expert]
 
         def perturbed_forward(*args, **kwargs):

@@ -260,3 +260,30 @@ def test_mimic_scale_modes_follow_the_step_and_bad_settings_are_refused():
         MimicScaleThresholding(mimic_mode="Linear")
     with pytest.raises(ValueError, match=r"MimicScaleThresholding: threshold_percentile=1.5 is out of range"):
         MimicScaleThresholding(threshold_percentile=1.5)
+
+
+def comfyui_perp_neg(noise_pred_pos, noise_pred_neg, noise_pred_nocond, neg_scale, cond_scale):
+    """comfy_extras/nodes_perpneg.py, perp_neg (its projection sums over the whole batch)."""
+    pos = noise_pred_pos - noise_pred_nocond
+    neg = noise_pred_neg - noise_pred_nocond
+    perp = neg - ((torch.mul(neg, pos).sum()) / (torch.norm(pos) ** 2)) * pos
+    return noise_pred_nocond + cond_scale * (pos - perp * neg_scale)
+
+
+@pytest.mark.parametrize("neg_scale", [1.0, 0.5])
+def test_perp_neg_equals_the_node_at_batch_one_and_projects_per_sample(neg_scale):
+    from guidance import REF, PerpNeg
+
+    (x, d_c, d_u), ctx, preds = views(1.5, seed=14)
+    g = torch.Generator().manual_seed(15)
+    preds[REF] = preds[UNCOND] + 0.5 * (preds[COND] - preds[UNCOND]) + torch.randn(preds[COND].shape, generator=g,
+                                                                                  dtype=torch.float64)
+    w = 6.0
+    ours = PerpNeg(w, negative_prompt="blurry", neg_scale=neg_scale).combine(ctx, preds)
+    for i in range(B):  # per sample: each row equals the node run on that row alone
+        row = slice(i, i + 1)
+        expected = comfyui_perp_neg(preds[COND][row], preds[REF][row], preds[UNCOND][row], neg_scale, w)
+        assert torch.allclose(ours[row], expected, rtol=1e-9, atol=1e-9 * float(expected.abs().max()))
+    pooled = comfyui_perp_neg(preds[COND], preds[REF], preds[UNCOND], neg_scale, w)
+    assert not torch.allclose(ours, pooled, atol=1e-6)  # the node pools the projection over the batch
+    assert torch.allclose(PerpNeg(w, "blurry", neg_scale=0.0).combine(ctx, preds), CFG(w).combine(ctx, preds))

@@ -167,3 +167,19 @@ def test_slg_refuses_a_denoiser_whose_blocks_are_not_known():
         apply_guidance(build("StableDiffusionPipeline"), SLG(layers=[0]))
     with pytest.raises(ValueError, match=r"SLG: layers=\[\] is invalid"):
         SLG(layers=[])
+
+
+def test_perp_neg_runs_its_negative_prompt_as_reference_rows_on_sd():
+    from guidance import PerpNeg
+
+    pipe = build("StableDiffusionPipeline")
+    kwargs = call_kwargs("StableDiffusionPipeline")
+    with apply_guidance(pipe, CFG()):
+        cfg = run(pipe, kwargs)
+    with apply_guidance(pipe, PerpNeg(negative_prompt="a blurry photo", neg_scale=0.0)) as handle:
+        assert rel(run(pipe, kwargs), cfg) <= 1e-6
+    with apply_guidance(pipe, PerpNeg(negative_prompt="a blurry photo", neg_scale=1.0)) as handle:
+        perp = run(pipe, kwargs)
+    steps = 3
+    assert handle.nfe.tolist() == [3 * steps, 3 * steps]  # cond, empty uncond and the negative prompt's rows
+    assert torch.isfinite(perp).all() and rel(perp, cfg) > 1e-4

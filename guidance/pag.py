@@ -38,6 +38,7 @@ class PAG(GuidanceStrategy):
 
     config_fields = ("scale", "pag_scale", "layers", "adaptive_scale", "pag_start", "pag_stop",
                      "use_original_formulation")
+    window_excludes_start = False  # diffusers' SEG guider counts int(start N) < k < int(stop N)
 
     def __init__(self, scale: Scale = None, pag_scale: float = 3.0, layers: Sequence[str] = ("mid",),
                  adaptive_scale: float = 0.0, pag_start: float = 0.0, pag_stop: float = 1.0,
@@ -63,7 +64,8 @@ class PAG(GuidanceStrategy):
         """s at this step: adaptive, and 0 outside [pag_start, pag_stop)."""
         n = ctx.num_scheduler_steps or ctx.num_steps
         k = ctx.scheduler_step if ctx.scheduler_step is not None else ctx.step
-        if not int(self.pag_start * n) <= k < int(self.pag_stop * n):
+        first = int(self.pag_start * n)
+        if not (first < k if self.window_excludes_start else first <= k) or not k < int(self.pag_stop * n):
             return 0.0
         if self.adaptive_scale == 0.0:
             return self.pag_scale
@@ -126,3 +128,45 @@ class SLG(PAG):
     slg_scale = property(lambda self: self.pag_scale)
     slg_start = property(lambda self: self.pag_start)
     slg_stop = property(lambda self: self.pag_stop)
+
+
+class SEG(PAG):
+    """Smoothed energy guidance (Hong 2024, arXiv 2408.00760): PAG's rule with the self-attention queries of
+    chosen transformer blocks blurred by a Gaussian of std `blur_sigma` (a smoother energy landscape of attention)
+    in the perturbed pass, as diffusers' `SmoothedEnergyGuidance` guider does (its hook, its knobs and defaults:
+    seg_scale 2.8, blur_sigma 9999999, which, above 9999, replaces every query by their mean: the paper's
+    infinite blur). g = u + w (c - u) + s (c - p_seg).
+
+    layers: block indices of the stack `blocks` (None: the denoiser's main transformer stack, found as
+    diffusers does; UNets: name the stack). seg_start / seg_stop: step fractions of the perturbed term, counted as
+    diffusers' SEG guider counts them, int(start N) < k < int(stop N): its first step is never perturbed (its PAG
+    and SLG guiders include it).
+    """
+
+    window_excludes_start = True
+
+    config_fields = ("scale", "seg_scale", "layers", "blocks", "blur_sigma", "seg_start", "seg_stop",
+                     "use_original_formulation")
+
+    def __init__(self, scale: Scale = None, seg_scale: float = 2.8, layers: Sequence[int] = (0,),
+                 blocks: str | None = None, blur_sigma: float = 9999999.0, seg_start: float = 0.0,
+                 seg_stop: float = 1.0, use_original_formulation: bool = False):
+        if isinstance(layers, (str, bytes)) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                       for i in layers) or not len(layers):
+            raise ValueError(f"SEG: layers={layers!r} is invalid; allowed: a non-empty list of block indices (ints "
+                             ">= 0), e.g. [0]")
+        super().__init__(scale, pag_scale=check_range("SEG", "seg_scale", seg_scale, 0.0), layers=("mid",),
+                         pag_start=check_range("SEG", "seg_start", seg_start, 0.0, 1.0),
+                         pag_stop=check_range("SEG", "seg_stop", seg_stop, 0.0, 1.0),
+                         use_original_formulation=use_original_formulation)
+        self.layers = sorted(layers)
+        self.blocks = blocks
+        self.blur_sigma = check_range("SEG", "blur_sigma", blur_sigma, 0.0, low_open=True)
+
+    @property
+    def perturbation(self) -> Perturbation:  # type: ignore[override]
+        return Perturbation("blur_queries", tuple(str(i) for i in self.layers), self.blocks, self.blur_sigma)
+
+    seg_scale = property(lambda self: self.pag_scale)
+    seg_start = property(lambda self: self.pag_start)
+    seg_stop = property(lambda self: self.pag_stop)

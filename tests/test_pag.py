@@ -183,3 +183,60 @@ def test_perp_neg_runs_its_negative_prompt_as_reference_rows_on_sd():
     steps = 3
     assert handle.nfe.tolist() == [3 * steps, 3 * steps]  # cond, empty uncond and the negative prompt's rows
     assert torch.isfinite(perp).all() and rel(perp, cfg) > 1e-4
+
+
+def diffusers_guided_transformer(pipe, guider, hook):
+    """The SD3 transformer made to return [g; g], with g from diffusers alone: its guider's `forward` on the
+    [uncond; cond] halves and a perturbed pass on the conditional inputs with diffusers' `hook(transformer)`
+    placed (removed by the returned `undo`). The pipeline's CFG of equal halves then steps with g."""
+    transformer, original = pipe.transformer, pipe.transformer.forward
+    step = {"i": 0}
+
+    def forward(**kw):
+        out = original(**kw)[0]
+        b = out.shape[0] // 2
+        guider.set_state(step["i"], 3, kw["timestep"])
+        step["i"] += 1
+        cond_kw = {k: (v[b:] if torch.is_tensor(v) and v.ndim >= 1 and v.shape[0] == 2 * b else v)
+                   for k, v in kw.items()}
+        remove = hook(transformer)
+        try:
+            perturbed = original(**cond_kw)[0]
+        finally:
+            remove()
+        g = guider.forward(out[b:], out[:b], perturbed).pred
+        return (torch.cat([g, g]),)
+
+    transformer.forward = forward
+    return lambda: setattr(transformer, "forward", original)
+
+
+def test_seg_equals_diffusers_seg_guider_and_hook_on_sd3():
+    from diffusers.guiders import SmoothedEnergyGuidance
+    from diffusers.hooks import HookRegistry
+    from diffusers.hooks.smoothed_energy_guidance_utils import (SmoothedEnergyGuidanceConfig,
+                                                               _apply_smoothed_energy_guidance_hook)
+
+    from guidance import SEG
+
+    def seg_hook(transformer):
+        _apply_smoothed_energy_guidance_hook(transformer, SmoothedEnergyGuidanceConfig([0]), 2.0, name="ref_seg")
+        return lambda: HookRegistry.check_if_exists_or_initialize(transformer).remove_hook("ref_seg", recurse=True)
+
+    pipe = build("StableDiffusion3Pipeline")
+    kwargs = call_kwargs("StableDiffusion3Pipeline")
+    guider = SmoothedEnergyGuidance(guidance_scale=kwargs["guidance_scale"], seg_guidance_scale=3.0,
+                                    seg_blur_sigma=2.0, seg_guidance_layers=[0])
+    undo = diffusers_guided_transformer(pipe, guider, seg_hook)
+    try:
+        reference = run(pipe, kwargs)
+    finally:
+        undo()
+    plain = run(pipe, kwargs)
+    assert rel(reference, plain) > 1e-3  # the SEG term changes the output here
+    with apply_guidance(pipe, SEG(seg_scale=3.0, layers=[0], blur_sigma=2.0)) as handle:
+        ours = run(pipe, kwargs)
+    assert rel(ours, reference) <= 1e-5
+    assert handle.perturbed_nfe.tolist() == [2, 2]  # the guider's window skips step 0
+    with pytest.raises(ValueError, match=r"SEG's blocks='nowhere', layers=\['0'\] cannot be found"):
+        apply_guidance(build("StableDiffusion3Pipeline"), SEG(layers=[0], blocks="nowhere"))

@@ -3,6 +3,8 @@ strategy's perturbation active for that call only, counted in `handle.perturbed_
 
 "skip_blocks" (SLG, STG) skips whole transformer blocks with diffusers' block-skip hook, as
 `pipelines.SkipLayerGuide` does for autoguidance (the same object, the same checks of the block stack).
+"blur_queries" (SEG) blurs the self-attention queries of chosen blocks with diffusers' own SEG hook
+(`hooks.smoothed_energy_guidance_utils`), placed for the perturbed call only.
 
 "identity_attention" (PAG) makes the chosen self-attention modules' scaled-dot-product attention return the
 values (the identity attention map), whatever attention processor they run, as diffusers' layer-skip machinery
@@ -19,12 +21,15 @@ batch of only the rows asked cannot use; hooks on the modules work on any rows.
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Callable
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks._common import _ATTENTION_CLASSES
 from diffusers.hooks.layer_skip import AttentionScoreSkipFunctionMode
+from diffusers.hooks.smoothed_energy_guidance_utils import (SmoothedEnergyGuidanceConfig,
+                                                           _apply_smoothed_energy_guidance_hook)
 
 from guidance.base import PERTURBED, Perturbation
 
@@ -36,6 +41,7 @@ if TYPE_CHECKING:
     from ..hook import GuidanceHandle
 
 HOOK_NAME = "guidance_kit_perturbed"
+SEG_HOOK_NAME = "guidance_kit_seg"
 
 
 def self_attention_modules(denoiser: torch.nn.Module, patterns: tuple[str, ...], pipe_name: str) -> list:
@@ -108,13 +114,40 @@ class PerturbedBranch(ConditionalRowsBranch):
             self.skip = SkipLayerGuide([int(i) for i in perturbation.layers], perturbation.blocks)
             for d in handle.denoisers:
                 self.skip.stack(d, handle.pipe_name)
+        elif perturbation.kind == "blur_queries":
+            for d in handle.denoisers:  # placed and removed once: diffusers' own checks of the stack and indices
+                try:
+                    with self._blurred(d):
+                        pass
+                except (ValueError, TypeError) as e:  # diffusers raises TypeError for a stack name it cannot find
+                    raise ValueError(f"{handle.pipe_name}: SEG's blocks={perturbation.blocks!r}, layers="
+                                     f"{list(perturbation.layers)} cannot be found in its {type(d).__name__}: {e}") from e
         else:
             self.targets = [self_attention_modules(d, perturbation.layers, handle.pipe_name)
                             for d in handle.denoisers]
 
+    @contextmanager
+    def _blurred(self, denoiser: torch.nn.Module):
+        """diffusers' SEG hooks on the query projections of the chosen blocks, inside the `with` only."""
+        p = self.perturbation
+        config = SmoothedEnergyGuidanceConfig([int(i) for i in p.layers], fqn=p.blocks or "auto")
+        try:
+            _apply_smoothed_energy_guidance_hook(denoiser, config, p.sigma, name=SEG_HOOK_NAME)
+            yield
+        finally:
+            HookRegistry.check_if_exists_or_initialize(denoiser).remove_hook(SEG_HOOK_NAME, recurse=True)
+
     def forward(self, call: DenoiserCall) -> Callable:
         if self.perturbation.kind == "skip_blocks":  # the blocks skipped around this one call (SLG, STG)
             return self.skip.bind(self.handle.denoisers[call.expert], call.forward, self.handle.pipe_name)
+        if self.perturbation.kind == "blur_queries":
+            denoiser = self.handle.denoisers[call.expert]
+
+            def blurred_forward(*args, **kwargs):
+                with self._blurred(denoiser):
+                    return call.forward(*args, **kwargs)
+
+            return blurred_forward
         targets = self.targets[call.expert]
 
         def perturbed_forward(*args, **kwargs):

@@ -24,6 +24,7 @@ that cannot be guided and why; docs/pipelines.md is generated from both (`pipeli
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, replace
 
 import diffusers
@@ -51,7 +52,7 @@ class Adapter:
     extra_input_channels: bool = False  # input = [sample, conditioning channels] (9-channel inpainting)
     negated_output: bool = False  # the denoiser predicts the negated velocity (Lumina 2)
     guided_channels: int | None = None  # the pipeline guides only these leading channels (Lumina v1: 3 of 4)
-    off_kws: tuple[str, ...] = ()  # call keywords that must be 0 / None (PAG's extra branch): refused otherwise
+    off_kws: tuple[str, ...] = ()  # call keywords that must be off (PAG's extra branch, Bria's normalize): refused otherwise
     # The pipeline's scale s is CFG's w = s + scale_offset (Kandinsky 3 and Z-Image guide as c + s (c - u)),
     # and it runs its unconditional branch when s > on_above.
     scale_offset: float = 0.0
@@ -65,10 +66,6 @@ class Adapter:
         if layout not in LAYOUTS:
             raise ValueError(f"Adapter: layout={self.layout!r} is unknown; allowed: {', '.join(LAYOUTS)}")
         object.__setattr__(self, "layout", layout)
-        if self.scale_offset and layout.startswith("sequential"):
-            # the sequential layouts hand back n' = (g - s c) / (1 - s), which assumes u + s (c - u)
-            raise ValueError(f"Adapter: scale_offset={self.scale_offset} is only exact on the batched layouts, "
-                             f"not layout={layout!r}")
 
     @property
     def denoisers(self) -> tuple[str, ...]:
@@ -113,7 +110,8 @@ DIFFUSERS_ADAPTERS: dict[str, Adapter] = {
             needs_negative=False, note="packed token latents"),
     **_rows(_DIT, "AuraFlowPipeline SanaPipeline"),
     **_rows(_DIT, "LTXPipeline", note="packed token latents"),
-    **_rows(_DIT, "CogVideoXPipeline", note="5-D video latents (B, F, C, H, W)"),
+    # use_dynamic_cfg changes the pipeline's scale at every step: refused, not silently replaced by the call's
+    **_rows(_DIT, "CogVideoXPipeline", note="5-D video latents (B, F, C, H, W)", off_kws=("use_dynamic_cfg",)),
     **_rows(_DIT, "HunyuanDiTPipeline", guide_channels_of_input=True, unbatched=("image_rotary_emb",)),
     "QwenImagePipeline": replace(_FLUX, layout="sequential_cache_context", unbatched=(),
                                  note="rescales to the conditional norm after its CFG; packed token latents"),
@@ -167,7 +165,7 @@ DIFFUSERS_ADAPTERS.update({
 # --- rows per family, each verified by its case in tests/zoo_<family>.py --------------------------------
 # UNet image pipelines beyond SD / SDXL's own (tests/zoo_unet.py)
 DIFFUSERS_ADAPTERS.update({
-    **_rows(_UNET, "KolorsPipeline StableDiffusionXLControlNetUnionPipeline "
+    **_rows(_UNET, "KolorsPipeline KolorsImg2ImgPipeline StableDiffusionXLControlNetUnionPipeline "
                    "StableDiffusionXLControlNetUnionImg2ImgPipeline StableDiffusionXLControlNetUnionInpaintPipeline "
                    "StableDiffusionAdapterPipeline StableDiffusionXLAdapterPipeline"),
     "KolorsPAGPipeline": replace(_UNET, **_PAG_OFF),
@@ -178,12 +176,13 @@ DIFFUSERS_ADAPTERS.update({
     "PaintByExamplePipeline": replace(_UNET, extra_input_channels=True),
     "StableDiffusionUpscalePipeline": replace(_UNET, extra_input_channels=True,
                                               note="7-channel UNet (latents + noised low-res image)"),
-    **_rows(replace(_UNET, guide_channels_of_input=True, extra_input_channels=True),
-            "KandinskyV22ControlnetPipeline KandinskyV22ControlnetImg2ImgPipeline",
-            note="learned-sigma UNet; input = [latents, encoded hint]"),
+    # The hint rides in added_cond_kwargs; the UNet appends its encoding to the latents inside forward.
+    **_rows(_KANDINSKY, "KandinskyV22ControlnetPipeline KandinskyV22ControlnetImg2ImgPipeline"),
     **_rows(_UNET, "StableUnCLIPPipeline StableUnCLIPImg2ImgPipeline",
             note="the noised CLIP image embedding enters as class labels; the prior's own CFG is not hooked"),
     "LDMTextToImagePipeline": _UNET,
+    **_rows(_KANDINSKY, "KandinskyPipeline KandinskyImg2ImgPipeline", note="Kandinsky 2.1 decoder"),
+    "KandinskyInpaintPipeline": replace(_KANDINSKY, extra_input_channels=True, note="Kandinsky 2.1 decoder"),
     # Self-attention guidance (sag_scale > 0, default 0.75) adds a UNet call on degraded latents.
     "StableDiffusionSAGPipeline": replace(_UNET, off_kws=("sag_scale",),
                                           note="call with sag_scale=0 (self-attention guidance adds a UNet call)"),
@@ -206,6 +205,8 @@ DIFFUSERS_ADAPTERS.update({
         per_frame_kws=("encoder_hidden_states", "down_block_additional_residuals", "mid_block_additional_residual"),
         note="UNetMotionModel with per-frame ControlNet residuals, 5-D video latents (B, C, F, H, W)"),
 })
+DIFFUSERS_ADAPTERS.update({name: DIFFUSERS_ADAPTERS["AnimateDiffControlNetPipeline"]
+                           for name in ("AnimateDiffVideoToVideoControlNetPipeline", "AnimateDiffSparseControlNetPipeline")})
 
 # video transformers (tests/zoo_video.py)
 DIFFUSERS_ADAPTERS.update({
@@ -217,14 +218,16 @@ DIFFUSERS_ADAPTERS.update({
     "WanVACEPipeline": replace(DIFFUSERS_ADAPTERS["WanPipeline"], unbatched=("control_hidden_states_scale",),
                                note="5-D video latents; VACE control context; Wan 2.2's transformer_2 with "
                                     "guidance_scale_2"),
+    "WanAnimatePipeline": replace(_DIT, layout="sequential_cache_context", extra_input_channels=True,
+                                  note="5-D video latents; reference latents on channels; the unconditional call "
+                                       "blanks the face video; one segment per call (the pipeline re-sets its "
+                                       "timesteps between segments)"),
     "WanVideoToVideoPipeline": replace(DIFFUSERS_ADAPTERS["WanPipeline"], layout="sequential_call_order",
                                        extra_denoisers=(), expert_scale_kws=(),
-                                       note="5-D video latents; cond and uncond calls without a cache context"),
-    **_rows(_DIT, "SkyReelsV2Pipeline SkyReelsV2DiffusionForcingPipeline "
-                  "SkyReelsV2DiffusionForcingImageToVideoPipeline SkyReelsV2DiffusionForcingVideoToVideoPipeline",
-            layout="sequential_cache_context",
-            note="5-D video latents (Wan layout); diffusion forcing: per-frame timesteps, the image / video prefix "
-                 "frames held clean"),
+                                       note="5-D video latents; cond and uncond calls without a cache context; its "
+                                            "scheduler has no begin index before its first step, so x0-space "
+                                            "strategies read the first sigma of the full schedule at step 0"),
+    "SkyReelsV2Pipeline": replace(_DIT, layout="sequential_cache_context", note="5-D video latents (Wan layout)"),
     "SkyReelsV2ImageToVideoPipeline": replace(_DIT, layout="sequential_cache_context", extra_input_channels=True,
                                               note="5-D video latents; first-frame conditioning on channels"),
     "CogVideoXVideoToVideoPipeline": DIFFUSERS_ADAPTERS["CogVideoXPipeline"],
@@ -239,6 +242,19 @@ DIFFUSERS_ADAPTERS.update({
     **_rows(_DIT, "EasyAnimatePipeline EasyAnimateInpaintPipeline", note="5-D video latents"),
     "SanaVideoPipeline": replace(_DIT, note="5-D video latents"),
     "SanaImageToVideoPipeline": replace(_DIT, note="5-D video latents; per-frame timesteps (the first frame is clean)"),
+    "ChronoEditPipeline": replace(_DIT, layout="sequential_call_order", extra_input_channels=True,
+                                  note="5-D video latents; first-frame conditioning on channels; cond and uncond calls "
+                                       "without a cache context"),
+    "LucyEditPipeline": replace(DIFFUSERS_ADAPTERS["WanPipeline"], extra_input_channels=True,
+                                note="5-D video latents; the input video's latents on channels; Wan 2.2's "
+                                     "transformer_2 with guidance_scale_2"),
+    # HunyuanVideo: true CFG (true_cfg_scale > 1 and a negative prompt); guidance_scale only feeds the distilled
+    # guidance embedding, the same in both calls
+    "HunyuanVideoPipeline": replace(_FLUX, layout="sequential_cache_context", unbatched=(),
+                                    note="5-D video latents; true CFG on top of the distilled guidance embedding"),
+    **_rows(_FLUX, "HunyuanVideoImageToVideoPipeline HunyuanSkyreelsImageToVideoPipeline", unbatched=(),
+            extra_input_channels=True,
+            note="5-D video latents; image latents (and mask) on channels; true CFG, calls without a cache context"),
 })
 
 # image transformers (tests/zoo_image.py)
@@ -262,13 +278,22 @@ DIFFUSERS_ADAPTERS.update({
             note="packed token latents; a distilled Klein (is_distilled) runs no CFG"),
     "OvisImagePipeline": replace(_FLUX, layout="sequential_cache_context", scale_kw="guidance_scale",
                                  enable_hint=_SD_HINT, needs_negative=False, note="packed token latents"),
+    "LongCatImageEditPipeline": replace(_FLUX, layout="sequential_cache_context", scale_kw="guidance_scale",
+                                        enable_hint=_SD_HINT, needs_negative=False,
+                                        note="packed token latents, condition-image tokens appended"),
     "LongCatImagePipeline": replace(_FLUX, layout="sequential_cache_context", scale_kw="guidance_scale",
                                     enable_hint=_SD_HINT, needs_negative=False,
                                     note="renormalises to the conditional norm after its CFG (enable_cfg_renorm); "
                                          "packed token latents"),
+    "GlmImagePipeline": replace(_DIT, layout="sequential_call_order",
+                                note="text-to-image; a condition image adds a KV-cache pre-pass call of the "
+                                     "transformer, which the call-order layout does not expect (it raises)"),
     "NucleusMoEImagePipeline": replace(_DIT, layout="sequential_call_order", negated_output=True,
                                        note="rescales to the conditional norm after its CFG; packed token latents"),
-    **_rows(_DIT, "BriaPipeline BriaFiboPipeline BriaFiboEditPipeline", unbatched=("txt_ids", "img_ids"),
+    # normalize=True rescales by the std of the batch's conditional half after CFG: refused, not reproduced
+    "BriaPipeline": replace(_DIT, unbatched=("txt_ids", "img_ids"), off_kws=("normalize",),
+                            note="packed token latents"),
+    **_rows(_DIT, "BriaFiboPipeline BriaFiboEditPipeline", unbatched=("txt_ids", "img_ids"),
             note="packed token latents"),
     "PRXPipeline": _DIT,
     "ErnieImagePipeline": _DIT,
@@ -299,12 +324,10 @@ DIFFUSERS_ADAPTERS.update({
                                                             "are not guided"),
     **_rows(_UNET, "VersatileDiffusionTextToImagePipeline VersatileDiffusionImageVariationPipeline",
             denoiser="image_unet"),
-    "VersatileDiffusionDualGuidedPipeline": replace(
-        _UNET, denoiser="image_unet", note="text and image embeddings concatenated on tokens; diffusers 0.42.1's "
-                                           "DualTransformer2DModel fails natively (encoder_attention_mask)"),
     # BLIP-Diffusion: the cond embeddings carry the subject query tokens, the uncond half is neg_prompt without them
     **_rows(_UNET, "BlipDiffusionPipeline BlipDiffusionControlNetPipeline",
-            note="subject query embeddings in the conditional half only"),
+            note="subject query embeddings in the conditional half only (its Q-Former fails under transformers 5; "
+                 "tested with a stand-in)"),
     "Kandinsky5T2IPipeline": replace(_DIT, layout="sequential_call_order",
                                      unbatched=("visual_rope_pos", "text_rope_pos"),
                                      note="channels-last (B, 1, H, W, C) latents; cond and uncond calls without a "
@@ -356,7 +379,11 @@ def _origin(cls: type) -> str:
     if not issubclass(cls, diffusers.DiffusionPipeline):
         return "not a diffusers pipeline"
     if getattr(diffusers, cls.__name__, None) is cls:
-        return "a diffusers pipeline that runs no guidance: its call takes no guidance scale"
+        from .support_table import SCALE_KEYWORDS  # the table's own test of "runs guidance"
+
+        if not any(k in inspect.signature(cls.__call__).parameters for k in SCALE_KEYWORDS):
+            return "a diffusers pipeline that runs no guidance: its call takes no guidance scale"
+        return f"a diffusers class that guidance-kit's table for diffusers {diffusers.__version__} has no row for"
     for base in cls.__mro__[1:]:
         if getattr(diffusers, base.__name__, None) is base and base is not diffusers.DiffusionPipeline:
             return f"a subclass of diffusers' {base.__name__}: a row does not carry over to subclasses"

@@ -345,15 +345,16 @@ class GuidanceHandle:
             # whatever n' is, and the guided prediction cannot be handed back.
             kws = (a.scale_kw,) + a.expert_scale_kws
             for kw, s in zip(kws, scales[: len(self.denoisers)]):
-                if on and s is not None and float(s) == 1.0:
+                if on and s is not None and float(s) + a.scale_offset == 1.0:
                     raise ValueError(f"{self.pipe_name}: {kw}=1.0 makes the pipeline ignore its unconditional "
                                      f"branch, so {name} cannot guide; use {kw} > 1")
         for kw in a.off_kws:
             if call.get(kw):
                 raise ValueError(
-                    f"{self.pipe_name} was called with {kw}={call[kw]!r}: that adds a branch to the denoiser batch "
-                    f"(perturbed-attention guidance) which the hook does not split, so {name} cannot guide it "
-                    f"exactly; call with {kw}=0 (the strategy replaces the pipeline's guidance)"
+                    f"{self.pipe_name} was called with {kw}={call[kw]!r}: that turns on a part of the pipeline's own "
+                    f"guidance which the hook does not reproduce (an extra branch in the denoiser batch, or a step "
+                    f"after its CFG), so {name} cannot guide it exactly; call with {kw} off (0 / False / None): the "
+                    "strategy replaces the pipeline's guidance (guidance.PAG is ours)"
                 )
         if a.class_kw is None and _needs_reference(self.strategy):
             reason = unsupported_reason(self.pipe_name, name)

@@ -113,17 +113,25 @@ def timestep_value(timestep) -> float:
     return torch.as_tensor(timestep).reshape(-1)[0].item()
 
 
-def current_sigma_index(scheduler) -> int:
+def current_sigma_index(scheduler, timestep=None) -> int:
+    """The sigma-table index of the coming evaluation: the scheduler's step index, else its begin index, else,
+    before its first step, the index its own `_init_step_index` will pick from the timestep (img2img pipelines
+    that start part-way without set_begin_index, e.g. Wan video-to-video)."""
     if scheduler.step_index is not None:
         return int(scheduler.step_index)
     begin = getattr(scheduler, "begin_index", None)
-    return int(begin) if begin is not None else 0
+    if begin is not None:
+        return int(begin)
+    if timestep is not None and hasattr(scheduler, "index_for_timestep"):
+        t = timestep if torch.is_tensor(timestep) else torch.tensor(timestep)
+        return int(scheduler.index_for_timestep(t.reshape(-1)[0].to(scheduler.timesteps.device)))
+    return 0
 
 
-def current_sigma(scheduler, cache: dict | None = None) -> float:
+def current_sigma(scheduler, cache: dict | None = None, timestep=None) -> float:
     """The sigma-table entry of this evaluation: the one the scheduler's `scale_model_input` and
     `step` use (KDPM2's second-stage evaluations run at an interpolated sigma)."""
-    i = current_sigma_index(scheduler)
+    i = current_sigma_index(scheduler, timestep)
     second_stage = not getattr(scheduler, "state_in_first_order", True)
     names = {cls.__name__ for cls in type(scheduler).__mro__}
     if second_stage and "KDPM2AncestralDiscreteScheduler" in names:
@@ -148,7 +156,7 @@ def scheduler_parametrization(scheduler, timestep, model_input: torch.Tensor,
     how = rule(scheduler)
     shape = (model_input.shape[0],) + (1,) * (model_input.ndim - 1)
     if how == "sigmas":
-        s = current_sigma(scheduler, cache)
+        s = current_sigma(scheduler, cache, timestep)
         if kind == "flow":
             alpha, sigma = 1.0 - s, s
         else:
@@ -217,7 +225,7 @@ def next_sigma(scheduler, timestep, cache: dict | None = None) -> float | None:
     except UnsupportedScheduler:
         return None
     if how == "sigmas":
-        i = current_sigma_index(scheduler)
+        i = current_sigma_index(scheduler, timestep)
         sigmas = _floats(scheduler, "sigmas", cache)
         if i + 1 >= len(sigmas):
             return 0.0

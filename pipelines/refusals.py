@@ -206,3 +206,134 @@ _refuse('StableDiffusionOnnxPipeline ',
         'it runs the UNet as an ONNX Runtime session (OnnxRuntimeModel on NumPy arrays), not a torch module the '
         'hook can wrap; it is the deprecated alias of OnnxStableDiffusionPipeline; use StableDiffusionPipeline '
         'instead')
+
+# Video UNets
+_refuse("StableVideoDiffusionPipeline",
+        "it guides each frame with its own scale (linspace(min_guidance_scale, max_guidance_scale, num_frames)) "
+        "while a strategy takes one scale per sample, and its unconditional half differs from the conditional one "
+        "in the zeroed image latents it concatenates on dim 2 of (B, F, C, H, W) latents, where the batched layout "
+        "looks for the sample")
+_refuse("TextToVideoZeroPipeline TextToVideoZeroSDXLPipeline",
+        "it denoises in three passes per call (the first frame to t1 and t0, then every frame again from t1 on a "
+        "copy of the scheduler), so timesteps repeat and the denoiser batch grows from 2 to 2 x video_length rows "
+        "within one call; its cross-frame attention also assumes the [uncond; cond] halves")
+
+# Priors, cascades, audio
+_refuse("KandinskyPriorPipeline KandinskyV22PriorPipeline KandinskyV22PriorEmb2EmbPipeline",
+        "its CFG is u + s (c - u) on [uncond; cond], but its UnCLIPScheduler (steps with prev_timestep) has no "
+        "noise-level rule in guidance-kit, so x0-space strategies could not convert its predictions")
+_refuse("UnCLIPPipeline",
+        "it runs two guided denoisers with different call conventions (a PriorTransformer called positionally with "
+        "prior_guidance_scale, a learned-variance UNet with decoder_guidance_scale) behind one CFG switch, on "
+        "UnCLIPScheduler, whose noise level guidance-kit cannot read")
+_refuse("UnCLIPImageVariationPipeline",
+        "its decoder runs on UnCLIPScheduler, whose noise level guidance-kit cannot read, so x0-space strategies "
+        "could not convert its predictions")
+_refuse("WuerstchenPriorPipeline WuerstchenDecoderPipeline StableCascadePriorPipeline StableCascadeDecoderPipeline",
+        "it runs torch.lerp(u, c, s) = u + s (c - u) on [cond; uncond], but its DDPMWuerstchenScheduler runs on a "
+        "continuous timestep ratio (passed as r / timestep_ratio, not timestep) for which guidance-kit has no "
+        "noise-level rule")
+_refuse("StableCascadeCombinedPipeline WuerstchenCombinedPipeline",
+        "it runs a prior and a decoder pipeline in turn, and neither stage can be guided yet (DDPMWuerstchenScheduler:"
+        " see StableCascadePriorPipeline / WuerstchenPriorPipeline)")
+_refuse("KandinskyV22CombinedPipeline KandinskyV22Img2ImgCombinedPipeline KandinskyV22InpaintCombinedPipeline",
+        "it runs two pipelines in turn: guide its decoder stage with apply_guidance(pipe.decoder_pipe, ...) (exact, "
+        "tested inside the combined call); its prior stage pipe.prior_pipe cannot be guided yet (UnCLIPScheduler)")
+_refuse("ShapEPipeline ShapEImg2ImgPipeline",
+        "its PriorTransformer outputs [prediction | variance] on the last dimension, (B, N, 2D) for a (B, N, D) "
+        "sample, while the hook splits learned-variance channels on dimension 1")
+_refuse("StableAudioPipeline",
+        "its EDMDPMSolverMultistepScheduler preconditions the model's input and output (EDM), so the model output is "
+        "not eps / v / flow of its input and x0-space strategies could not convert it")
+_refuse("LongCatAudioDiTPipeline",
+        "its FlowMatchEulerDiscreteScheduler runs with invert_sigmas=True (t = 0 is noise, the transformer predicts "
+        "x0 - noise), so the scheduler's sigma table holds the data fraction, which guidance-kit's flow rule would "
+        "read as the noise level")
+_refuse("AceStepPipeline",
+        "it guides with ACE-Step's own APG (momentum -0.75, norm threshold 2.5, eta 0, c + (s - 1) update) inside "
+        "cfg_interval_start / cfg_interval_end, not u + s (c - u), and its cover task adds a third, unguided call")
+
+# Research pipelines
+_refuse("VersatileDiffusionDualGuidedPipeline",
+        "its dual attention (DualTransformer2DModel) fails in diffusers 0.42.1 before any guidance runs (its forward "
+        "rejects the encoder_attention_mask the UNet blocks pass), so no row can be tested on the real layout; use "
+        "VersatileDiffusionTextToImagePipeline or VersatileDiffusionImageVariationPipeline")
+_refuse("AnyFlowPipeline",
+        "it steps FlowMapEulerDiscreteScheduler with a flow map's mean velocity u from t to the next level r "
+        "(x_r = x_t - (t - r) u), for which guidance-kit has no parametrization rule (x0 = x - t u holds only at r = 0)")
+_refuse("LTX2HDRPipeline",
+        "it applies guidance_rescale to x0-space predictions (x0 = x - sigma v, stds taken there) where diffusers' "
+        "other pipelines rescale the velocity, and its STG and modality-isolation passes call the transformer again "
+        "on the conditional rows only")
+_refuse("KandinskyCombinedPipeline KandinskyImg2ImgCombinedPipeline KandinskyInpaintCombinedPipeline",
+        "it runs two pipelines in turn: guide its decoder stage with apply_guidance(pipe.decoder_pipe, ...) "
+        "(KandinskyPipeline / KandinskyImg2ImgPipeline / KandinskyInpaintPipeline have rows); its prior stage "
+        "pipe.prior_pipe cannot be guided yet (UnCLIPScheduler)")
+
+# Stable Diffusion variants
+_refuse("StableDiffusionPanoramaPipeline",
+        "it runs one UNet call per view window in each step, each on an interleaved batch [uncond, cond, uncond, "
+        "cond, ...] (repeat_interleave), where the hook expects one call per step on [uncond; cond]")
+_refuse("StableDiffusionGLIGENTextImagePipeline",
+        "it calls the UNet twice per step on the full [uncond; cond] batch (with and without grounding tokens) and "
+        "takes the unconditional half of one call and the conditional half of the other")
+_refuse("StableDiffusionLatentUpscalePipeline",
+        "its UNet outputs a Karras-preconditioned F (and a variance channel) that the pipeline turns into the "
+        "denoised sample c_skip x + c_out F before its CFG, so the UNet output is not the scheduler's prediction and "
+        "x0-space strategies could not convert it")
+
+# Image transformers
+_refuse("ZImagePipeline ZImageImg2ImgPipeline ZImageInpaintPipeline ZImageControlNetPipeline "
+        "ZImageControlNetInpaintPipeline",
+        "it passes its transformer lists of per-sample tensors (latents as [C, 1, H, W] x 2B, caption features of "
+        "different lengths), which the hook's layouts cannot split by rows, and its cfg_truncation switches to a "
+        "conditional-only batch part-way; it also guides as c + s (c - u)")
+_refuse("ZImageOmniPipeline",
+        "its transformer takes per-sample lists of lists (condition latents and target per sample, SigLIP features, "
+        "image_noise_mask), which the hook's layouts cannot split by rows; it shares Z-Image's cfg_truncation")
+_refuse("QwenImageLayeredPipeline",
+        "its output_type='latent' raises in diffusers 0.42.1 and its other outputs are per-sample lists (the second "
+        "sample's empty for batch > 1), so no tiny case can compare it with its native call")
+_refuse("QwenImage21Pipeline",
+        "its transformer returns the text tokens ahead of the sample's, so its output is longer than its input and "
+        "x0-space strategies cannot align the prediction with the sample")
+_refuse("HiDreamImagePipeline",
+        "its Llama-3 embeddings are (layers, batch, tokens, dim), the CFG batch concatenated on dimension 1, while "
+        "the hook selects rows on dimension 0, so a step that evaluates only some rows would mismatch them")
+_refuse("Cosmos2TextToImagePipeline",
+        "it preconditions the transformer's output (c_skip x + c_out F) before its CFG and guides that as "
+        "c + s (c - u), so the denoiser output is not the scheduler's prediction")
+_refuse("Ideogram4Pipeline",
+        "its unconditional branch is a second model (unconditional_transformer) on different inputs, with a "
+        "per-step guidance_schedule; the hook pairs the conditional and unconditional calls of one denoiser")
+_refuse("VisualClozePipeline VisualClozeGenerationPipeline",
+        "it has a distilled guidance embedding only (guidance_scale is an input of the model) and runs no "
+        "unconditional pass to guide")
+_refuse("OmniGenPipeline",
+        "its FlowMatchEulerDiscreteScheduler runs with invert_sigmas=True and num_train_timesteps=1, where "
+        "guidance-kit's flow rule would read the data fraction as the noise level, and with input_images it runs a "
+        "three-way batch with two scales (guidance_scale, img_guidance_scale)")
+
+# Video transformers
+_refuse("CogVideoXImageToVideoPipeline CogVideoXFunControlPipeline",
+        "it concatenates its image / control-video latents on axis 2 of (B, F, C, H, W) latents, where the hook "
+        "separates appended conditioning channels on axis 1 only, so x0-space strategies would see the wrong sample")
+_refuse("MochiPipeline",
+        "its shipped FlowMatchEulerDiscreteScheduler runs with invert_sigmas=True, where guidance-kit's flow rule "
+        "would read the data fraction as the noise level")
+_refuse("EasyAnimateControlPipeline",
+        "its __call__ passes text_encoder_index=0 to its own encode_prompt, which has no such parameter, so every "
+        "call raises in diffusers 0.42.1 and there is no native CFG to match")
+_refuse("SkyReelsV2DiffusionForcingPipeline SkyReelsV2DiffusionForcingImageToVideoPipeline "
+        "SkyReelsV2DiffusionForcingVideoToVideoPipeline",
+        "diffusion forcing steps per-frame copies of the scheduler, never the pipeline's own, and runs frames at "
+        "different timesteps, so the noise level of an evaluation cannot be read from the pipeline's scheduler")
+_refuse("HunyuanVideoFramepackPipeline",
+        "it re-sets its timesteps for every section inside one call and passes each of its two calls its own copy of "
+        "the latents, so the conditional and unconditional calls cannot be paired by the shared latent tensor")
+_refuse("CosmosTextToWorldPipeline CosmosVideoToWorldPipeline Cosmos2VideoToWorldPipeline",
+        "it converts each branch to x0 with its EDM scheduler's step before guiding and guides those as "
+        "c + s (c - u), so the denoiser outputs are not what it combines")
+_refuse("ConsisIDPipeline",
+        "it needs opencv-python for its face preprocessing, which the test environment does not install, so diffusers "
+        "exposes a stand-in and no tiny case can verify its layout")

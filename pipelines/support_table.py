@@ -64,7 +64,7 @@ def _notes(a: Adapter) -> str:
     if a.scale_offset:
         notes.append(f"guides as c + s (c - u): a strategy sees w = s + {a.scale_offset:g}")
     for kw in a.off_kws:
-        notes.append(f"with {kw}=0 (its own extra branch on is refused)")
+        notes.append(f"with {kw} off (refused when on: a part of its own guidance the hook does not reproduce)")
     if a.needs_negative:
         notes.append("true CFG: needs a negative prompt")
     return "; ".join(notes)

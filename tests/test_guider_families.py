@@ -233,7 +233,8 @@ def _hunyuan_video15_pipeline():
     transformer = _hunyuan_video15_transformer(4)
     pipe = HunyuanVideo15Pipeline(text_encoder=None, tokenizer=None, transformer=transformer,
                                   vae=_hunyuan_video15_vae(), scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
-                                  text_encoder_2=None, tokenizer_2=None, guider=ClassifierFreeGuidance(guidance_scale=SCALE))
+                                  text_encoder_2=None, tokenizer_2=None,
+                                  guider=ClassifierFreeGuidance(guidance_scale=SCALE))
     kwargs = dict(**_hunyuan_video15_embeds(torch.Generator().manual_seed(0)), height=32, width=32, num_frames=5)
     return pipe, transformer, kwargs
 

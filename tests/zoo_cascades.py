@@ -43,7 +43,8 @@ def _if_unet(super_resolution: bool) -> torch.nn.Module:
     return zoo._new(lambda: diffusers.UNet2DConditionModel(
         sample_size=16, layers_per_block=1, block_out_channels=[32, 64],
         down_block_types=["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"],
-        mid_block_type="UNetMidBlock2DSimpleCrossAttn", up_block_types=["SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"],
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+        up_block_types=["SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"],
         in_channels=6 if super_resolution else 3, out_channels=6, cross_attention_dim=32, encoder_hid_dim=32,
         attention_head_dim=8, addition_embed_type="text", addition_embed_type_num_heads=2,
         cross_attention_norm="group_norm", resnet_time_scale_shift="scale_shift", act_fn="gelu", **extra),

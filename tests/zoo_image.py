@@ -48,15 +48,16 @@ def _qwen_edit_parts() -> dict:
     return {**zoo._qwen_parts(), "vae": vae}
 
 
-def _pil_images(n: int = zoo.BATCH, seed: int = 206) -> list:
+def _pil_images(n: int | None = None, seed: int = 206) -> list:
     import PIL.Image
 
+    n = zoo.BATCH if n is None else n
     pixels = (zoo._image(32, seed=seed)[:1].repeat(n, 1, 1, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1)
     return [PIL.Image.fromarray(p.roll(i, 0).numpy()) for i, p in enumerate(pixels)]
 
 
-def _qwen_edit_kwargs(batch: int = zoo.BATCH, **extra) -> dict:
-    kw = zoo._qwen_kwargs()
+def _qwen_edit_kwargs(batch: int | None = None, **extra) -> dict:
+    kw, batch = zoo._qwen_kwargs(), zoo.BATCH if batch is None else batch
     kw.update({k: v[:batch] for k, v in kw.items() if torch.is_tensor(v)})
     return {**kw, "image": _pil_images(), "height": 128, "width": 128} | extra
 
@@ -135,7 +136,8 @@ def _cogview3plus_parts() -> dict:
 def _flux2_parts() -> dict:
     transformer = zoo._new(lambda: diffusers.Flux2Transformer2DModel(
         patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=16, timestep_guidance_channels=256, axes_dims_rope=[4, 4, 4, 4], guidance_embeds=False), 261)
+        joint_attention_dim=16, timestep_guidance_channels=256, axes_dims_rope=[4, 4, 4, 4],
+        guidance_embeds=False), 261)
     vae = zoo._new(lambda: diffusers.AutoencoderKLFlux2(
         sample_size=32, in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
         up_block_types=("UpDecoderBlock2D",), block_out_channels=(4,), layers_per_block=1, latent_channels=1,
@@ -253,8 +255,8 @@ def _longcat_parts() -> dict:
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     tokenizer = zoo.tp.t5_tokenizer()
-    transformer = zoo._new(lambda: diffusers.LongCatImageTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+    transformer = zoo._new(lambda: diffusers.LongCatImageTransformer2DModel(  # 16 latent channels, packed 2 x 2
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
         joint_attention_dim=16, pooled_projection_dim=16, axes_dims_rope=[4, 6, 6]), 331)
     config = Qwen2_5_VLConfig(
         text_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
@@ -265,6 +267,53 @@ def _longcat_parts() -> dict:
     text_encoder = zoo._new(lambda: Qwen2_5_VLForConditionalGeneration(config), 332)
     return dict(transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer,
                 scheduler=diffusers.FlowMatchEulerDiscreteScheduler())
+
+
+# --- GLM-Image (two calls without a context; the prior image tokens of its AR model passed in) --------------------
+@functools.cache
+def _glm_parts() -> dict:
+    transformer = zoo._new(lambda: diffusers.GlmImageTransformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        text_embed_dim=32, time_embed_dim=16, condition_dim=8, prior_vq_quantizer_codebook_size=128), 351)
+    return dict(transformer=transformer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler())
+
+
+def _glm_kwargs() -> dict:
+    prior = torch.randint(0, 128, (zoo.BATCH, 4), generator=torch.Generator().manual_seed(352))  # 2 x 2 tokens
+    return zoo._latent_call(height=32, width=32, guidance_scale=4.0, prior_token_ids=prior, **zoo._text(32, 353))
+
+
+# --- LongCat-Image-Edit: one prompt per call (its _encode_prompt reads prompt[0] only), the condition image through
+# a tiny Qwen2.5-VL (vision tower included) with the T5-style tokenizer plus the chat template's special tokens, and
+# the image resized to ~1024 x 1024 (calculate_dimensions) into a VAE with a factor of 64.
+class _VLProcessorStub:
+    """The one thing LongCatImageEditPipeline takes from its Qwen2-VL processor: the image processor."""
+
+    def __init__(self, image_processor):
+        self.image_processor = image_processor
+
+
+@functools.cache
+def _longcat_edit_parts() -> dict:
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor
+
+    tokenizer = zoo.tp.t5_tokenizer()
+    specials = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"]
+    tokenizer.add_special_tokens({"additional_special_tokens": specials})
+    config = Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=2, vocab_size=len(tokenizer),
+                         rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"}),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16),
+        hidden_size=16, vocab_size=len(tokenizer), image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+        vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"))
+    text_encoder = zoo._new(lambda: Qwen2_5_VLForConditionalGeneration(config), 361)
+    vae = zoo._new(lambda: diffusers.AutoencoderKL(
+        block_out_channels=(2,) * 7, layers_per_block=1, latent_channels=16, norm_num_groups=1, shift_factor=0.0,
+        down_block_types=("DownEncoderBlock2D",) * 7, up_block_types=("UpDecoderBlock2D",) * 7), 362)
+    processor = _VLProcessorStub(Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=56 * 56))
+    return dict(_longcat_parts(), text_encoder=text_encoder, tokenizer=tokenizer, vae=vae, text_processor=processor)
 
 
 CASES: dict = {
@@ -299,8 +348,8 @@ CASES: dict = {
         lambda: _flux2_kwargs(image=zoo._image(seed=264), mask_image=zoo._mask(), strength=0.75)
         | {"num_inference_steps": 4}),
     "OvisImagePipeline": zoo._case(lambda: zoo._make("OvisImagePipeline", **_ovis_parts()),
-                                   lambda: zoo._latent_call(height=32, width=32, guidance_scale=4.0, negative_prompt=None,
-                                                            **zoo._text(32, 273))),
+                                   lambda: zoo._latent_call(height=32, width=32, guidance_scale=4.0,
+                                                            negative_prompt=None, **zoo._text(32, 273))),
     "NucleusMoEImagePipeline": zoo._case(
         lambda: zoo._make("NucleusMoEImagePipeline", **_nucleusmoe_parts()),
         lambda: zoo._latent_call(height=32, width=32, guidance_scale=4.0,
@@ -329,4 +378,9 @@ CASES: dict = {
         lambda: zoo._make("LongCatImagePipeline", **_longcat_parts()),
         lambda: zoo._latent_call(prompt=zoo.tp.PROMPTS, negative_prompt=zoo.tp.NEGATIVE_PROMPTS, height=32, width=32,
                                  guidance_scale=4.0, enable_prompt_rewrite=False)),
+    "GlmImagePipeline": zoo._case(lambda: zoo._make("GlmImagePipeline", **_glm_parts()), _glm_kwargs),
+    "LongCatImageEditPipeline": zoo._case(
+        lambda: zoo._make("LongCatImageEditPipeline", **_longcat_edit_parts()),
+        lambda: zoo._latent_call(prompt=zoo.tp.PROMPTS[0], negative_prompt=zoo.tp.NEGATIVE_PROMPTS[0],
+                                 image=_pil_images(1)[0], guidance_scale=4.0, num_images_per_prompt=2)),
 }

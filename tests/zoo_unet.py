@@ -45,6 +45,52 @@ def _kolors_kwargs(image: bool = False, pag: bool = False) -> dict:
     return zoo._with_image(kw, image)
 
 
+@functools.cache
+def _chatglm() -> tuple:
+    """A tiny ChatGLM text encoder and its tokenizer (a sentencepiece model trained here on the test prompts)."""
+    import io
+    import os
+    import tempfile
+
+    import sentencepiece
+
+    from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig, ChatGLMModel
+    from diffusers.pipelines.kolors.tokenizer import ChatGLMTokenizer
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(list(zoo.tp.PROMPTS + zoo.tp.NEGATIVE_PROMPTS) * 20), model_writer=model,
+        vocab_size=40, model_type="unigram", hard_vocab_limit=False, minloglevel=2)
+    path = os.path.join(tempfile.mkdtemp(prefix="tiny-chatglm-"), "tokenizer.model")
+    with open(path, "wb") as f:
+        f.write(model.getvalue())
+    tokenizer = ChatGLMTokenizer(vocab_file=path)
+    config = ChatGLMConfig(num_layers=1, padded_vocab_size=len(tokenizer) + 8, hidden_size=64, ffn_hidden_size=37,
+                           kv_channels=16, num_attention_heads=4, seq_length=256, multi_query_attention=True,
+                           multi_query_group_num=2, original_rope=True)
+    model = ChatGLMModel(config)  # its parameters are left uninitialised (torch.empty): draw them all
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.fill_(1.0)  # the RMSNorm scales (the only 1-d parameters)
+    return zoo._init(model, 205), tokenizer
+
+
+def _kolors_img2img():
+    """KolorsImg2ImgPipeline drops the call's pooled_prompt_embeds (diffusers 0.42.1 does not pass them to
+    encode_prompt), so it runs its ChatGLM text encoder; pooled embeddings are its hidden size (64)."""
+    sdxl = zoo._sdxl_parts()
+    text_encoder, tokenizer = _chatglm()
+    unet = _unet_like("sdxl", 206, projection_class_embeddings_input_dim=6 * 8 + 64)
+    return zoo._make("KolorsImg2ImgPipeline", unet=unet, vae=sdxl["vae"], scheduler=sdxl["scheduler"],
+                     text_encoder=text_encoder, tokenizer=tokenizer)
+
+
+def _kolors_img2img_kwargs() -> dict:
+    kw = zoo._latent_call(prompt=zoo.tp.PROMPTS, negative_prompt=zoo.tp.NEGATIVE_PROMPTS, guidance_scale=5.0)
+    return zoo._with_image(kw, image=True)
+
+
 # --- SDXL ControlNet-Union ------------------------------------------------------------------------------
 @functools.cache
 def _union_controlnet() -> torch.nn.Module:
@@ -72,6 +118,7 @@ def _union_kwargs(image: bool = False, mask: bool = False) -> dict:
 # --- T2I-Adapter: its residuals enter the first down block inside (a cross-attention block) -------------
 _ADAPTER_UNET = dict(down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+
 
 @functools.cache
 def _t2i_adapter(base: str) -> torch.nn.Module:
@@ -107,7 +154,6 @@ def _xs(cls_name: str, base: str):
 
 def _xs_kwargs(base: str) -> dict:
     return {**zoo._sd_kwargs(base), "image": zoo._image(seed=232), "output_type": "latent"}
-
 
 
 # --- SD variants on the SD components -------------------------------------------------------------------
@@ -170,7 +216,8 @@ def _gligen_unet() -> torch.nn.Module:
 
 
 def _gligen_kwargs() -> dict:
-    return _sd_latent_kwargs(gligen_phrases=["a cat", "a car"], gligen_boxes=[[0.1, 0.1, 0.5, 0.5], [0.5, 0.4, 0.9, 0.9]])
+    return _sd_latent_kwargs(gligen_phrases=["a cat", "a car"],
+                             gligen_boxes=[[0.1, 0.1, 0.5, 0.5], [0.5, 0.4, 0.9, 0.9]])
 
 
 # --- Kandinsky 2.2 ControlNet: the UNet appends the encoded hint (4 channels, 1/8 of the hint's size) -----
@@ -221,9 +268,10 @@ def _unclip_prior() -> torch.nn.Module:
 def _stable_unclip():
     sdxl = zoo._sdxl_parts()  # its second text encoder has a 32-d projection: the prior's text encoder
     prior_scheduler = diffusers.DDPMScheduler(variance_type="fixed_small_log", prediction_type="sample",
-                                              clip_sample=True, clip_sample_range=5.0, beta_schedule="squaredcos_cap_v2")
+                                              clip_sample=True, clip_sample_range=5.0,
+                                              beta_schedule="squaredcos_cap_v2")
     return _unclip_make("StableUnCLIPPipeline", prior=_unclip_prior(), prior_scheduler=prior_scheduler,
-                     prior_tokenizer=sdxl["tokenizer_2"], prior_text_encoder=sdxl["text_encoder_2"])
+                        prior_tokenizer=sdxl["tokenizer_2"], prior_text_encoder=sdxl["text_encoder_2"])
 
 
 # --- LDM text-to-image (LDMBert text encoder) -------------------------------------------------------------
@@ -243,9 +291,44 @@ def _ldm_text_to_image():
     return zoo._make("LDMTextToImagePipeline", vqvae=sd["vae"], bert=_ldm_bert(), tokenizer=sd["tokenizer"],
                      unet=sd["unet"], scheduler=sd["scheduler"])
 
+
+# --- Kandinsky 2.1 decoders: M-CLIP text encoder + image embeddings from the prior (passed in) --------------
+@functools.cache
+def _mclip() -> torch.nn.Module:
+    from diffusers.pipelines.kandinsky.text_encoder import MCLIPConfig, MultilingualCLIP
+
+    config = MCLIPConfig(transformerDimSize=32, imageDimSize=32, hidden_size=32, intermediate_size=37,
+                         num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=80,
+                         vocab_size=len(zoo._sd_parts()["tokenizer"]))
+    return zoo._new(lambda: MultilingualCLIP(config), 321)
+
+
+@functools.cache
+def _kandinsky21_unet(in_channels: int) -> torch.nn.Module:
+    config = {k: v for k, v in zoo._kandinsky_unet(4).config.items() if k != "_use_default_values"}
+    return zoo._new(lambda: diffusers.UNet2DConditionModel.from_config(
+        {**config, "in_channels": in_channels, "addition_embed_type": "text_image",
+         "encoder_hid_dim_type": "text_image_proj"}), 322 + in_channels)
+
+
+def _kandinsky21(cls_name: str, in_channels: int = 4):
+    pipe = zoo._kandinsky(cls_name)
+    # a CLIP tokenizer stands in for XLM-R's (M-CLIP only needs ids and an attention mask)
+    pipe.register_modules(unet=_kandinsky21_unet(in_channels), text_encoder=_mclip(),
+                          tokenizer=zoo._sd_parts()["tokenizer"])
+    return pipe
+
+
+def _kandinsky21_kwargs(image: bool = False, mask: bool = False) -> dict:
+    kw = {**zoo._kandinsky_kwargs(image=image, mask=mask), "prompt": zoo.tp.PROMPTS}
+    if mask:
+        del kw["strength"]  # 2.1 inpainting runs every step from noise
+    return kw
+
+
 CASES: dict = {
     "KolorsPipeline": zoo._case(lambda: _kolors("KolorsPipeline"), _kolors_kwargs),
-    # KOLORSI2I "KolorsImg2ImgPipeline": zoo._case(lambda: _kolors("KolorsImg2ImgPipeline"), lambda: _kolors_kwargs(image=True)),
+    "KolorsImg2ImgPipeline": zoo._case(_kolors_img2img, _kolors_img2img_kwargs),
     "KolorsPAGPipeline": zoo._case(lambda: _kolors("KolorsPAGPipeline"), lambda: _kolors_kwargs(pag=True)),
     "StableDiffusionXLControlNetUnionPipeline": zoo._case(
         lambda: _union("StableDiffusionXLControlNetUnionPipeline"), _union_kwargs),
@@ -275,7 +358,7 @@ CASES: dict = {
     "StableDiffusionUpscalePipeline": zoo._case(_upscale, _upscale_kwargs),
     # SAG installs an attention-storing processor on its UNet's mid block: its own UNet, not the shared one.
     "StableDiffusionSAGPipeline": zoo._case(
-        lambda: _sd_variant("StableDiffusionSAGPipeline", unet=_unet_like("sd", 271, cross_attention_dim=32)),
+        lambda: _sd_variant("StableDiffusionSAGPipeline", unet=_unet_like("sd", 271)),
         lambda: _sd_latent_kwargs(sag_scale=0.0)),
     "StableDiffusionLDM3DPipeline": zoo._case(_ldm3d, lambda: {**zoo._sd_kwargs("sd"), "output_type": "np"}),
     "StableDiffusionGLIGENPipeline": zoo._case(lambda: _sd_variant("StableDiffusionGLIGENPipeline",
@@ -299,4 +382,9 @@ CASES: dict = {
     "LDMTextToImagePipeline": zoo._case(  # latents are height // 8 whatever the VAE: 128 px -> 16x16
         _ldm_text_to_image, lambda: dict(prompt=zoo.tp.PROMPTS, height=128, width=128, guidance_scale=6.0,
                                          num_inference_steps=zoo.STEPS, output_type="pt")),
+    "KandinskyPipeline": zoo._case(lambda: _kandinsky21("KandinskyPipeline"), _kandinsky21_kwargs),
+    "KandinskyImg2ImgPipeline": zoo._case(lambda: _kandinsky21("KandinskyImg2ImgPipeline"),
+                                          lambda: _kandinsky21_kwargs(image=True)),
+    "KandinskyInpaintPipeline": zoo._case(lambda: _kandinsky21("KandinskyInpaintPipeline", in_channels=9),
+                                          lambda: _kandinsky21_kwargs(image=True, mask=True)),
 }

@@ -122,7 +122,44 @@ def _animatediff_controlnet_kwargs() -> dict:
                 output_type="latent")
 
 
+def _animatediff_v2v_controlnet():
+    parts = dict(zoo._sd_parts(), motion_adapter=zoo._motion_adapter(), controlnet=zoo._controlnet("sd"))
+    return zoo._make("AnimateDiffVideoToVideoControlNetPipeline",
+                     **{k: v for k, v in parts.items() if k != "safety_checker"})
+
+
+def _animatediff_v2v_controlnet_kwargs() -> dict:
+    frames = list(zoo._image(32, seed=152))
+    return dict(prompt=tp.PROMPTS[:1], guidance_scale=7.5, height=32, width=32, video=frames * 2,
+                conditioning_frames=list(zoo._image(32, seed=160)) * 2, strength=0.75, num_inference_steps=4,
+                output_type="latent")
+
+
+# --- AnimateDiff SparseCtrl: a tiny SparseControlNetModel conditioned on frames 0 and 3 ------------------
+@functools.cache
+def _sparse_controlnet() -> torch.nn.Module:
+    return zoo._init(diffusers.SparseControlNetModel(
+        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, cross_attention_dim=32,
+        attention_head_dim=4, conditioning_embedding_out_channels=(8, 16), motion_num_attention_heads=2,
+        down_block_types=("CrossAttnDownBlockMotion", "DownBlockMotion"), conditioning_channels=3,
+        use_simplified_condition_embedding=False), 170)
+
+
+def _animatediff_sparse():
+    parts = dict(zoo._sd_parts(), motion_adapter=zoo._motion_adapter(), controlnet=_sparse_controlnet())
+    return zoo._make("AnimateDiffSparseControlNetPipeline", **{k: v for k, v in parts.items() if k != "safety_checker"})
+
+
+def _animatediff_sparse_kwargs() -> dict:
+    return dict(prompt=tp.PROMPTS[:1], guidance_scale=7.5, height=32, width=32, num_frames=4,
+                conditioning_frames=[f[None] for f in zoo._image(32, seed=160)], controlnet_frame_indices=[0, 3],
+                num_inference_steps=zoo.STEPS, output_type="latent")
+
+
 CASES: dict = {
+    "AnimateDiffVideoToVideoControlNetPipeline": zoo._case(_animatediff_v2v_controlnet,
+                                                           _animatediff_v2v_controlnet_kwargs),
+    "AnimateDiffSparseControlNetPipeline": zoo._case(_animatediff_sparse, _animatediff_sparse_kwargs),
     "AnimateDiffControlNetPipeline": zoo._case(_animatediff_controlnet, _animatediff_controlnet_kwargs),
     "AnimateDiffSDXLPipeline": zoo._case(_animatediff_sdxl, _animatediff_sdxl_kwargs),
     "AnimateDiffPAGPipeline": zoo._case(

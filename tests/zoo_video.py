@@ -88,7 +88,9 @@ def _wan_vace_kwargs() -> dict:
                             num_frames=5, guidance_scale=5.0, **text)
 
 
-# --- SkyReels-V2 (SkyReelsV2Transformer3DModel: Wan's layout; diffusion forcing runs per-frame timesteps) -------
+# --- SkyReels-V2 (SkyReelsV2Transformer3DModel: Wan's layout) ----------------------------------------------------
+# The diffusion-forcing pipelines (SkyReelsV2DiffusionForcing*) are not supported: they step per-frame copies of the
+# scheduler and never the pipeline's own, so the hook reads sigmas[0] at every step (x0-space strategies go wrong).
 @functools.cache
 def _skyreels_transformer(in_channels: int = 16, image_dim: int | None = None) -> torch.nn.Module:
     return zoo._init(diffusers.SkyReelsV2Transformer3DModel(**_WAN, in_channels=in_channels, num_layers=1,
@@ -96,7 +98,7 @@ def _skyreels_transformer(in_channels: int = 16, image_dim: int | None = None) -
 
 
 def _skyreels(cls_name: str, in_channels: int = 16, image_dim: int | None = None, clip: bool = False):
-    # UniPC with flow sigmas, as SkyReels ships (diffusion forcing steps per-frame copies with integer timesteps)
+    # UniPC with flow sigmas, as SkyReels ships
     scheduler = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                                   flow_shift=8.0)
     parts = dict(transformer=_skyreels_transformer(in_channels, image_dim), vae=zoo._wan_vae(), scheduler=scheduler)
@@ -105,16 +107,10 @@ def _skyreels(cls_name: str, in_channels: int = 16, image_dim: int | None = None
     return zoo._make(cls_name, **parts)
 
 
-def _skyreels_kwargs(image: bool = False, video: bool = False, forcing: bool = False) -> dict:
+def _skyreels_kwargs(image: bool = False) -> dict:
     kw = zoo._latent_call(height=16, width=16, num_frames=5, guidance_scale=5.0, **zoo._text(32, 220))
     if image:
         kw["image"] = zoo._image(16, seed=221)[:1]  # one image for the batch, as in Wan I2V
-    if video:
-        # one video for the batch: its 5 frames are the prefix (2 latent frames) of 9, one window
-        kw.update(video=_video(seed=222), num_frames=9, overlap_history=5)
-    if forcing:
-        # one window: every frame denoised together (ar_step=0); `prompt` has no default there
-        kw.update(base_num_frames=kw["num_frames"], prompt=None)
     return kw
 
 
@@ -169,7 +165,8 @@ def _latte_kwargs() -> dict:
 @functools.cache
 def _easyanimate_transformer(in_channels: int = 4) -> torch.nn.Module:
     # 4 latent channels (+ 8 inpaint channels: mask and masked-video latents, concatenated by the transformer).
-    # resize_inpaint_mask_directly=True reads vae.config.cache_mag_vae, which AutoencoderKLMagvit lacks (diffusers 0.42.1).
+    # resize_inpaint_mask_directly=True reads vae.config.cache_mag_vae, which AutoencoderKLMagvit lacks
+    # (diffusers 0.42.1).
     return zoo._init(diffusers.EasyAnimateTransformer3DModel(
         num_attention_heads=2, attention_head_dim=16, in_channels=in_channels, out_channels=4, time_embed_dim=2,
         text_embed_dim=16, num_layers=1, sample_width=16, sample_height=16, patch_size=2,
@@ -255,6 +252,69 @@ def _lucy():
                      scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=7.0))
 
 
+# --- HunyuanVideo (true CFG: true_cfg_scale > 1 and a negative prompt; guidance_scale feeds the distilled embedding) --
+@functools.cache
+def _hunyuan_transformer(in_channels: int = 4, guidance: bool = True, condition: str | None = None) -> torch.nn.Module:
+    return zoo._init(diffusers.HunyuanVideoTransformer3DModel(
+        in_channels=in_channels, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=guidance,
+        text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 4), image_condition_type=condition),
+        300 + in_channels + guidance)
+
+
+@functools.cache
+def _hunyuan_vae() -> torch.nn.Module:
+    return zoo._init(diffusers.AutoencoderKLHunyuanVideo(
+        in_channels=3, out_channels=3, latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+        act_fn="silu", norm_num_groups=4, scaling_factor=0.476986, spatial_compression_ratio=8,
+        temporal_compression_ratio=4, mid_block_add_attention=True), 309)
+
+
+def _hunyuan(cls_name: str, **transformer):
+    return zoo._make(cls_name, transformer=_hunyuan_transformer(**transformer), vae=_hunyuan_vae(),
+                     scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=7.0))
+
+
+def _hunyuan_kwargs(image: bool = False) -> dict:
+    kw = zoo._latent_call(height=16, width=16, num_frames=5, true_cfg_scale=4.0, guidance_scale=6.0,
+                          **zoo._text(16, 310, mask="prompt_attention_mask"))
+    kw.update(pooled_prompt_embeds=zoo._embeds(zoo.BATCH, 8, seed=312),
+              negative_pooled_prompt_embeds=zoo._embeds(zoo.BATCH, 8, seed=313))
+    if image:
+        kw.update(image=zoo._image(16, seed=314), guidance_scale=1.0)  # one image per prompt; no guidance embedding
+    return kw
+
+
+# --- Wan-Animate (one segment: the pipeline re-sets its timesteps between segments) -----------------------------
+@functools.cache
+def _wan_animate_transformer() -> torch.nn.Module:
+    # 36 input channels: 16 noisy latents + 20 reference latents (mask + latents); pose latents, face encoder on
+    return zoo._init(diffusers.WanAnimateTransformer3DModel(
+        **{**_WAN, "out_channels": 16}, in_channels=36, latent_channels=16, num_layers=2, image_dim=4,
+        motion_encoder_channel_sizes={"4": 16, "8": 16, "16": 16}, motion_encoder_size=16, motion_style_dim=8,
+        motion_dim=4, motion_encoder_dim=16, face_encoder_hidden_dim=16, face_encoder_num_heads=2,
+        inject_face_latents_blocks=2), 320)
+
+
+def _wan_animate():
+    encoder, processor = _clip_vision()
+    return zoo._make("WanAnimatePipeline", transformer=_wan_animate_transformer(), vae=zoo._wan_vae(),
+                     scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=7.0), image_encoder=encoder,
+                     image_processor=processor)
+
+
+def _wan_animate_kwargs() -> dict:
+    text = {k: v[:1] for k, v in zoo._text(32, 321).items()}  # one reference image: batch 1
+    return zoo._latent_call(image=_video(1, seed=322)[0], pose_video=_video(5, seed=323),
+                            face_video=_video(5, seed=324), height=16, width=16, segment_frame_length=5,
+                            mode="animate", prev_segment_conditioning_frames=1, guidance_scale=5.0, **text)
+
+
+# Not supported (no row): CosmosTextToWorldPipeline, CosmosVideoToWorldPipeline and Cosmos2VideoToWorldPipeline guide
+# as c + s (c - u) from two separate calls (the sequential layouts invert only u + s (c - u)); the video-to-world
+# variants also give the unconditional call its own latent tensor. HunyuanVideoFramepackPipeline re-sets its
+# timesteps for every section inside one call and passes each call its own latents.to(dtype) copy.
 CASES: dict = {
     "WanImageToVideoPipeline": (_wan_i2v, _wan_i2v_kwargs),
     "WanVideoToVideoPipeline": (_wan_v2v, _wan_v2v_kwargs),
@@ -279,15 +339,17 @@ CASES: dict = {
     "LucyEditPipeline": (_lucy, lambda: zoo._latent_call(  # one video per prompt
         video=[_video(seed=294), _video(seed=296)], height=16, width=16, num_frames=5, guidance_scale=5.0,
         **zoo._text(32, 295))),
+    "HunyuanVideoPipeline": (lambda: _hunyuan("HunyuanVideoPipeline"), _hunyuan_kwargs),
+    # I2V: [latents, image latents, mask] on channels (33 in the real model: 2 x 16 + 1)
+    "HunyuanVideoImageToVideoPipeline": (
+        lambda: _hunyuan("HunyuanVideoImageToVideoPipeline", in_channels=9, guidance=False, condition="latent_concat"),
+        lambda: _hunyuan_kwargs(image=True)),
+    # SkyReels-V1 I2V: [latents, image latents] on channels
+    "HunyuanSkyreelsImageToVideoPipeline": (
+        lambda: _hunyuan("HunyuanSkyreelsImageToVideoPipeline", in_channels=8),
+        lambda: _hunyuan_kwargs(image=True)),
+    "WanAnimatePipeline": (_wan_animate, _wan_animate_kwargs),
     "SkyReelsV2Pipeline": (lambda: _skyreels("SkyReelsV2Pipeline"), _skyreels_kwargs),
     "SkyReelsV2ImageToVideoPipeline": (lambda: _skyreels("SkyReelsV2ImageToVideoPipeline", 36, 4, clip=True),
                                        lambda: _skyreels_kwargs(image=True)),
-    "SkyReelsV2DiffusionForcingPipeline": (lambda: _skyreels("SkyReelsV2DiffusionForcingPipeline"),
-                                           lambda: _skyreels_kwargs(forcing=True)),
-    "SkyReelsV2DiffusionForcingImageToVideoPipeline": (
-        lambda: _skyreels("SkyReelsV2DiffusionForcingImageToVideoPipeline"),
-        lambda: _skyreels_kwargs(image=True, forcing=True)),
-    "SkyReelsV2DiffusionForcingVideoToVideoPipeline": (
-        lambda: _skyreels("SkyReelsV2DiffusionForcingVideoToVideoPipeline"),
-        lambda: _skyreels_kwargs(video=True, forcing=True)),
 }

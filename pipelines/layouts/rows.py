@@ -60,7 +60,9 @@ def _per_frame_rows(v: Any, ref_v: Any, rows: torch.Tensor, ref_rows: torch.Tens
 
 
 def first(output: Any) -> torch.Tensor:
-    return output[0]  # tuple (return_dict=False) and diffusers BaseOutput both index this way
+    """The prediction in a denoiser's output: a tuple (return_dict=False) or diffusers BaseOutput (both index
+    this way), or the tensor itself (Würstchen's prior returns one bare: indexing it would take sample 0)."""
+    return output if isinstance(output, torch.Tensor) else output[0]
 
 
 def replace_first(output: Any, tensor: torch.Tensor) -> Any:

@@ -31,7 +31,8 @@ step where only some samples need it runs the unconditional batch for all; the r
 NaN in what the strategy receives, as the strategy contract says.
 
 Refused at construction: strategies that need what a guider never sees: a reference-class branch
-(GFCG), or the pipeline call itself through `on_call` (LinearAG's fitted call, DynamicCFG's prompts and
+(GFCG, PerpNeg), a guide model, a perturbed-denoiser branch (PAG, SLG, SEG: not yet), or the pipeline call
+itself through `on_call` (LinearAG's fitted call, DynamicCFG's prompts and
 decoder, classifier guidance's decoder and labels). Use those through `apply_guidance`.
 """
 
@@ -74,6 +75,9 @@ def check_guidable(strategy: GuidanceStrategy) -> None:
             what = "a reference-class branch (class ids to swap), which guider pipelines do not have"
         elif getattr(node, "uses_guide_model", False):
             what = "a guide model's prediction (autoguidance), which a diffusers guider cannot evaluate"
+        elif node.perturbation is not None:
+            what = ("a perturbed-denoiser branch (PAG, SLG, SEG), which StrategyGuider does not run yet (diffusers' "
+                    "PerturbedAttentionGuidance / SkipLayerGuidance / SmoothedEnergyGuidance guiders do)")
         elif kind.on_call is not GuidanceStrategy.on_call:
             what = ("the pipeline call itself (on_call: its pipeline, prompts, decoder or labels), which a guider "
                     "never sees")

@@ -183,6 +183,10 @@ def test_refuses_what_a_guider_cannot_give():
     with pytest.raises(ValueError, match="Autoguidance needs a guide model's prediction"):
         StrategyGuider(Interval(Autoguidance()))
     assert StrategyGuider(Autoguidance(mix=0.0)).strategy.mix == 0.0  # mix=0 is CFG: no guide model needed
+    from guidance import PAG
+
+    with pytest.raises(ValueError, match="PAG needs a perturbed-denoiser branch"):
+        StrategyGuider(Interval(PAG()))
     with pytest.raises(ValueError, match="guidance_scale"):
         StrategyGuider(CFG(), guidance_scale=float("nan"))
     with pytest.raises(ValueError, match="strategy"):

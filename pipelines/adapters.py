@@ -57,6 +57,9 @@ class Adapter:
     # and it runs its unconditional branch when s > on_above.
     scale_offset: float = 0.0
     on_above: float = 1.0
+    # The pipeline starts part-way into its timesteps without set_begin_index (Wan video-to-video): the first
+    # step's sigma index is read from the timestep, as the scheduler's own step will.
+    first_step_from_timestep: bool = False
     note: str = ""  # shown in the README table
 
     def __post_init__(self) -> None:
@@ -223,10 +226,9 @@ DIFFUSERS_ADAPTERS.update({
                                        "blanks the face video; one segment per call (the pipeline re-sets its "
                                        "timesteps between segments)"),
     "WanVideoToVideoPipeline": replace(DIFFUSERS_ADAPTERS["WanPipeline"], layout="sequential_call_order",
-                                       extra_denoisers=(), expert_scale_kws=(),
-                                       note="5-D video latents; cond and uncond calls without a cache context; its "
-                                            "scheduler has no begin index before its first step, so x0-space "
-                                            "strategies read the first sigma of the full schedule at step 0"),
+                                       extra_denoisers=(), expert_scale_kws=(), first_step_from_timestep=True,
+                                       note="5-D video latents; cond and uncond calls without a cache context; it "
+                                            "enters its schedule part-way without a begin index"),
     "SkyReelsV2Pipeline": replace(_DIT, layout="sequential_cache_context", note="5-D video latents (Wan layout)"),
     "SkyReelsV2ImageToVideoPipeline": replace(_DIT, layout="sequential_cache_context", extra_input_channels=True,
                                               note="5-D video latents; first-frame conditioning on channels"),
@@ -297,6 +299,21 @@ DIFFUSERS_ADAPTERS.update({
             note="packed token latents"),
     "PRXPipeline": _DIT,
     "ErnieImagePipeline": _DIT,
+    # Z-Image: one [cond; uncond] call on per-sample lists ([C, 1, H, W] latents, caption features of different
+    # lengths) returning a list; it steps with the negated output and guides as c + s (c - u), on when s > 0.
+    # cfg_normalization clips to the conditional norm after its CFG: refused; cfg_truncation < 1: refused (hook).
+    **_rows(_DIT, "ZImagePipeline ZImageImg2ImgPipeline ZImageInpaintPipeline", layout="cond_uncond", sample_kw="x",
+            negated_output=True, scale_offset=1.0, on_above=0.0, off_kws=("cfg_normalization",),
+            enable_hint="call the pipeline with guidance_scale > 0 (the strategy's own scale, if set, still decides "
+                        "the strength)",
+            note="per-sample latent lists (one [C, 1, H, W] tensor per row); cfg_truncation < 1 is refused"),
+})
+# The ControlNet residuals are padded to the longest sequence of the whole [cond; uncond] batch.
+DIFFUSERS_ADAPTERS.update({
+    **_rows(DIFFUSERS_ADAPTERS["ZImagePipeline"], "ZImageControlNetPipeline ZImageControlNetInpaintPipeline",
+            note="per-sample latent lists (one [C, 1, H, W] tensor per row); cfg_truncation < 1 is refused; a step "
+                 "that evaluates only some rows fails where an unconditional caption is longer (in 32-token blocks) "
+                 "than every conditional caption it evaluates"),
 })
 
 # cascades, priors, scale conventions, audio and 3-D (tests/zoo_cascades.py)
@@ -339,6 +356,19 @@ DIFFUSERS_ADAPTERS.update({
     "JoyImageEditPipeline": replace(_DIT, layout="sequential_call_order",
                                     note="rescales to the conditional norm after its CFG; 6-D latents (B, items, C, T, "
                                          "H, W), the reference image item kept clean"),
+})
+
+# more image transformers (tests/zoo_image2.py)
+DIFFUSERS_ADAPTERS.update({
+    # Krea 2 guides as c + s (c - u) (CFG's w = s + 1) in two calls, cond first, its unconditional call on when s > 0
+    "Krea2Pipeline": replace(_DIT, layout="sequential_call_order", unbatched=("position_ids",), scale_offset=1.0,
+                             on_above=0.0,
+                             enable_hint="call the pipeline with guidance_scale > 0 (Krea 2's w = guidance_scale + "
+                                         "1; the strategy's own scale, if set, still decides the strength)",
+                             note="packed token latents; cond and uncond calls without a cache context"),
+    # Bria Fibo 2.0 guides as u + s (c - u) in two calls, cond first, on the same latents; ids built inside the model
+    "BriaFibo2Pipeline": replace(_DIT, layout="sequential_call_order",
+                                 note="cond and uncond calls without a cache context"),
 })
 
 # Our own pipelines register here (see pipelines/embedded/pipeline.py).

@@ -36,6 +36,7 @@ from .adapters import Adapter, adapter_for
 from .branches import ConditionalRowsBranch, GuideModelBranch, PerturbedBranch
 from .call import describe_call
 from .layouts import LAYOUTS, DenoiserCall, Layout
+from .layouts.rows import mark_per_sample_lists
 from .parametrization import build_step_context
 from .reference import ReferencePrompts, encode_reference_prompts, unsupported_reason
 from .skip_layer import SkipLayerGuide
@@ -340,6 +341,15 @@ class GuidanceHandle:
                 f"{self.pipe_name} was called with {a.scale_kw}={scales[0]!r}, so it runs no "
                 f"unconditional branch and {name} cannot guide; {a.enable_hint}"
             )
+        truncation = call.get("cfg_truncation")
+        if on and truncation is not None and not (is_finite_number(truncation) and float(truncation) >= 1.0):
+            # Z-Image switches to a conditional-only batch at the steps whose normalized time (1 - sigma) is past it.
+            raise ValueError(
+                f"{self.pipe_name} was called with cfg_truncation={truncation!r}: the pipeline then drops its "
+                f"unconditional batch part-way (at the steps whose normalized time 1 - sigma is past that value), and "
+                f"{name} cannot guide a conditional-only step; allowed: cfg_truncation >= 1 (the default 1.0 keeps the "
+                "unconditional batch at every step) or None; to guide only some steps, wrap the strategy in "
+                "guidance.Interval")
         if self.layout.sequential:
             # The layout returns n' = (g - s c) / (1 - s): with s = 1 the pipeline's n + s (c - n) is c
             # whatever n' is, and the guided prediction cannot be handed back.
@@ -378,6 +388,8 @@ class GuidanceHandle:
         call = self.call
         # build_step_context keeps the scheduler-step counter of multi-evaluation solvers in `solver`.
         call.solver.update(step=call.step, scale=call.scales[expert], rescale=call.rescale)
+        if self.adapter.first_step_from_timestep:
+            call.solver.setdefault("tables", {})["first_step_from_timestep"] = True
         ctx = build_step_context(self.pipe.scheduler, call.solver, x, timestep)
         call.num_steps = call.solver["num_steps"]
         return ctx
@@ -483,8 +495,21 @@ class GuidanceHandle:
         if self.call is None or any(kwargs.get(k) is not None for k in a.passthrough_kws):
             return forward(*args, **kwargs)
         x = args[0] if args else kwargs[a.sample_kw]
+        if isinstance(x, list):
+            # One tensor per row (Z-Image: latents as [C, 1, H, W] x 2B): the layouts see the stacked batch, and
+            # the call's lists of that many items (its caption features) have their items selected as rows.
+            x = self._stacked_sample(x)
+            args, kwargs = mark_per_sample_lists(args, kwargs, x.shape[0])
         timestep = kwargs["timestep"] if "timestep" in kwargs else (args[1] if len(args) > 1 else None)
         return self.layout.forward(DenoiserCall(forward, args, kwargs, x, timestep, context_name, expert))
+
+    def _stacked_sample(self, x: list) -> torch.Tensor:
+        if not x or not all(torch.is_tensor(t) and t.shape == x[0].shape for t in x):
+            raise NotImplementedError(
+                f"{self.pipe_name}: its denoiser received its sample as a list of {len(x)} items that are not "
+                "tensors of one shape, which the hook cannot stack into a batch of rows; allowed: a tensor, or a list "
+                "with one tensor per row, all of one shape")
+        return torch.stack(x)
 
 
 def apply_guidance(pipe, strategy: GuidanceStrategy,

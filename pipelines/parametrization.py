@@ -113,16 +113,19 @@ def timestep_value(timestep) -> float:
     return torch.as_tensor(timestep).reshape(-1)[0].item()
 
 
-def current_sigma_index(scheduler, timestep=None) -> int:
-    """The sigma-table index of the coming evaluation: the scheduler's step index, else its begin index, else,
-    before its first step, the index its own `_init_step_index` will pick from the timestep (img2img pipelines
-    that start part-way without set_begin_index, e.g. Wan video-to-video)."""
+def current_sigma_index(scheduler, timestep=None, cache: dict | None = None) -> int:
+    """The sigma-table index of the coming evaluation: the scheduler's step index, else its begin index, else 0
+    (before its first step). A pipeline that enters the schedule part-way without set_begin_index (Wan
+    video-to-video) sets `first_step_from_timestep` in `cache` (its adapter row says so): the index is then the
+    one the scheduler's own `_init_step_index` will pick from the timestep. Not by default: many pipelines pass
+    the denoiser a timestep in other units than the scheduler's (PRX: t / 1000), where that lookup would
+    match the wrong entry."""
     if scheduler.step_index is not None:
         return int(scheduler.step_index)
     begin = getattr(scheduler, "begin_index", None)
     if begin is not None:
         return int(begin)
-    if timestep is not None and hasattr(scheduler, "index_for_timestep"):
+    if timestep is not None and cache is not None and cache.get("first_step_from_timestep"):
         t = timestep if torch.is_tensor(timestep) else torch.tensor(timestep)
         return int(scheduler.index_for_timestep(t.reshape(-1)[0].to(scheduler.timesteps.device)))
     return 0
@@ -131,7 +134,7 @@ def current_sigma_index(scheduler, timestep=None) -> int:
 def current_sigma(scheduler, cache: dict | None = None, timestep=None) -> float:
     """The sigma-table entry of this evaluation: the one the scheduler's `scale_model_input` and
     `step` use (KDPM2's second-stage evaluations run at an interpolated sigma)."""
-    i = current_sigma_index(scheduler, timestep)
+    i = current_sigma_index(scheduler, timestep, cache)
     second_stage = not getattr(scheduler, "state_in_first_order", True)
     names = {cls.__name__ for cls in type(scheduler).__mro__}
     if second_stage and "KDPM2AncestralDiscreteScheduler" in names:
@@ -225,7 +228,7 @@ def next_sigma(scheduler, timestep, cache: dict | None = None) -> float | None:
     except UnsupportedScheduler:
         return None
     if how == "sigmas":
-        i = current_sigma_index(scheduler, timestep)
+        i = current_sigma_index(scheduler, timestep, cache)
         sigmas = _floats(scheduler, "sigmas", cache)
         if i + 1 >= len(sigmas):
             return 0.0

@@ -283,11 +283,6 @@ _refuse("StableDiffusionLatentUpscalePipeline",
         "x0-space strategies could not convert it")
 
 # Image transformers
-_refuse("ZImagePipeline ZImageImg2ImgPipeline ZImageInpaintPipeline ZImageControlNetPipeline "
-        "ZImageControlNetInpaintPipeline",
-        "it passes its transformer lists of per-sample tensors (latents as [C, 1, H, W] x 2B, caption features of "
-        "different lengths), which the hook's layouts cannot split by rows, and its cfg_truncation switches to a "
-        "conditional-only batch part-way; it also guides as c + s (c - u)")
 _refuse("ZImageOmniPipeline",
         "its transformer takes per-sample lists of lists (condition latents and target per sample, SigLIP features, "
         "image_noise_mask), which the hook's layouts cannot split by rows; it shares Z-Image's cfg_truncation")
@@ -337,3 +332,7 @@ _refuse("CosmosTextToWorldPipeline CosmosVideoToWorldPipeline Cosmos2VideoToWorl
 _refuse("ConsisIDPipeline",
         "it needs opencv-python for its face preprocessing, which the test environment does not install, so diffusers "
         "exposes a stand-in and no tiny case can verify its layout")
+_refuse("PRXPixelPipeline",
+        "its transformer predicts x0 in pixel space, turned into a velocity (x - x0) / max(t, 0.05) only after its "
+        "CFG, while its FlowMatchEulerDiscreteScheduler makes the output read as a velocity, so x0-space strategies "
+        "would see x - sigma x0 instead of x0")

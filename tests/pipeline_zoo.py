@@ -599,7 +599,7 @@ CASES.update({
 })
 
 # The families' own files (each imports this module's helpers lazily, inside its builders).
-for _family in ("zoo_unet", "zoo_unet_video", "zoo_video", "zoo_image", "zoo_cascades", "zoo_misc"):
+for _family in ("zoo_unet", "zoo_unet_video", "zoo_video", "zoo_image", "zoo_cascades", "zoo_misc", "zoo_image2"):
     CASES.update(importlib.import_module(_family).CASES)
 
 # Wan 2.2 (two experts, guidance_scale_2) is the same class as Wan 2.1: an extra case, not an extra row.

@@ -321,12 +321,12 @@ def test_readme_tables_are_replaced_between_the_markers_only(tmp_path):
 
 
 def test_readme_tables_match_the_committed_rows():
-    """The README's effects tables are the report of benchmarks/results/effects/rows.json, not hand-edited numbers."""
+    """The effects page's tables are the report of benchmarks/results/effects/rows.json, not hand-edited numbers."""
     from effects_report import README_END, README_START, readme_block
 
     root = Path(__file__).resolve().parents[1]
     rows = Rows(json.loads((root / "benchmarks/results/effects/rows.json").read_text())["rows"])
-    text = (root / "README.md").read_text()
+    text = (root / "docs" / "effects.md").read_text()
     shown = README_START + text.split(README_START)[1].split(README_END)[0] + README_END
     assert shown == readme_block(rows, conclusions(rows)), \
-        "README effects tables are stale: run python benchmarks/effects_report.py --readme README.md"
+        "docs/effects.md tables are stale: run python benchmarks/effects_report.py --readme docs/effects.md"

@@ -145,3 +145,48 @@ def test_composes_with_first_block_cache(name):
     pipe.transformer.disable_cache()
     uncached = pipe(**kwargs, generator=torch.Generator().manual_seed(0))[0]
     assert not torch.equal(uncached, native)  # the cache did skip work
+
+
+def test_per_sample_lists_give_whole_items_and_other_lists_keep_their_rule():
+    """A list the hook marks as per-sample (Z-Image's latents and captions: one tensor per row) has its items
+    selected, never their insides, even where an item's leading dim equals the batch; a plain list of the batch's
+    length (ControlNet residuals: one tensor per block, each with the batch's rows) keeps the row rule."""
+    from pipelines.layouts.rows import (PerSampleList, first, gather_rows, mark_per_sample_lists, replace_first,
+                                        select_rows)
+
+    n, rows, ref_rows = 4, torch.tensor([1, 3]), torch.tensor([0])
+    items = [torch.full((n, 5), float(i)) for i in range(n)]  # leading dim == batch: no recursion into them
+    args, kwargs = mark_per_sample_lists((items, torch.arange(n), (items[0],)), {"cap": list(items), "x": [1]}, n)
+    assert type(args[0]) is PerSampleList and type(kwargs["cap"]) is PerSampleList
+    assert type(args[2]) is tuple and kwargs["x"] == [1] and type(kwargs["x"]) is list  # tuples, other lengths
+    picked = select_rows(args, rows, n)
+    assert [t[0, 0].item() for t in picked[0]] == [1.0, 3.0] and all(t.shape == (n, 5) for t in picked[0])
+    assert picked[1].tolist() == [1, 3] and picked[2][0].shape == (2, 5)
+    gathered = gather_rows(kwargs, kwargs, rows, ref_rows, n)["cap"]
+    assert type(gathered) is PerSampleList and [t[0, 0].item() for t in gathered] == [1.0, 3.0, 0.0]
+
+    residuals = [torch.arange(n * 2.0).reshape(n, 2) + 10 * i for i in range(n)]  # plain list, len == batch
+    for out in (select_rows(residuals, rows, n), gather_rows(residuals, residuals, rows, rows[:0], n)):
+        assert type(out) is list and len(out) == n and all(torch.equal(o, r[rows]) for o, r in zip(out, residuals))
+
+    output = ([torch.full((3, 1, 2, 2), float(i)) for i in range(n)],)  # the transformer's list, one per row
+    stacked = first(output)
+    assert stacked.shape == (n, 3, 1, 2, 2) and stacked[2, 0, 0, 0, 0].item() == 2.0
+    back = replace_first(output, -stacked)
+    assert type(back) is tuple and type(back[0]) is list and len(back[0]) == n and back[0][3][0, 0, 0, 0] == -3.0
+
+
+@pytest.mark.parametrize("keyword, value, message", [
+    ("cfg_truncation", 0.5, r"cfg_truncation=0.5: the pipeline then drops its unconditional batch part-way.*"
+                            r"allowed: cfg_truncation >= 1"),
+    ("cfg_normalization", 1.5, r"cfg_normalization=1.5.*call with cfg_normalization off"),
+    ("guidance_scale", 0.0, r"guidance_scale=0.0, so it runs no unconditional branch.*guidance_scale > 0"),
+])
+def test_z_image_options_it_cannot_guide_are_refused_before_any_step(keyword, value, message):
+    name = "ZImagePipeline"
+    pipe, calls = build(name), []
+    pipe.transformer.register_forward_pre_hook(lambda *args: calls.append(1))
+    with apply_guidance(pipe, CFG()):
+        with pytest.raises(ValueError, match=message):
+            pipe(**{**call_kwargs(name), keyword: value})
+    assert calls == []

@@ -228,14 +228,18 @@ def test_an_unsupported_scheduler_still_runs_cfg_and_refuses_x0_at_use():
 @pytest.mark.parametrize("cls", [FlowMatchEulerDiscreteScheduler, EulerDiscreteScheduler])
 def test_a_schedule_entered_part_way_reads_the_sigma_of_its_first_step(cls):
     """img2img pipelines that start at timesteps[k] without set_begin_index (Wan video-to-video): before the first
-    step the scheduler has no step index; its own step picks index k from the timestep, and so must we."""
+    step the scheduler has no step index; its own step picks index k from the timestep, and so must we where the
+    adapter row says so (first_step_from_timestep)."""
     sched = cls()
     sched.set_timesteps(8)
     k = 3
     t = sched.timesteps[k]
     sample = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     assert sched.step_index is None and sched.begin_index is None
-    level = scheduler_parametrization(sched, t, sample).noise_level.flatten()[0].item()
+    first = scheduler_parametrization(sched, t, sample).noise_level.flatten()[0].item()
+    assert first == pytest.approx(sched.sigmas[0].item(), rel=1e-6)  # by default: index 0 (timestep units vary)
+    level = scheduler_parametrization(sched, t, sample, {"first_step_from_timestep": True}).noise_level
+    level = level.flatten()[0].item()
     sched.step(torch.zeros_like(sample), t, sample)  # the scheduler's own choice of index
     sigma = sched.sigmas[sched.step_index - 1].item()
     assert sched.step_index - 1 == k and level == pytest.approx(sigma, rel=1e-6)  # the table's s (flow or VE)

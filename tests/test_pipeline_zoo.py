@@ -30,7 +30,8 @@ def count_rows(pipe) -> dict:
         original = module.forward
 
         def counting_forward(*args, _original=original, **kwargs):
-            counter["rows"] += (args[0] if args else kwargs[sample_kw]).shape[0]
+            x = args[0] if args else kwargs[sample_kw]
+            counter["rows"] += len(x) if isinstance(x, list) else x.shape[0]  # a list: one tensor per row (Z-Image)
             return _original(*args, **kwargs)
 
         module.forward = counting_forward
@@ -129,3 +130,44 @@ def test_the_calls_guidance_rescale_holds_for_every_strategy(name):
         assert relative_error(run(pipe, kwargs), native) <= 1e-5
     with apply_guidance(pipe, APG(eta=1.0, norm_threshold=0.0, momentum=0.0)):
         assert relative_error(run(pipe, kwargs), native) <= 1e-3
+
+
+@pytest.mark.parametrize("name", sorted(ALL_CASES))
+def test_the_noise_level_read_is_the_one_the_scheduler_steps_with(name):
+    """APG(eta=1, r=0, beta=0) equals CFG whatever sigma it is handed, so the exactness test cannot see a wrong
+    noise level. Here each step's noise level as the hook reads it is compared with the one the scheduler's own
+    step uses: the sigma-table entry of its step index, or alphas_cumprod at the timestep it is given (DDIM-type)."""
+    from guidance import CFG as _CFG
+    from pipelines.parametrization import evaluations_per_step, prediction_type, rule
+
+    pipe, kwargs = build(name), call_kwargs(name)
+    scheduler = pipe.scheduler
+    assert evaluations_per_step(scheduler) == 1  # the zoo's schedulers: one evaluation per step
+    by_table = rule(scheduler) == "sigmas"
+    read, stepped = [], []
+
+    class Spy(_CFG):
+        def guide(self, ctx, preds):
+            if ctx.starts_step and ctx.scheduler_step == len(read):
+                read.append(float(ctx.param.noise_level.flatten()[0]))
+            return super().guide(ctx, preds)
+
+    original = scheduler.step
+
+    def step(*args, **kw):
+        out = original(*args, **kw)
+        if by_table:
+            stepped.append(float(scheduler.sigmas[scheduler.step_index - 1]))
+        else:
+            t = args[1] if len(args) > 1 else kw["timestep"]
+            abar = float(scheduler.alphas_cumprod[int(t)])
+            stepped.append(((1 - abar) / abar) ** 0.5 if prediction_type(scheduler) != "flow" else 1 - abar)
+        return out
+
+    scheduler.step = step
+    try:
+        with apply_guidance(pipe, Spy()):
+            run(pipe, kwargs)
+    finally:
+        del scheduler.step
+    assert len(read) >= 2 and read == pytest.approx(stepped[: len(read)], rel=1e-5), (read, stepped)

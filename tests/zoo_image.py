@@ -384,3 +384,62 @@ CASES: dict = {
         lambda: zoo._latent_call(prompt=zoo.tp.PROMPTS[0], negative_prompt=zoo.tp.NEGATIVE_PROMPTS[0],
                                  image=_pil_images(1)[0], guidance_scale=4.0, num_images_per_prompt=2)),
 }
+
+
+# --- Z-Image (one [cond; uncond] call on per-sample lists: latents as [C, 1, H, W] tensors, caption features of
+# different lengths; the transformer returns a list). Caption lengths cross the transformer's 32-token padding
+# blocks, so rows differ in length and the batch carries attention masks.
+@functools.cache
+def _z_image_parts() -> dict:
+    transformer = zoo._init(diffusers.ZImageTransformer2DModel(  # _init: its pad tokens start as torch.empty
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2,
+        n_kv_heads=2, cap_feat_dim=16, axes_dims=[8, 4, 4], axes_lens=[256, 32, 32]), 381)
+    vae = zoo._new(lambda: diffusers.AutoencoderKL(  # factor 8, 4 latent channels; img2img reads its shift_factor
+        block_out_channels=(4, 4, 4, 4), layers_per_block=1, latent_channels=4, norm_num_groups=2, shift_factor=0.1,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4), 382)
+    return dict(transformer=transformer, vae=vae, scheduler=diffusers.FlowMatchEulerDiscreteScheduler())
+
+
+@functools.cache
+def _z_image_controlnet(control_in_dim: int) -> torch.nn.Module:
+    # the pipeline shares the transformer's embedders and refiners with it (from_transformer)
+    return zoo._init(diffusers.ZImageControlNetModel(
+        control_layers_places=[0], control_refiner_layers_places=[0], control_in_dim=control_in_dim, dim=32,
+        n_refiner_layers=1, n_heads=2, n_kv_heads=2), 383 + control_in_dim)
+
+
+def _z_image_kwargs(**extra) -> dict:
+    g = torch.Generator().manual_seed(384)
+    cond, uncond = [torch.randn(n, 16, generator=g) for n in (40, 8)], [torch.randn(n, 16, generator=g) for n in (5, 3)]
+    return {**zoo._latent_call(prompt_embeds=cond, negative_prompt_embeds=uncond, guidance_scale=4.0, height=32,
+                               width=32), **extra}
+
+
+def _z_image_case(name: str, control_in_dim: int | None = None, inputs=dict) -> tuple:
+    """`inputs`: a function giving the call's image inputs (built when the case runs)."""
+    def build():
+        parts = dict(_z_image_parts())
+        if control_in_dim is not None:
+            parts["controlnet"] = _z_image_controlnet(control_in_dim)
+        return zoo._make(name, **parts)
+
+    return zoo._case(build, lambda: _z_image_kwargs(**inputs()))
+
+
+def _z_image_init(mask: bool = False) -> dict:
+    """The image to start from (strength 0.75 of 4 steps: 3 run) and, for inpainting, its mask."""
+    kw = dict(image=zoo._image(), strength=0.75, num_inference_steps=4)
+    return {**kw, "mask_image": zoo._mask()} if mask else kw
+
+
+CASES.update({
+    "ZImagePipeline": _z_image_case("ZImagePipeline"),
+    "ZImageImg2ImgPipeline": _z_image_case("ZImageImg2ImgPipeline", inputs=_z_image_init),
+    "ZImageInpaintPipeline": _z_image_case("ZImageInpaintPipeline", inputs=lambda: _z_image_init(mask=True)),
+    "ZImageControlNetPipeline": _z_image_case("ZImageControlNetPipeline", 4,
+                                              lambda: dict(control_image=zoo._image(seed=385))),
+    # control input: [control latents, mask, masked-image latents] = 2 x 4 + 1 channels; no strength: every step runs
+    "ZImageControlNetInpaintPipeline": _z_image_case(
+        "ZImageControlNetInpaintPipeline", 9,
+        lambda: dict(control_image=zoo._image(seed=385), image=zoo._image(), mask_image=zoo._mask())),
+})

@@ -19,7 +19,7 @@ class DenoiserCall:
     forward: Callable  # the denoiser's original forward (below the hook)
     args: tuple
     kwargs: dict
-    x: torch.Tensor  # the noisy input as the denoiser receives it (all its channels / tokens)
+    x: torch.Tensor  # the noisy input as the denoiser receives it (all its channels / tokens; a list of rows stacked)
     timestep: Any
     context_name: str | None  # diffusers cache_context name ("cond" / "uncond"), where the pipeline sets one
     expert: int  # index of the denoiser in Adapter.denoisers (Wan 2.2 has two)

@@ -7,11 +7,35 @@ from typing import Any
 import torch
 
 
+class PerSampleList(list):
+    """A list with one item per row of the denoiser batch (Z-Image passes its latents as [C, 1, H, W] tensors and
+    its caption features, of different lengths, this way): rows select its items and never look inside them.
+
+    The hook marks such lists (`mark_per_sample_lists`) when the denoiser's sample itself comes as a list; every
+    other list or tuple keeps its behaviour (ControlNet residuals: one tensor per block, rows selected in each),
+    even where its length happens to equal the batch. It is a list, so the denoiser reads it as the one it got."""
+
+
+def mark_per_sample_lists(args: tuple, kwargs: dict, batch: int) -> tuple[tuple, dict]:
+    """The call's top-level lists of `batch` items as PerSampleList (nested lists, dicts and tuples untouched)."""
+    def mark(v: Any) -> Any:
+        return PerSampleList(v) if type(v) is list and len(v) == batch else v
+
+    return tuple(mark(v) for v in args), {k: mark(v) for k, v in kwargs.items()}
+
+
+def _items(obj: PerSampleList, rows: torch.Tensor) -> list:
+    return [obj[i] for i in rows.tolist()]
+
+
 def select_rows(obj: Any, rows: torch.Tensor, batch: int, unbatched: tuple[str, ...] = ()) -> Any:
     """Index every batched tensor (leading dim == batch) in nested args by `rows`.
 
     Covers keyword tensors that carry a batch dimension: ControlNet residuals (lists), SDXL's
-    `added_cond_kwargs` and IP-Adapter image embeddings (dicts), attention masks."""
+    `added_cond_kwargs` and IP-Adapter image embeddings (dicts), attention masks; a PerSampleList of `batch`
+    items is indexed itself (its items are whole samples)."""
+    if isinstance(obj, PerSampleList):
+        return PerSampleList(_items(obj, rows)) if len(obj) == batch else obj
     if isinstance(obj, torch.Tensor):
         return obj[rows.to(obj.device)] if obj.ndim >= 1 and obj.shape[0] == batch else obj
     if isinstance(obj, dict):
@@ -31,13 +55,16 @@ def gather_rows(obj: Any, ref_obj: Any, rows: torch.Tensor, ref_rows: torch.Tens
     """`obj` at `rows` followed by `ref_obj` (same structure) at `ref_rows`, for every batched tensor.
 
     Keyword tensors named in `per_frame` (or lists of them: AnimateDiff ControlNet's residuals) hold
-    `batch * frames` rows, each sample's frames together."""
+    `batch * frames` rows, each sample's frames together. A PerSampleList of `batch` items gives its items at
+    `rows`, then `ref_obj`'s at `ref_rows`."""
     if isinstance(obj, dict) and per_frame:
         out = gather_rows(obj, ref_obj, rows, ref_rows, batch, unbatched + per_frame)
         for k in per_frame:
             if k in obj:
                 out[k] = _per_frame_rows(obj[k], ref_obj[k], rows, ref_rows, batch)
         return out
+    if isinstance(obj, PerSampleList):
+        return PerSampleList(_items(obj, rows) + _items(ref_obj, ref_rows)) if len(obj) == batch else obj
     if isinstance(obj, torch.Tensor):
         if obj.ndim >= 1 and obj.shape[0] == batch:
             return torch.cat([obj[rows.to(obj.device)], ref_obj[ref_rows.to(obj.device)]])
@@ -61,11 +88,17 @@ def _per_frame_rows(v: Any, ref_v: Any, rows: torch.Tensor, ref_rows: torch.Tens
 
 def first(output: Any) -> torch.Tensor:
     """The prediction in a denoiser's output: a tuple (return_dict=False) or diffusers BaseOutput (both index
-    this way), or the tensor itself (Würstchen's prior returns one bare: indexing it would take sample 0)."""
-    return output if isinstance(output, torch.Tensor) else output[0]
+    this way), or the tensor itself (Würstchen's prior returns one bare: indexing it would take sample 0). A list
+    of per-sample predictions (Z-Image: one [C, 1, H, W] tensor per row) comes back stacked, one row each."""
+    out = output if isinstance(output, torch.Tensor) else output[0]
+    return torch.stack(out) if isinstance(out, list) else out
 
 
 def replace_first(output: Any, tensor: torch.Tensor) -> Any:
+    """`output` with its prediction replaced by `tensor`, in the denoiser's own structure (a list of per-sample
+    predictions stays a list: one item per row of `tensor`)."""
+    if not isinstance(output, torch.Tensor) and isinstance(output[0], list):
+        tensor = list(tensor.unbind(0))
     if isinstance(output, tuple):
         return (tensor,) + tuple(output[1:])
     if isinstance(output, torch.Tensor):

@@ -57,6 +57,21 @@ class PAG(GuidanceStrategy):
     def perturbation(self) -> Perturbation:  # type: ignore[override]
         return Perturbation("identity_attention", tuple(self.layers))
 
+    def _init_blocks(self, owner: str, scale: Scale, s: float, layers: Sequence[int], blocks: str | None,
+                     start: float, stop: float, use_original_formulation: bool) -> None:
+        """The knobs of the rules that perturb whole transformer blocks (SLG, SEG), checked under their names."""
+        if isinstance(layers, (str, bytes)) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                       for i in layers) or not len(layers):
+            raise ValueError(f"{owner}: layers={layers!r} is invalid; allowed: a non-empty list of block indices "
+                             "(ints >= 0), e.g. [7, 8, 9]")
+        low = owner.lower()
+        PAG.__init__(self, scale, pag_scale=check_range(owner, f"{low}_scale", s, 0.0), layers=("mid",),
+                     pag_start=check_range(owner, f"{low}_start", start, 0.0, 1.0),
+                     pag_stop=check_range(owner, f"{low}_stop", stop, 0.0, 1.0),
+                     use_original_formulation=use_original_formulation)
+        self.layers = sorted(layers)
+        self.blocks = blocks
+
     def _cfg_off(self, w: float) -> bool:
         return math.isclose(w, 0.0 if self.use_original_formulation else 1.0)
 
@@ -109,16 +124,7 @@ class SLG(PAG):
     def __init__(self, scale: Scale = None, slg_scale: float = 2.8, layers: Sequence[int] = (7, 8, 9),
                  blocks: str | None = None, slg_start: float = 0.01, slg_stop: float = 0.2,
                  use_original_formulation: bool = False):
-        if isinstance(layers, (str, bytes)) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
-                                                       for i in layers) or not len(layers):
-            raise ValueError(f"SLG: layers={layers!r} is invalid; allowed: a non-empty list of block indices (ints "
-                             ">= 0), e.g. [7, 8, 9]")
-        super().__init__(scale, pag_scale=check_range("SLG", "slg_scale", slg_scale, 0.0), layers=("mid",),
-                         pag_start=check_range("SLG", "slg_start", slg_start, 0.0, 1.0),
-                         pag_stop=check_range("SLG", "slg_stop", slg_stop, 0.0, 1.0),
-                         use_original_formulation=use_original_formulation)
-        self.layers = sorted(layers)
-        self.blocks = blocks
+        self._init_blocks("SLG", scale, slg_scale, layers, blocks, slg_start, slg_stop, use_original_formulation)
 
     @property
     def perturbation(self) -> Perturbation:  # type: ignore[override]
@@ -151,16 +157,7 @@ class SEG(PAG):
     def __init__(self, scale: Scale = None, seg_scale: float = 2.8, layers: Sequence[int] = (0,),
                  blocks: str | None = None, blur_sigma: float = 9999999.0, seg_start: float = 0.0,
                  seg_stop: float = 1.0, use_original_formulation: bool = False):
-        if isinstance(layers, (str, bytes)) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
-                                                       for i in layers) or not len(layers):
-            raise ValueError(f"SEG: layers={layers!r} is invalid; allowed: a non-empty list of block indices (ints "
-                             ">= 0), e.g. [0]")
-        super().__init__(scale, pag_scale=check_range("SEG", "seg_scale", seg_scale, 0.0), layers=("mid",),
-                         pag_start=check_range("SEG", "seg_start", seg_start, 0.0, 1.0),
-                         pag_stop=check_range("SEG", "seg_stop", seg_stop, 0.0, 1.0),
-                         use_original_formulation=use_original_formulation)
-        self.layers = sorted(layers)
-        self.blocks = blocks
+        self._init_blocks("SEG", scale, seg_scale, layers, blocks, seg_start, seg_stop, use_original_formulation)
         self.blur_sigma = check_range("SEG", "blur_sigma", blur_sigma, 0.0, low_open=True)
 
     @property

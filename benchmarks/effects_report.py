@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -354,8 +355,35 @@ def _ci(value: float, interval, fmt: str) -> str:
     return f"{fmt.format(value)} [{fmt.format(interval[0])}, {fmt.format(interval[1])}]"
 
 
+def interval_p_value(estimate: float, interval: tuple[float, float]) -> float:
+    """The two-sided p-value of "no difference" that a 95% interval implies: its half-width on the side of zero
+    read as 1.96 standard errors (p < 0.05 exactly when the interval excludes 0, for the Newcombe and percentile
+    intervals too)."""
+    low, high = interval
+    half = (estimate - low) if estimate >= 0 else (high - estimate)
+    if half <= 0:
+        return 0.0 if estimate != 0 else 1.0
+    return math.erfc(abs(estimate) / (half / 1.96) / math.sqrt(2))
+
+
+def holm(found: list[dict], alpha: float = 0.05) -> None:
+    """Holm's step-down adjustment over every claim with a difference interval (the family of the whole table):
+    sets c["holm"] to the verdict that survives it (a confirmed or refuted claim whose hypothesis Holm does not
+    reject becomes undecided). The curve verdicts (dominance of CFG points) have no single p-value: "-"."""
+    family = [c for c in found if "interval" in c and c["verdict"] != "identical images"]
+    ranked = sorted(family, key=lambda c: interval_p_value(c["difference"], c["interval"]))
+    rejecting = True
+    for i, c in enumerate(ranked):
+        rejecting = rejecting and interval_p_value(c["difference"], c["interval"]) <= alpha / (len(ranked) - i)
+        c["holm"] = c["verdict"] if rejecting else "undecided"
+    for c in found:
+        c.setdefault("holm", c["verdict"] if c["verdict"] == "identical images" else "-")
+
+
 def verdict_table(found: list[dict]) -> list[str]:
-    lines = ["| | claim | N | difference (a - b) [95%] | verdict |", "|---|---|---|---|---|"]
+    holm(found)
+    lines = [f"| | claim | N | difference (a - b) [95%] | verdict | Holm-adjusted ({sum(c['holm'] != '-' for c in found)} "
+             "claims) |", "|---|---|---|---|---|---|"]
     for c in found:
         if "difference" in c:
             fmt = "{:+.3f}" if c["metric"] != "fid" else "{:+.2f}"
@@ -363,7 +391,8 @@ def verdict_table(found: list[dict]) -> list[str]:
         else:
             diff = (f"dominates {', '.join(c['dominates']) or 'none'}; dominated by "
                     f"{', '.join(c['dominated_by']) or 'none'}")
-        lines.append(f"| {c['question']} | {c['claim']} | {c['num_images']} | {diff} | **{c['verdict']}** |")
+        lines.append(f"| {c['question']} | {c['claim']} | {c['num_images']} | {diff} | **{c['verdict']}** | "
+                     f"{c['holm']} |")
     return lines
 
 

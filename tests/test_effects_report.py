@@ -1,6 +1,7 @@
 """The interval code and verdicts of the effects measurement (benchmarks/effects_stats.py, effects_report.py)."""
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -330,3 +331,21 @@ def test_readme_tables_match_the_committed_rows():
     shown = README_START + text.split(README_START)[1].split(README_END)[0] + README_END
     assert shown == readme_block(rows, conclusions(rows)), \
         "docs/effects.md tables are stale: run python benchmarks/effects_report.py --readme docs/effects.md"
+
+
+def test_holm_keeps_only_the_claims_that_survive_the_family_of_the_table():
+    from effects_report import holm, interval_p_value
+
+    # the implied p-value is below 0.05 exactly when the 95% interval excludes 0
+    assert interval_p_value(1.0, (0.02, 1.98)) < 0.05 < interval_p_value(1.0, (-0.02, 2.02))
+    assert interval_p_value(-2.0, (-3.0, -1.0)) == pytest.approx(math.erfc(3.92 / math.sqrt(2)))
+    claims = [{"difference": d, "interval": [d - w, d + w], "verdict": v} for d, w, v in [
+        (1.0, 0.2, "confirmed"),    # z = 9.8: survives any family
+        (-1.0, 0.9, "refuted"),     # z = 2.18, p = 0.029: raw verdict, not after Holm over 3
+        (0.1, 0.5, "undecided"),
+    ]] + [{"dominates": [], "dominated_by": [], "verdict": "undecided"}]
+    holm(claims)
+    assert [c["holm"] for c in claims] == ["confirmed", "undecided", "undecided", "-"]
+    alone = [dict(claims[1])]
+    holm(alone)
+    assert alone[0]["holm"] == "refuted"  # a family of one: Holm is the raw test

@@ -397,11 +397,14 @@ def verdict_table(found: list[dict]) -> list[str]:
 
 
 def rows_table(rows: Rows, n: int) -> list[str]:
-    lines = ["| group | setting | NFE | class accuracy | FID | saturation | precision | recall | s/img |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| group | setting | NFE (every model evaluation) | class accuracy | FID | saturation | precision | recall "
+             "| s/img |", "|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(rows.keys_at(n), key=_order):
-        s = summary(rows.get(key, n))
-        cells = [s["group"], key, f"{s['nfe_per_image']:.1f}",
+        row = rows.get(key, n)
+        s = summary(row)
+        guide = float(row.get("guide_nfe_per_image", 0.0))  # the guide model's rows count as evaluations too
+        nfe = f"{s['nfe_per_image'] + guide:.1f}" + (f" ({guide:.0f} of the guide model)" if guide else "")
+        cells = [s["group"], key, nfe,
                  _ci(s["class_accuracy"], s["class_accuracy_ci"], "{:.3f}"),
                  _ci(s["fid"], s["fid_ci"], "{:.1f}") if "fid_ci" in s else "-",
                  _ci(s["saturation_mean"], s["saturation_mean_ci"], "{:.4f}") if "saturation_mean_ci" in s else "-",

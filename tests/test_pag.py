@@ -240,3 +240,27 @@ def test_seg_equals_diffusers_seg_guider_and_hook_on_sd3():
     assert handle.perturbed_nfe.tolist() == [2, 2]  # the guider's window skips step 0
     with pytest.raises(ValueError, match=r"SEG's blocks='nowhere', layers=\['0'\] cannot be found"):
         apply_guidance(build("StableDiffusion3Pipeline"), SEG(layers=[0], blocks="nowhere"))
+
+
+@pytest.mark.parametrize("scheduler", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler"])
+def test_pag_equals_the_pag_pipeline_under_other_schedulers(scheduler):
+    base, pag = pag_pipeline("StableDiffusionPipeline", "StableDiffusionPAGPipeline", ["mid"])
+    for pipe in (base, pag):
+        pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
+    kwargs = call_kwargs("StableDiffusionPipeline")
+    native = run(pag, {**kwargs, "pag_scale": 2.0})
+    with apply_guidance(base, PAG(pag_scale=2.0)):
+        assert rel(run(base, kwargs), native) <= 1e-5
+
+
+def test_pag_in_bfloat16_is_as_close_to_float32_as_the_pag_pipeline_itself():
+    base, pag = pag_pipeline("StableDiffusionPipeline", "StableDiffusionPAGPipeline", ["mid"])
+    kwargs = {**call_kwargs("StableDiffusionPipeline"), "output_type": "latent"}
+    reference = run(pag, {**kwargs, "pag_scale": 2.0}).float()
+    base.to(torch.bfloat16)
+    pag.to(torch.bfloat16)
+    native = run(pag, {**kwargs, "pag_scale": 2.0}).float()
+    with apply_guidance(base, PAG(pag_scale=2.0)):
+        ours = run(base, kwargs).float()
+    own_error = rel(native, reference)
+    assert 0 < own_error < 0.1 and rel(ours, reference) <= 1.5 * own_error

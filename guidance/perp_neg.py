@@ -48,6 +48,13 @@ class PerpNeg(TwoBranchRule):
         self.negative_prompt = negative_prompt
         self.neg_scale = check_range("PerpNeg", "neg_scale", neg_scale, 0.0)
 
+    def on_call(self, call) -> None:
+        """Refuse a pipeline without prompts: on a class-conditional one the reference branch would swap in a
+        class id, not the negative prompt."""
+        if call.conditioning != "text":
+            raise ValueError(f"PerpNeg: {call.pipeline} is {call.conditioning}-conditioned; Perp-Neg's negative prompt "
+                             "needs a text-to-image pipeline (Stable Diffusion, SDXL)")
+
     def reference_prompts(self) -> list[str]:
         return [self.negative_prompt]
 

@@ -30,9 +30,12 @@ as diffusers' own guiders do outside `start`/`stop`). A diffusers guider evaluat
 step where only some samples need it runs the unconditional batch for all; the rows of the others are
 NaN in what the strategy receives, as the strategy contract says.
 
+A perturbed-denoiser branch (PAG, SLG, SEG) is one more batch on the conditional inputs, run with the
+perturbation placed in `prepare_models` and removed in `cleanup_models` (as diffusers' PAG / SLG / SEG guiders
+do), counted in `perturbed_nfe_per_sample`.
+
 Refused at construction: strategies that need what a guider never sees: a reference-class branch
-(GFCG, PerpNeg), a guide model, a perturbed-denoiser branch (PAG, SLG, SEG: not yet), or the pipeline call
-itself through `on_call` (LinearAG's fitted call, DynamicCFG's prompts and
+(GFCG, PerpNeg), a guide model, or the pipeline call itself through `on_call` (LinearAG's fitted call, DynamicCFG's prompts and
 decoder, classifier guidance's decoder and labels). Use those through `apply_guidance`.
 """
 
@@ -46,9 +49,11 @@ import torch
 from diffusers.configuration_utils import register_to_config
 from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput
 
-from guidance.base import COND, UNCOND, GuidanceStrategy, StepContext, check_range, from_config, guided_prediction
+from guidance.base import (COND, PERTURBED, UNCOND, GuidanceStrategy, StepContext, check_range, from_config,
+                           guided_prediction)
 from guidance.parametrization import Parametrization
 
+from .branches.perturbed import Perturber
 from .parametrization import build_step_context, step_parametrization
 
 NO_SCHEDULER = (
@@ -75,9 +80,6 @@ def check_guidable(strategy: GuidanceStrategy) -> None:
             what = "a reference-class branch (class ids to swap), which guider pipelines do not have"
         elif getattr(node, "uses_guide_model", False):
             what = "a guide model's prediction (autoguidance), which a diffusers guider cannot evaluate"
-        elif node.perturbation is not None:
-            what = ("a perturbed-denoiser branch (PAG, SLG, SEG), which StrategyGuider does not run yet (diffusers' "
-                    "PerturbedAttentionGuidance / SkipLayerGuidance / SmoothedEnergyGuidance guiders do)")
         elif kind.on_call is not GuidanceStrategy.on_call:
             what = ("the pipeline call itself (on_call: its pipeline, prompts, decoder or labels), which a guider "
                     "never sees")
@@ -108,7 +110,7 @@ class StrategyGuider(BaseGuidance):
     After a call, `nfe_per_sample` is the number of denoiser evaluations each sample received.
     """
 
-    _input_predictions = ["pred_cond", "pred_uncond"]
+    _input_predictions = ["pred_cond", "pred_uncond", "pred_cond_perturbed"]
     ignore_for_config = ["scheduler"]
 
     @register_to_config
@@ -133,6 +135,14 @@ class StrategyGuider(BaseGuidance):
         self._x: torch.Tensor | None = None  # the denoiser input of this step
         self._capture_handle = None
         self._nfe = 0
+        self._perturbed_nfe = 0
+        perturbations = {n.perturbation for n in _nodes(strategy) if n.perturbation is not None}
+        if len(perturbations) > 1:
+            raise ValueError(f"StrategyGuider: strategy={strategy!r} asks for several perturbations; allowed: one")
+        self._perturbation = perturbations.pop() if perturbations else None
+        self._perturber: Perturber | None = None  # made at the first denoiser call (the guider meets it there)
+        self._batches: list[tuple[int, str]] = []  # this step's batches: (inputs: 0 cond / 1 uncond, prediction)
+        self._perturbing = None  # the perturbation's context while its batch runs
 
     # --- configuration ---------------------------------------------------------------------------
     def bind(self, scheduler: Any) -> "StrategyGuider":
@@ -160,6 +170,7 @@ class StrategyGuider(BaseGuidance):
             self.strategy.reset()
             self._solver = {}
             self._nfe = 0
+            self._perturbed_nfe = 0
 
     def _context(self, batch: int, device: torch.device) -> StepContext:
         """This step's context. The model input is not known yet (branches are chosen before the
@@ -184,47 +195,62 @@ class StrategyGuider(BaseGuidance):
             raise ValueError("StrategyGuider: the guider inputs hold no tensor, so the batch size is unknown")
         ctx = self._context(reference.shape[0], reference.device)
         masks = self.strategy.branches(ctx)
-        unknown = set(masks) - {COND, UNCOND}
+        unknown = set(masks) - {COND, UNCOND, PERTURBED}
         if unknown:
             raise NotImplementedError(f"StrategyGuider: branches {sorted(unknown)} are not supported by a guider")
         if not bool(masks[COND].all()):
             raise NotImplementedError(f"{type(self.strategy).__name__}: every sample needs its conditional branch")
-        self._plan = (ctx, {COND: masks[COND], UNCOND: masks.get(UNCOND, ctx.none())})
-
-    @property
-    def _needs_uncond(self) -> bool:
-        return bool(self._plan[1][UNCOND].any())
+        plan = {COND: masks[COND], UNCOND: masks.get(UNCOND, ctx.none()), PERTURBED: masks.get(PERTURBED, ctx.none())}
+        self._plan = (ctx, plan)
+        # The batches this step runs: a guider runs whole batches, so a branch some sample asks for runs for all.
+        self._batches = [(0, "pred_cond")] + [(1, "pred_uncond")] * bool(plan[UNCOND].any()) \
+            + [(0, "pred_cond_perturbed")] * bool(plan[PERTURBED].any())
 
     @property
     def num_conditions(self) -> int:
         """Batches this step runs: 2 while no step is planned (the pipeline asks before sampling whether
-        to encode the negative prompt), else 1 + whether any sample needs its unconditional branch."""
+        to encode the negative prompt), else the conditional one, the unconditional one where some sample needs
+        it, and the perturbed one (the conditional inputs, the denoiser perturbed) where some sample asks."""
         if not self._enabled:
             return 1
-        return 2 if self._plan is None else 1 + self._needs_uncond
+        return 2 if self._plan is None else len(self._batches)
 
     @property
     def is_conditional(self) -> bool:
+        """Whether the batch being prepared has the conditional inputs (the conditional and perturbed ones)."""
+        index = self._count_prepared - 1
+        if self._enabled and self._plan is not None and 0 <= index < len(self._batches):
+            return self._batches[index][0] == 0
         return self._count_prepared == 1  # the conditional batch runs first, as in ClassifierFreeGuidance
 
     def prepare_inputs(self, data: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> list:
         if self._enabled:
             self._make_plan(_first_tensor(data.values()))
-        return [self._prepare_batch(data, i, name)
-                for i, name in zip(range(self.num_conditions), self._input_predictions)]
+        if not self._enabled:
+            return [self._prepare_batch(data, 0, "pred_cond")]
+        return [self._prepare_batch(data, i, name) for i, name in self._batches]
 
     def prepare_inputs_from_block_state(self, data, input_fields: dict[str, str | tuple[str, str]]) -> list:
         if self._enabled:
             latents = getattr(data, "latents", None)
             fields = (getattr(data, v if isinstance(v, str) else v[0], None) for v in input_fields.values())
             self._make_plan(latents if torch.is_tensor(latents) else _first_tensor(fields))
-        return [self._prepare_batch_from_block_state(input_fields, data, i, name)
-                for i, name in zip(range(self.num_conditions), self._input_predictions)]
+        if not self._enabled:
+            return [self._prepare_batch_from_block_state(input_fields, data, 0, "pred_cond")]
+        return [self._prepare_batch_from_block_state(input_fields, data, i, name) for i, name in self._batches]
 
     # --- reading the model input x_t from the denoiser's own call -----------------------------------
     def prepare_models(self, denoiser: torch.nn.Module) -> None:
         super().prepare_models(denoiser)
-        self._nfe += 1
+        index = self._count_prepared - 1  # the batch about to run, in the order of `_batches`
+        if self._enabled and index < len(self._batches) and self._batches[index][1] == "pred_cond_perturbed":
+            if self._perturber is None or self._perturber.denoiser is not denoiser:
+                self._perturber = Perturber(denoiser, self._perturbation, type(self.strategy).__name__)
+            self._perturbing = self._perturber.active()
+            self._perturbing.__enter__()
+            self._perturbed_nfe += 1
+        else:
+            self._nfe += 1
         if self._x is None and self._capture_handle is None:
             first = list(inspect.signature(type(denoiser).forward).parameters)[1]
 
@@ -234,6 +260,9 @@ class StrategyGuider(BaseGuidance):
             self._capture_handle = denoiser.register_forward_pre_hook(capture, with_kwargs=True)
 
     def cleanup_models(self, denoiser: torch.nn.Module) -> None:
+        if self._perturbing is not None:
+            self._perturbing, perturbing = None, self._perturbing
+            perturbing.__exit__(None, None, None)
         if self._capture_handle is not None:
             self._capture_handle.remove()
             self._capture_handle = None
@@ -273,7 +302,8 @@ class StrategyGuider(BaseGuidance):
         return step_parametrization(self.scheduler, self._timestep, x, self._solver.setdefault("tables", {}))
 
     # --- combining -----------------------------------------------------------------------------------
-    def forward(self, pred_cond: torch.Tensor, pred_uncond: torch.Tensor | None = None) -> GuiderOutput:
+    def forward(self, pred_cond: torch.Tensor, pred_uncond: torch.Tensor | None = None,
+                pred_cond_perturbed: torch.Tensor | None = None) -> GuiderOutput:
         if not self._enabled:
             return GuiderOutput(pred=pred_cond, pred_cond=pred_cond, pred_uncond=pred_uncond)
         if self._plan is None:
@@ -288,14 +318,23 @@ class StrategyGuider(BaseGuidance):
         else:  # rows of samples that did not ask for it are NaN (the strategy contract)
             not_evaluated = torch.full_like(pred_uncond, float("nan"))
             preds = {COND: pred_cond, UNCOND: torch.where(uncond, pred_uncond, not_evaluated)}
+        if self._perturbation is not None:
+            perturbed = masks[PERTURBED].view(-1, *[1] * (pred_cond.ndim - 1))
+            preds[PERTURBED] = torch.full_like(pred_cond, float("nan")) if pred_cond_perturbed is None else \
+                torch.where(perturbed, pred_cond_perturbed, torch.full_like(pred_cond_perturbed, float("nan")))
         pred = guided_prediction(self.strategy, ctx, preds).to(pred_cond.dtype)  # with the guider's rescale
         self._plan = None
         return GuiderOutput(pred=pred, pred_cond=pred_cond, pred_uncond=pred_uncond)
 
     @property
     def nfe_per_sample(self) -> int:
-        """Denoiser evaluations each sample received in the current (or last) pipeline call."""
+        """Denoiser evaluations each sample received in the current (or last) pipeline call (conditional and
+        unconditional batches; the perturbed ones are `perturbed_nfe_per_sample`)."""
         return self._nfe
+
+    @property
+    def perturbed_nfe_per_sample(self) -> int:
+        return self._perturbed_nfe
 
     def get_state(self) -> dict[str, Any]:
         return {**super().get_state(), "strategy": repr(self.strategy), "nfe_per_sample": self._nfe}

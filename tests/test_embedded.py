@@ -31,6 +31,8 @@ def one_of_each(steps: int = 5) -> dict[str, GuidanceStrategy]:
             out[name] = cls.unfitted(steps, guidance.CFG())
         elif "classifier" in cls.config_fields:
             out[name] = cls("embedded-guidance")  # the shipped guidance classifier, by its registered name
+        elif name == "PerpNeg":
+            out[name] = cls(negative_prompt="a blurry photo")  # refused here: it needs prompts
         else:
             out[name] = cls(guidance.CFG()) if "inner" in cls.config_fields else cls()
     return out
@@ -90,6 +92,11 @@ def test_every_strategy_runs_on_the_embedded_model(model):
     assert set(strategies) == set(REGISTRY)
     native = sample(model.pipe, guidance_scale=3.0)
     default_scheduler = model.pipe.scheduler
+    with apply_guidance(model.pipe, strategies.pop("PerpNeg")), pytest.raises(ValueError, match="needs a text-to-image"):
+        sample(model.pipe, guidance_scale=3.0)
+    for name in ("SLG", "SEG"):  # they perturb transformer blocks: a UNet2DModel is refused by name
+        with pytest.raises(ValueError, match="UNet2DModel"):
+            apply_guidance(model.pipe, strategies.pop(name))
     for name, strategy in strategies.items():
         guide = model.pipe.unet if uses_guide_model(strategy) else None  # Autoguidance: the model guides itself
         if name == "CFGPlusPlus":  # refuses a DDIM that clips x0 (tested in test_field_rules): this one does not

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers.guiders import (AdaptiveProjectedMixGuidance, ClassifierFreeGuidance, ClassifierFreeZeroStarGuidance,
+                              SmoothedEnergyGuidance,
                                FrequencyDecoupledGuidance, MagnitudeAwareGuidance, TangentialClassifierFreeGuidance)
 from diffusers.modular_pipelines import SequentialPipelineBlocks
 from diffusers.modular_pipelines.stable_diffusion_3.modular_blocks_stable_diffusion_3 import (
@@ -25,7 +26,7 @@ from diffusers.modular_pipelines.stable_diffusion_xl.before_denoise import (
 from diffusers.modular_pipelines.stable_diffusion_xl.denoise import StableDiffusionXLDenoiseStep
 
 import tiny_pipelines as tp
-from guidance import (APG, CFG, FDG, MAMBOG, TCFG, AdaptiveGuidance, APGMix, Autoguidance, CFGZeroStar, DynamicCFG,
+from guidance import (APG, CFG, FDG, MAMBOG, SEG, SLG, TCFG, AdaptiveGuidance, APGMix, Autoguidance, CFGZeroStar, DynamicCFG,
                       GuidanceStrategy, Interval)
 from pipelines.guider import StrategyGuider
 
@@ -183,10 +184,6 @@ def test_refuses_what_a_guider_cannot_give():
     with pytest.raises(ValueError, match="Autoguidance needs a guide model's prediction"):
         StrategyGuider(Interval(Autoguidance()))
     assert StrategyGuider(Autoguidance(mix=0.0)).strategy.mix == 0.0  # mix=0 is CFG: no guide model needed
-    from guidance import PAG
-
-    with pytest.raises(ValueError, match="PAG needs a perturbed-denoiser branch"):
-        StrategyGuider(Interval(PAG()))
     with pytest.raises(ValueError, match="guidance_scale"):
         StrategyGuider(CFG(), guidance_scale=float("nan"))
     with pytest.raises(ValueError, match="strategy"):
@@ -255,3 +252,45 @@ def test_mambo_g_runs_where_diffusers_guider_raises(modular, native):
         run(MagnitudeAwareGuidance(guidance_scale=SCALE))
     out, calls = run(StrategyGuider(MAMBOG(SCALE, alpha=1.0)))
     assert torch.isfinite(out).all() and calls == 2 * STEPS and rel(out, native[0]) > 1e-3
+
+
+def _modular_sd3_runner():
+    pipe, denoiser, embeds = _sd3()
+    pipe.set_progress_bar_config(disable=True)
+    calls = []
+    denoiser.register_forward_pre_hook(lambda module, args: calls.append(1))
+
+    def run(guider):
+        pipe.update_components(guider=guider)
+        calls.clear()
+        out = pipe(**embeds, num_inference_steps=STEPS, height=64, width=64,
+                   generator=torch.Generator().manual_seed(1), output="latents")
+        return out, len(calls)
+
+    def hooks_left():
+        return [name for name, m in denoiser.named_modules() if getattr(m, "_diffusers_hook", None) is not None
+                and m._diffusers_hook.hooks]
+
+    return pipe, run, hooks_left
+
+
+def test_seg_and_slg_run_their_perturbed_batch_inside_their_window_in_a_modular_sd3():
+    """The perturbed batch runs on the conditional inputs with the perturbation placed in prepare_models and
+    removed in cleanup_models, as diffusers' SEG / SLG guiders intend. Neither can be the reference in diffusers
+    0.42.1: SmoothedEnergyGuidance.prepare_models never counts the batches it prepares, so its hook is never
+    placed and it returns CFG after an extra unperturbed call (tracked below); SkipLayerGuidance's
+    `skip_layer_guidance_layers` builds LayerSkipConfig(layer) with an int where a list is needed, and its block
+    skip returns SD3's two streams in the wrong order (pipelines/skip_layer.py). SEG's exactness is checked
+    against its guider's `forward` and hook in tests/test_pag.py, SLG against SD3's own skip_guidance_layers."""
+    pipe, run, hooks_left = _modular_sd3_runner()
+    plain, plain_calls = run(ClassifierFreeGuidance(guidance_scale=SCALE))
+    theirs, theirs_calls = run(SmoothedEnergyGuidance(guidance_scale=SCALE, seg_guidance_scale=3.0,
+                                                      seg_blur_sigma=2.0, seg_guidance_layers=[0]))
+    assert theirs_calls == plain_calls + 3 and rel(theirs, plain) == 0.0  # the upstream bug, tracked
+    for rule, perturbed in ((SEG(SCALE, seg_scale=3.0, layers=[0], blur_sigma=2.0), 3),  # steps 1-3 of 4
+                            (SLG(SCALE, slg_scale=2.0, layers=[0], slg_start=0.0, slg_stop=0.5), 2)):  # steps 0, 1
+        guider = StrategyGuider(rule, scheduler=pipe.scheduler)
+        got, got_calls = run(guider)
+        assert guider.perturbed_nfe_per_sample == perturbed and got_calls == plain_calls + perturbed
+        assert guider.nfe_per_sample == plain_calls
+        assert torch.isfinite(got).all() and rel(got, plain) > 1e-3 and not hooks_left()

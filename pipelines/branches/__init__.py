@@ -13,6 +13,6 @@ Reference-class rows (REF) share the pipeline's own batch and are made by the ba
 
 from .base import ConditionalRowsBranch
 from .guide_model import GuideModelBranch
-from .perturbed import PerturbedBranch
+from .perturbed import PerturbedBranch, Perturber
 
-__all__ = ["ConditionalRowsBranch", "GuideModelBranch", "PerturbedBranch"]
+__all__ = ["ConditionalRowsBranch", "GuideModelBranch", "PerturbedBranch", "Perturber"]

@@ -102,61 +102,71 @@ class _IdentityAttentionHook(ModelHook):
             return self.fn_ref.original_forward(*args, **kwargs)
 
 
+class Perturber:
+    """One perturbation of one denoiser, checked when made (a pattern matching nothing, an unknown block stack
+    or out-of-range indices are refused by name), active inside `with perturber.active():` only."""
+
+    def __init__(self, denoiser: torch.nn.Module, perturbation: Perturbation, pipe_name: str):
+        self.denoiser, self.perturbation, self.pipe_name = denoiser, perturbation, pipe_name
+        if perturbation.kind == "skip_blocks":
+            self.skip = SkipLayerGuide([int(i) for i in perturbation.layers], perturbation.blocks)
+            self.skip.stack(denoiser, pipe_name)
+        elif perturbation.kind == "blur_queries":
+            try:  # placed and removed once: diffusers' own checks of the stack and indices
+                with self._blurred():
+                    pass
+            except (ValueError, TypeError) as e:  # diffusers raises TypeError for a stack name it cannot find
+                raise ValueError(f"{pipe_name}: SEG's blocks={perturbation.blocks!r}, layers="
+                                 f"{list(perturbation.layers)} cannot be found in its {type(denoiser).__name__}: "
+                                 f"{e}") from e
+        else:
+            self.targets = self_attention_modules(denoiser, perturbation.layers, pipe_name)
+
+    @contextmanager
+    def _blurred(self):
+        """diffusers' SEG hooks on the query projections of the chosen blocks, inside the `with` only."""
+        p = self.perturbation
+        config = SmoothedEnergyGuidanceConfig([int(i) for i in p.layers], fqn=p.blocks or "auto")
+        try:
+            _apply_smoothed_energy_guidance_hook(self.denoiser, config, p.sigma, name=SEG_HOOK_NAME)
+            yield
+        finally:
+            HookRegistry.check_if_exists_or_initialize(self.denoiser).remove_hook(SEG_HOOK_NAME, recurse=True)
+
+    @contextmanager
+    def _identity_attention(self):
+        try:
+            for module in self.targets:
+                HookRegistry.check_if_exists_or_initialize(module).register_hook(_IdentityAttentionHook(), HOOK_NAME)
+            yield
+        finally:
+            for module in self.targets:
+                registry = HookRegistry.check_if_exists_or_initialize(module)
+                if registry.get_hook(HOOK_NAME) is not None:
+                    registry.remove_hook(HOOK_NAME, recurse=False)
+
+    def active(self):
+        """The perturbation in place for the denoiser calls made inside the `with`."""
+        kind = self.perturbation.kind
+        if kind == "skip_blocks":
+            return self.skip.skipping(self.denoiser, self.pipe_name)
+        return self._blurred() if kind == "blur_queries" else self._identity_attention()
+
+
 class PerturbedBranch(ConditionalRowsBranch):
     name = PERTURBED
 
     def __init__(self, handle: "GuidanceHandle", perturbation: Perturbation):
         super().__init__(handle)
         self.perturbation = perturbation
-        # Checked now, so that a pattern matching nothing or an unknown block stack is refused by apply_guidance,
-        # not at the first step.
-        if perturbation.kind == "skip_blocks":
-            self.skip = SkipLayerGuide([int(i) for i in perturbation.layers], perturbation.blocks)
-            for d in handle.denoisers:
-                self.skip.stack(d, handle.pipe_name)
-        elif perturbation.kind == "blur_queries":
-            for d in handle.denoisers:  # placed and removed once: diffusers' own checks of the stack and indices
-                try:
-                    with self._blurred(d):
-                        pass
-                except (ValueError, TypeError) as e:  # diffusers raises TypeError for a stack name it cannot find
-                    raise ValueError(f"{handle.pipe_name}: SEG's blocks={perturbation.blocks!r}, layers="
-                                     f"{list(perturbation.layers)} cannot be found in its {type(d).__name__}: {e}") from e
-        else:
-            self.targets = [self_attention_modules(d, perturbation.layers, handle.pipe_name)
-                            for d in handle.denoisers]
-
-    @contextmanager
-    def _blurred(self, denoiser: torch.nn.Module):
-        """diffusers' SEG hooks on the query projections of the chosen blocks, inside the `with` only."""
-        p = self.perturbation
-        config = SmoothedEnergyGuidanceConfig([int(i) for i in p.layers], fqn=p.blocks or "auto")
-        try:
-            _apply_smoothed_energy_guidance_hook(denoiser, config, p.sigma, name=SEG_HOOK_NAME)
-            yield
-        finally:
-            HookRegistry.check_if_exists_or_initialize(denoiser).remove_hook(SEG_HOOK_NAME, recurse=True)
+        # Checked now, so that apply_guidance refuses what cannot be perturbed, not the first step.
+        self.perturbers = [Perturber(d, perturbation, handle.pipe_name) for d in handle.denoisers]
 
     def forward(self, call: DenoiserCall) -> Callable:
-        if self.perturbation.kind == "skip_blocks":  # the blocks skipped around this one call (SLG, STG)
-            return self.skip.bind(self.handle.denoisers[call.expert], call.forward, self.handle.pipe_name)
-        if self.perturbation.kind == "blur_queries":
-            denoiser = self.handle.denoisers[call.expert]
-
-            def blurred_forward(*args, **kwargs):
-                with self._blurred(denoiser):
-                    return call.forward(*args, **kwargs)
-
-            return blurred_forward
-        targets = self.targets[call.expert]
+        perturber = self.perturbers[call.expert]
 
         def perturbed_forward(*args, **kwargs):
-            for module in targets:
-                HookRegistry.check_if_exists_or_initialize(module).register_hook(_IdentityAttentionHook(), HOOK_NAME)
-            try:
+            with perturber.active():
                 return call.forward(*args, **kwargs)
-            finally:
-                for module in targets:
-                    HookRegistry.check_if_exists_or_initialize(module).remove_hook(HOOK_NAME, recurse=False)
 
         return perturbed_forward

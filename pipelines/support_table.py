@@ -91,7 +91,9 @@ def support_page_markdown() -> str:
              "says why (never a silent pass-through). Each exact class is tested on a tiny pipeline built from "
              "configs (`tests/test_pipeline_zoo.py`): CFG through the hook equals the pipeline's own CFG "
              "(relative error <= 1e-5), APG(eta=1, r=0, beta=0) equals it too, the NFE reported equals the rows "
-             "the denoiser evaluated, and removal is bit-identical. A class that is not in the table (a subclass, "
+             "the denoiser evaluated, removal is bit-identical, the noise level the hook reads is the one the "
+             "scheduler steps with, and CFG and APG stay exact under a second solver of the scheduler's family "
+             "(DPM-Solver++, FlowMatch Heun) where the pipeline runs with one. A class that is not in the table (a subclass, "
              "a custom pipeline) is refused too; one that follows a layout can be registered with "
              "`pipelines.register_adapter`.", ""]
     for layout, cls in LAYOUTS.items():

@@ -171,3 +171,35 @@ def test_the_noise_level_read_is_the_one_the_scheduler_steps_with(name):
     finally:
         del scheduler.step
     assert len(read) >= 2 and read == pytest.approx(stepped[: len(read)], rel=1e-5), (read, stepped)
+
+
+def _other_scheduler(scheduler):
+    """A second solver of the same family: DPM-Solver++ for DDPM-type schedulers, FlowMatch Heun (two
+    evaluations per step) for flow matching; None where the family has no other one here."""
+    from pipelines.parametrization import prediction_type
+
+    config = scheduler.config
+    if prediction_type(scheduler) == "flow":
+        if type(scheduler).__name__ != "FlowMatchEulerDiscreteScheduler" or config.get("use_dynamic_shifting"):
+            return None
+        return diffusers.FlowMatchHeunDiscreteScheduler.from_config(config)
+    if not hasattr(scheduler, "alphas_cumprod"):
+        return None
+    return diffusers.DPMSolverMultistepScheduler.from_config(config)
+
+
+@pytest.mark.parametrize("name", sorted(ALL_CASES))
+def test_the_hook_stays_exact_under_a_second_scheduler(name):
+    pipe, kwargs = build(name), call_kwargs(name)
+    other = _other_scheduler(pipe.scheduler)
+    if other is None:
+        pytest.skip(f"{type(pipe.scheduler).__name__}: no second solver of its family here")
+    pipe.scheduler = other
+    try:
+        native = run(pipe, kwargs)
+    except Exception as e:  # noqa: BLE001 - the pipeline itself does not take this solver
+        pytest.skip(f"{name} does not run with {type(other).__name__} natively: {type(e).__name__}: {e}"[:300])
+    with apply_guidance(pipe, CFG()):
+        assert relative_error(run(pipe, kwargs), native) <= 1e-5
+    with apply_guidance(pipe, APG(eta=1.0, norm_threshold=0.0, momentum=0.0)):
+        assert relative_error(run(pipe, kwargs), native) <= 1e-3

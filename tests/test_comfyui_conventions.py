@@ -287,3 +287,26 @@ def test_perp_neg_equals_the_node_at_batch_one_and_projects_per_sample(neg_scale
     pooled = comfyui_perp_neg(preds[COND], preds[REF], preds[UNCOND], neg_scale, w)
     assert not torch.allclose(ours, pooled, atol=1e-6)  # the node pools the projection over the batch
     assert torch.allclose(PerpNeg(w, "blurry", neg_scale=0.0).combine(ctx, preds), CFG(w).combine(ctx, preds))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_carried_over_rules_in_half_precision_stay_near_their_float64_result(dtype):
+    """Users run these in bf16 / fp16: each rule computes its statistics in float32 at least, so the half-precision
+    result is the float64 one up to the rounding of its inputs and output."""
+    from guidance import REF, CFGZeroStar, MimicScaleThresholding, PerpNeg
+
+    (x, d_c, d_u), ctx, preds = views(2.0, seed=16)
+    preds[REF] = preds[UNCOND] + 0.3 * (preds[COND] - preds[UNCOND]) + 0.1
+    half = {k: v.to(dtype) for k, v in preds.items()}
+    half_ctx = StepContext(0, 10, 500.0, Parametrization("epsilon", ctx.x.to(dtype), ctx.param.alpha, ctx.param.sigma))
+    for rule in (MimicScaleThresholding(10.0, mimic_scale=4.0), CFGZeroStar.from_comfyui(5.0),
+                 PerpNeg(6.0, "blurry")):
+        exact = rule.combine(ctx, preds)
+        got = rule.combine(half_ctx, half)
+        assert got.dtype == dtype and torch.isfinite(got).all(), type(rule).__name__
+        # 2e-2 relative: a few units of the half-precision mantissa (bf16: 2^-8) on inputs and output
+        assert relative(got.double(), exact) <= 2e-2, (type(rule).__name__, relative(got.double(), exact))
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())

@@ -60,6 +60,8 @@ class Adapter:
     # The pipeline starts part-way into its timesteps without set_begin_index (Wan video-to-video): the first
     # step's sigma index is read from the timestep, as the scheduler's own step will.
     first_step_from_timestep: bool = False
+    # The axis of the sample's channels where conditioning is appended (5-D (B, F, C, H, W) video latents: 2).
+    channel_dim: int = 1
     note: str = ""  # shown in the README table
 
     def __post_init__(self) -> None:
@@ -233,6 +235,10 @@ DIFFUSERS_ADAPTERS.update({
     "SkyReelsV2ImageToVideoPipeline": replace(_DIT, layout="sequential_cache_context", extra_input_channels=True,
                                               note="5-D video latents; first-frame conditioning on channels"),
     "CogVideoXVideoToVideoPipeline": DIFFUSERS_ADAPTERS["CogVideoXPipeline"],
+    # image / control-video latents appended on the channel axis 2 of (B, F, C, H, W): x0 from the first C
+    **_rows(DIFFUSERS_ADAPTERS["CogVideoXPipeline"], "CogVideoXImageToVideoPipeline CogVideoXFunControlPipeline",
+            extra_input_channels=True, channel_dim=2,
+            note="5-D video latents (B, F, C, H, W), conditioning latents appended on axis 2"),
     # LTX conditions: scheduler.step(-noise_pred, per_token_timesteps=...) with dt = sigma - next_sigma is the usual
     # Euler step, so the transformer predicts the usual velocity (no negated_output)
     "LTXConditionPipeline": replace(DIFFUSERS_ADAPTERS["LTXPipeline"],

@@ -401,7 +401,8 @@ class GuidanceHandle:
             return x[:, : self.adapter.guided_channels]
         if self.adapter.extra_input_channels:
             channels = self.denoiser.config.out_channels
-            return x[:, : channels // 2 if self.adapter.guide_channels_of_input else channels]  # learned sigma
+            channels = channels // 2 if self.adapter.guide_channels_of_input else channels  # learned sigma
+            return x.narrow(self.adapter.channel_dim, 0, channels)
         return x
 
     def masks(self, ctx: StepContext) -> dict[str, torch.Tensor]:

@@ -310,9 +310,6 @@ _refuse("OmniGenPipeline",
         "three-way batch with two scales (guidance_scale, img_guidance_scale)")
 
 # Video transformers
-_refuse("CogVideoXImageToVideoPipeline CogVideoXFunControlPipeline",
-        "it concatenates its image / control-video latents on axis 2 of (B, F, C, H, W) latents, where the hook "
-        "separates appended conditioning channels on axis 1 only, so x0-space strategies would see the wrong sample")
 _refuse("MochiPipeline",
         "its shipped FlowMatchEulerDiscreteScheduler runs with invert_sigmas=True, where guidance-kit's flow rule "
         "would read the data fraction as the noise level")

@@ -315,7 +315,35 @@ def _wan_animate_kwargs() -> dict:
 # as c + s (c - u) from two separate calls (the sequential layouts invert only u + s (c - u)); the video-to-world
 # variants also give the unconditional call its own latent tensor. HunyuanVideoFramepackPipeline re-sets its
 # timesteps for every section inside one call and passes each call its own latents.to(dtype) copy.
+
+# --- CogVideoX image-to-video / Fun control: the conditioning latents double the transformer's input channels ----
+@functools.cache
+def _cogvideox_conditioned_transformer() -> torch.nn.Module:
+    return zoo._new(lambda: diffusers.CogVideoXTransformer3DModel(
+        num_attention_heads=4, attention_head_dim=8, in_channels=8, out_channels=4, time_embed_dim=2,
+        text_embed_dim=32, num_layers=1, sample_width=2, sample_height=2, sample_frames=9, patch_size=2,
+        temporal_compression_ratio=4, max_text_seq_length=8), 84)
+
+
+def _cogvideox_conditioned(cls_name: str):
+    return zoo._make(cls_name, **{**zoo._cogvideox_parts(), "transformer": _cogvideox_conditioned_transformer()})
+
+
+def _cogvideox_conditioned_kwargs(control: bool = False) -> dict:
+    kw = zoo._latent_call(height=16, width=16, num_frames=9, guidance_scale=6.0, **zoo._text(32, 83))
+    if control:  # one control video: the pipeline does not repeat it over several prompts (batch 1)
+        kw.update({k: v[:1] for k, v in kw.items() if k.endswith("prompt_embeds")})
+        kw["control_video"] = [([img for img in zoo._image(16, seed=85)] * 5)[:9]]  # one video of 9 frames
+        del kw["num_frames"]
+    else:
+        kw["image"] = zoo._image(16)
+    return kw
+
 CASES: dict = {
+    "CogVideoXImageToVideoPipeline": zoo._case(lambda: _cogvideox_conditioned("CogVideoXImageToVideoPipeline"),
+                                                 _cogvideox_conditioned_kwargs),
+    "CogVideoXFunControlPipeline": zoo._case(lambda: _cogvideox_conditioned("CogVideoXFunControlPipeline"),
+                                               lambda: _cogvideox_conditioned_kwargs(control=True)),
     "WanImageToVideoPipeline": (_wan_i2v, _wan_i2v_kwargs),
     "WanVideoToVideoPipeline": (_wan_v2v, _wan_v2v_kwargs),
     "WanVACEPipeline": (_wan_vace, _wan_vace_kwargs),

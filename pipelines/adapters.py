@@ -62,6 +62,9 @@ class Adapter:
     first_step_from_timestep: bool = False
     # The axis of the sample's channels where conditioning is appended (5-D (B, F, C, H, W) video latents: 2).
     channel_dim: int = 1
+    # Call keywords whose value must equal the scale keyword's (Stable Video Diffusion guides each frame with its
+    # own scale, linspace(min_guidance_scale, max_guidance_scale): one scale per sample only when they are equal).
+    same_scale_kws: tuple[str, ...] = ()
     note: str = ""  # shown in the README table
 
     def __post_init__(self) -> None:
@@ -210,6 +213,13 @@ DIFFUSERS_ADAPTERS.update({
         per_frame_kws=("encoder_hidden_states", "down_block_additional_residuals", "mid_block_additional_residual"),
         note="UNetMotionModel with per-frame ControlNet residuals, 5-D video latents (B, C, F, H, W)"),
 })
+# SVD: image latents appended on axis 2 of (B, F, C, H, W), zeroed in the unconditional half; one scale per
+# sample only when min_guidance_scale == max_guidance_scale (its default ramp is refused, naming both)
+DIFFUSERS_ADAPTERS["StableVideoDiffusionPipeline"] = replace(
+    _UNET, scale_kw="max_guidance_scale", extra_input_channels=True, channel_dim=2, same_scale_kws=("min_guidance_scale",),
+    enable_hint="call it with min_guidance_scale == max_guidance_scale > 1",
+    note="5-D video latents (B, F, C, H, W), image latents appended on axis 2; min_guidance_scale must equal "
+         "max_guidance_scale (the per-frame ramp is refused)")
 DIFFUSERS_ADAPTERS.update({name: DIFFUSERS_ADAPTERS["AnimateDiffControlNetPipeline"]
                            for name in ("AnimateDiffVideoToVideoControlNetPipeline", "AnimateDiffSparseControlNetPipeline")})
 

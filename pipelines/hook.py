@@ -341,6 +341,12 @@ class GuidanceHandle:
                 f"{self.pipe_name} was called with {a.scale_kw}={scales[0]!r}, so it runs no "
                 f"unconditional branch and {name} cannot guide; {a.enable_hint}"
             )
+        for kw in a.same_scale_kws:
+            if on and call.get(kw) is not None and float(call[kw]) != float(scales[0]):
+                raise ValueError(
+                    f"{self.pipe_name} was called with {kw}={call[kw]!r} and {a.scale_kw}={scales[0]!r}: it then guides "
+                    f"each frame with its own scale (a ramp between the two), while {name} takes one scale per "
+                    f"sample; allowed: {kw} equal to {a.scale_kw}")
         truncation = call.get("cfg_truncation")
         if on and truncation is not None and not (is_finite_number(truncation) and float(truncation) >= 1.0):
             # Z-Image switches to a conditional-only batch at the steps whose normalized time (1 - sigma) is past it.

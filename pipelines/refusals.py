@@ -208,11 +208,6 @@ _refuse('StableDiffusionOnnxPipeline ',
         'instead')
 
 # Video UNets
-_refuse("StableVideoDiffusionPipeline",
-        "it guides each frame with its own scale (linspace(min_guidance_scale, max_guidance_scale, num_frames)) "
-        "while a strategy takes one scale per sample, and its unconditional half differs from the conditional one "
-        "in the zeroed image latents it concatenates on dim 2 of (B, F, C, H, W) latents, where the batched layout "
-        "looks for the sample")
 _refuse("TextToVideoZeroPipeline TextToVideoZeroSDXLPipeline",
         "it denoises in three passes per call (the first frame to t1 and t0, then every frame again from t1 on a "
         "copy of the scheduler), so timesteps repeat and the denoiser batch grows from 2 to 2 x video_length rows "

@@ -203,3 +203,13 @@ def test_the_hook_stays_exact_under_a_second_scheduler(name):
         assert relative_error(run(pipe, kwargs), native) <= 1e-5
     with apply_guidance(pipe, APG(eta=1.0, norm_threshold=0.0, momentum=0.0)):
         assert relative_error(run(pipe, kwargs), native) <= 1e-3
+
+
+def test_svd_per_frame_scale_ramp_is_refused_naming_both_scales():
+    pipe, kwargs = build("StableVideoDiffusionPipeline"), call_kwargs("StableVideoDiffusionPipeline")
+    calls = []
+    pipe.unet.register_forward_pre_hook(lambda module, args: calls.append(1))
+    with apply_guidance(pipe, CFG()), pytest.raises(ValueError, match=r"min_guidance_scale=1.0 and "
+                                                                        r"max_guidance_scale=3.0: it then guides each"):
+        run(pipe, {**kwargs, "min_guidance_scale": 1.0})
+    assert not calls  # refused before any step

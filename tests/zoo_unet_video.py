@@ -156,7 +156,38 @@ def _animatediff_sparse_kwargs() -> dict:
                 num_inference_steps=zoo.STEPS, output_type="latent")
 
 
+
+# --- Stable Video Diffusion: a tiny spatio-temporal UNet (GroupNorm(32): widths of 32), CLIP vision, temporal VAE --
+@functools.cache
+def _svd_parts() -> dict:
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    unet = zoo._init(diffusers.UNetSpatioTemporalConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=8, out_channels=4,
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"), cross_attention_dim=32,
+        num_attention_heads=8, projection_class_embeddings_input_dim=96, addition_time_embed_dim=32), 401)
+    encoder = zoo._new(lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, projection_dim=32, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+        intermediate_size=37, patch_size=4)), 402)
+    vae = zoo._new(lambda: diffusers.AutoencoderKLTemporalDecoder(
+        block_out_channels=[32, 64], in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+        latent_channels=4), 403)
+    scheduler = diffusers.EulerDiscreteScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, interpolation_type="linear",
+        prediction_type="v_prediction", sigma_max=700.0, sigma_min=0.002, steps_offset=1, timestep_spacing="leading",
+        timestep_type="continuous", use_karras_sigmas=True)
+    return dict(unet=unet, image_encoder=encoder, vae=vae, scheduler=scheduler,
+                feature_extractor=CLIPImageProcessor(crop_size=32, size=32))
+
+
+def _svd_kwargs() -> dict:
+    return dict(image=zoo._image(32), height=32, width=32, num_frames=3, num_inference_steps=zoo.STEPS,
+                min_guidance_scale=3.0, max_guidance_scale=3.0, output_type="latent", decode_chunk_size=1)
+
 CASES: dict = {
+    "StableVideoDiffusionPipeline": zoo._case(lambda: zoo._make("StableVideoDiffusionPipeline", **_svd_parts()),
+                                              _svd_kwargs),
     "AnimateDiffVideoToVideoControlNetPipeline": zoo._case(_animatediff_v2v_controlnet,
                                                            _animatediff_v2v_controlnet_kwargs),
     "AnimateDiffSparseControlNetPipeline": zoo._case(_animatediff_sparse, _animatediff_sparse_kwargs),

@@ -25,7 +25,8 @@ class UncondCond(Layout):
         """The batch must hold an unconditional half. The content check reads the device (a sync),
         so it runs once per pipeline call; later steps only check the (free) batch size."""
         n = x.shape[0]
-        if n % 2 == 0 and (self._checked or torch.equal(x[: n // 2], x[n // 2:])):
+        sample = self.handle.sample_of(x)  # appended conditioning may differ (SVD zeroes its image latents)
+        if n % 2 == 0 and (self._checked or torch.equal(sample[: n // 2], sample[n // 2:])):
             self._checked = True
             return
         h = self.handle

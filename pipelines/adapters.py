@@ -245,6 +245,9 @@ DIFFUSERS_ADAPTERS.update({
     "SkyReelsV2ImageToVideoPipeline": replace(_DIT, layout="sequential_cache_context", extra_input_channels=True,
                                               note="5-D video latents; first-frame conditioning on channels"),
     "CogVideoXVideoToVideoPipeline": DIFFUSERS_ADAPTERS["CogVideoXPipeline"],
+    # Mochi steps FlowMatch Euler with invert_sigmas (the table holds 1 - s): its transformer predicts x0 - eps
+    "MochiPipeline": replace(_DIT, negated_output=True,
+                             note="5-D video latents; its scheduler's sigmas inverted (read as 1 - sigma)"),
     # image / control-video latents appended on the channel axis 2 of (B, F, C, H, W): x0 from the first C
     **_rows(DIFFUSERS_ADAPTERS["CogVideoXPipeline"], "CogVideoXImageToVideoPipeline CogVideoXFunControlPipeline",
             extra_input_channels=True, channel_dim=2,

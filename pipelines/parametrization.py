@@ -160,6 +160,8 @@ def scheduler_parametrization(scheduler, timestep, model_input: torch.Tensor,
     shape = (model_input.shape[0],) + (1,) * (model_input.ndim - 1)
     if how == "sigmas":
         s = current_sigma(scheduler, cache, timestep)
+        if kind == "flow" and getattr(scheduler.config, "invert_sigmas", False):
+            s = 1.0 - s  # Mochi's schedule holds the data fraction 1 - s (its model predicts x0 - eps)
         if kind == "flow":
             alpha, sigma = 1.0 - s, s
         else:
@@ -233,6 +235,8 @@ def next_sigma(scheduler, timestep, cache: dict | None = None) -> float | None:
         if i + 1 >= len(sigmas):
             return 0.0
         s = sigmas[i + 1]
+        if prediction_type(scheduler) == "flow" and getattr(scheduler.config, "invert_sigmas", False):
+            s = 1.0 - s
         if prediction_type(scheduler) == "flow":
             return s / (1.0 - s) if s < 1.0 else float("inf")
         return s

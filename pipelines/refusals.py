@@ -305,9 +305,6 @@ _refuse("OmniGenPipeline",
         "three-way batch with two scales (guidance_scale, img_guidance_scale)")
 
 # Video transformers
-_refuse("MochiPipeline",
-        "its shipped FlowMatchEulerDiscreteScheduler runs with invert_sigmas=True, where guidance-kit's flow rule "
-        "would read the data fraction as the noise level")
 _refuse("EasyAnimateControlPipeline",
         "its __call__ passes text_encoder_index=0 to its own encode_prompt, which has no such parameter, so every "
         "call raises in diffusers 0.42.1 and there is no native CFG to match")

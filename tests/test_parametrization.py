@@ -243,3 +243,20 @@ def test_a_schedule_entered_part_way_reads_the_sigma_of_its_first_step(cls):
     sched.step(torch.zeros_like(sample), t, sample)  # the scheduler's own choice of index
     sigma = sched.sigmas[sched.step_index - 1].item()
     assert sched.step_index - 1 == k and level == pytest.approx(sigma, rel=1e-6)  # the table's s (flow or VE)
+
+
+def test_inverted_flow_sigmas_read_the_noise_level_and_reproduce_the_step():
+    """Mochi: FlowMatch Euler with invert_sigmas holds the data fraction 1 - s and its model predicts x0 - eps (the
+    negated velocity, `negated_output` in its adapter row): x0 = x - s v with v = -output reproduces its step."""
+    sched = FlowMatchEulerDiscreteScheduler(invert_sigmas=True)
+    for t, sample, model_input, output in trajectory(sched, steps=5):
+        param = scheduler_parametrization(sched, t, model_input)
+        i = sched.step_index or 0
+        s = 1.0 - float(sched.sigmas[i])
+        torch.testing.assert_close(param.noise_level.flatten(), torch.full((2,), s, dtype=torch.float64))
+        x0 = param.to_x0(-output.double())
+        s_next = 1.0 - float(sched.sigmas[i + 1])
+        eps = (model_input.double() - (1 - s) * x0) / s
+        expected = (1 - s_next) * x0 + s_next * eps  # the flow at the next noise level
+        stepped = copy_state(FlowMatchEulerDiscreteScheduler(invert_sigmas=True), sched).step(output, t, sample).prev_sample
+        torch.testing.assert_close(stepped.double(), expected, rtol=1e-5, atol=1e-5)

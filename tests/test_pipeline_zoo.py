@@ -157,7 +157,9 @@ def test_the_noise_level_read_is_the_one_the_scheduler_steps_with(name):
     def step(*args, **kw):
         out = original(*args, **kw)
         if by_table:
-            stepped.append(float(scheduler.sigmas[scheduler.step_index - 1]))
+            table = float(scheduler.sigmas[scheduler.step_index - 1])
+            inverted = prediction_type(scheduler) == "flow" and getattr(scheduler.config, "invert_sigmas", False)
+            stepped.append(1.0 - table if inverted else table)  # Mochi's table holds the data fraction
         else:
             t = args[1] if len(args) > 1 else kw["timestep"]
             abar = float(scheduler.alphas_cumprod[int(t)])

@@ -339,7 +339,26 @@ def _cogvideox_conditioned_kwargs(control: bool = False) -> dict:
         kw["image"] = zoo._image(16)
     return kw
 
+
+# --- Mochi: FlowMatch Euler with invert_sigmas, the transformer predicting x0 - eps -------------------------
+@functools.cache
+def _mochi_parts() -> dict:
+    transformer = zoo._init(diffusers.MochiTransformer3DModel(
+        patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=2, pooled_projection_dim=16,
+        in_channels=12, out_channels=None, qk_norm="rms_norm", text_embed_dim=32, time_embed_dim=4,
+        activation_fn="swiglu", max_sequence_length=16), 501)
+    vae = zoo._new(lambda: diffusers.AutoencoderKLMochi(
+        latent_channels=12, out_channels=3, encoder_block_out_channels=(32, 32, 32, 32),
+        decoder_block_out_channels=(32, 32, 32, 32), layers_per_block=(1, 1, 1, 1, 1)), 502)
+    return dict(transformer=transformer, vae=vae, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(invert_sigmas=True))
+
+
+def _mochi_kwargs() -> dict:
+    return zoo._latent_call(height=16, width=16, num_frames=7, guidance_scale=4.5,
+                            **zoo._text(32, 503, mask="prompt_attention_mask"))
+
 CASES: dict = {
+    "MochiPipeline": zoo._case(lambda: zoo._make("MochiPipeline", **_mochi_parts()), _mochi_kwargs),
     "CogVideoXImageToVideoPipeline": zoo._case(lambda: _cogvideox_conditioned("CogVideoXImageToVideoPipeline"),
                                                  _cogvideox_conditioned_kwargs),
     "CogVideoXFunControlPipeline": zoo._case(lambda: _cogvideox_conditioned("CogVideoXFunControlPipeline"),

@@ -38,7 +38,7 @@ from evaluation.runner import Progress, RunSpec, StrategySpec, load_source, run_
 from evaluation.spec import safe_name  # noqa: E402
 from guidance.atomic import atomic_write_text  # noqa: E402
 from guidance import (APG, CFG, FDG, GFCG, MAMBOG, TCFG, AdaptiveGuidance, APGMix, Autoguidance,  # noqa: E402
-                      CalibratedClassifierGuidance, CFGPlusPlus, CFGZeroStar, DynamicCFG, DynamicThresholding,
+                      CalibratedClassifierGuidance, CFGZeroStar, DynamicCFG, DynamicThresholding,
                       Interval, LinearAG, MimicScaleThresholding)
 
 STEPS = 20
@@ -94,10 +94,10 @@ def plan(steps: int = STEPS) -> list[dict]:
         row("a", "APG r=5", APG(norm_threshold=5.0), 10), row("a", "APG r=1", APG(norm_threshold=1.0), 10),
         row("a", "CFG", CFG(), 20), row("d", "DynamicCFG fixed weights", DynamicCFG(weighting="fixed"), 3),
         # (f) the field's rules on the CFG curve (#29): at the scale where their claim lies (the high-scale fixes
-        # at w = 10, the others beside CFG@3); FDG and CFG++ take their own scales (the call's 3 turns CFG on)
+        # at w = 10, the others beside CFG@3); FDG takes its own scales (the call's 3 turns CFG on)
         row("f", "DynamicThresholding", DynamicThresholding(CFG(), percentile=0.995, max_value=1.0), 10),
         row("f", "CFG-Zero*", CFGZeroStar(), 3), row("f", "TCFG", TCFG(), 3), row("f", "MAMBO-G", MAMBOG(), 10),
-        row("f", "APG-Mix", APGMix(), 10), row("f", "CFG++ 0.6", CFGPlusPlus(0.6), 3),
+        row("f", "APG-Mix", APGMix(), 10),  # CFG++ is refused on the shipped DDIM (it clips x0): not a row here
         row("f", "FDG 10,5", FDG((10.0, 5.0)), 3), row("f", "MimicScale 3", MimicScaleThresholding(mimic_scale=3.0), 10),
     ]
     return [r for r in rows if r is not None]

@@ -33,16 +33,21 @@ class PAG(GuidanceStrategy):
     adaptive_scale: a in s_t = max(s - a (1000 - t), 0) (diffusers' `pag_adaptive_scale`, 0: constant).
     pag_start / pag_stop: the step fractions where the perturbed term runs (int(start N) <= k < int(stop N), as
     diffusers' guiders count); outside it no perturbed evaluation is made. use_original_formulation: c instead
-    of u as the base (diffusers' option), so CFG is off at w = 0.
+    of u as the base (diffusers' option), so CFG is off at w = 0. inner: another rule in place of the CFG term
+    (APG, CFG-Zero*, ...: g = inner(c, u) + s (c - p)); `scale` is then the inner rule's business (leave it None).
     """
 
     config_fields = ("scale", "pag_scale", "layers", "adaptive_scale", "pag_start", "pag_stop",
-                     "use_original_formulation")
+                     "use_original_formulation", "inner")
     window_excludes_start = False  # diffusers' SEG guider counts int(start N) < k < int(stop N)
 
     def __init__(self, scale: Scale = None, pag_scale: float = 3.0, layers: Sequence[str] = ("mid",),
                  adaptive_scale: float = 0.0, pag_start: float = 0.0, pag_stop: float = 1.0,
-                 use_original_formulation: bool = False):
+                 use_original_formulation: bool = False, inner: GuidanceStrategy | None = None):
+        if inner is not None and (not isinstance(inner, GuidanceStrategy) or scale is not None):
+            raise ValueError(f"PAG: inner={inner!r} with scale={scale!r}; allowed: inner a GuidanceStrategy with "
+                             "scale=None (the inner rule carries its own scale), or inner=None")
+        self.inner = inner
         self.scale = check_scale("PAG", "scale", scale)
         self.pag_scale = check_range("PAG", "pag_scale", pag_scale, 0.0)
         self.layers = list(Perturbation("identity_attention", layers).layers)
@@ -86,14 +91,24 @@ class PAG(GuidanceStrategy):
             return self.pag_scale
         return max(self.pag_scale - self.adaptive_scale * (1000.0 - float(ctx.timestep)), 0.0)
 
+    def reset(self) -> None:
+        if getattr(self, "inner", None) is not None:
+            self.inner.reset()
+
     def branches(self, ctx: StepContext) -> dict[str, torch.Tensor]:
+        perturbed = ctx.all() if self.current_pag_scale(ctx) > 0 else ctx.none()
+        if self.inner is not None:
+            return {**self.inner.branches(ctx), COND: ctx.all(), PERTURBED: perturbed}
         w = resolve_scale("PAG", "scale", self.scale, ctx)
-        return {COND: ctx.all(), UNCOND: ctx.none() if self._cfg_off(w) else ctx.all(),
-                PERTURBED: ctx.all() if self.current_pag_scale(ctx) > 0 else ctx.none()}
+        return {COND: ctx.all(), UNCOND: ctx.none() if self._cfg_off(w) else ctx.all(), PERTURBED: perturbed}
 
     def guide(self, ctx: StepContext, preds: Mapping[str, torch.Tensor]) -> torch.Tensor:
         cond = preds[COND]
-        w, s = resolve_scale("PAG", "scale", self.scale, ctx), self.current_pag_scale(ctx)
+        s = self.current_pag_scale(ctx)
+        if self.inner is not None:
+            guided = self.inner.combine(ctx, {k: v for k, v in preds.items() if k != PERTURBED}).to(cond.dtype)
+            return guided + s * (cond - preds[PERTURBED]) if s > 0 else guided
+        w = resolve_scale("PAG", "scale", self.scale, ctx)
         if self._cfg_off(w):
             guided = cond
         else:

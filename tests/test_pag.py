@@ -264,3 +264,26 @@ def test_pag_in_bfloat16_is_as_close_to_float32_as_the_pag_pipeline_itself():
         ours = run(base, kwargs).float()
     own_error = rel(native, reference)
     assert 0 < own_error < 0.1 and rel(ours, reference) <= 1.5 * own_error
+
+
+def test_pag_composes_with_another_rule_in_place_of_its_cfg_term():
+    """PAG(inner=rule): rule(c, u) + s (c - p), what no pipeline or guider offers: with CFG inside it is PAG itself,
+    with APG(eta=1, r=0, beta=0) inside (CFG) too up to the x0 round trip, with CFG-Zero* inside something else."""
+    base = build("StableDiffusionPipeline")
+    kwargs = call_kwargs("StableDiffusionPipeline")
+    with apply_guidance(base, PAG(pag_scale=2.0)):
+        pag = run(base, kwargs)
+    with apply_guidance(base, PAG(pag_scale=2.0, inner=CFG())) as handle:
+        assert rel(run(base, kwargs), pag) <= 1e-6
+    assert handle.perturbed_nfe.tolist() == [3, 3] and handle.nfe.tolist() == [6, 6]
+    with apply_guidance(base, PAG(pag_scale=2.0, inner=APG(eta=1.0, norm_threshold=0.0, momentum=0.0))):
+        assert rel(run(base, kwargs), pag) <= 1e-3
+    from guidance import CFGZeroStar
+
+    rule = PAG(pag_scale=2.0, inner=CFGZeroStar(zero_init_steps=0))
+    with apply_guidance(base, rule):
+        zero_star = run(base, kwargs)
+    assert torch.isfinite(zero_star).all() and rel(zero_star, pag) > 1e-4
+    assert from_config(rule.to_config()).to_config() == rule.to_config()
+    with pytest.raises(ValueError, match="allowed: inner a GuidanceStrategy with scale=None"):
+        PAG(scale=3.0, inner=CFG())

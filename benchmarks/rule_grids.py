@@ -26,11 +26,19 @@ from pipelines.embedded import load_embedded  # noqa: E402
 OUT = Path(__file__).resolve().parents[1] / "docs" / "rules" / "img"
 # page -> (rule, the call's scale)
 GRIDS = {
-    "cfg": (CFG(guidance_rescale=0.7), 7.5), "apg": (APG(), 10.0), "adaptive": (AdaptiveGuidance(threshold=0.995, similarity_space="x0"), 3.0),
-    "autoguidance": (Autoguidance(guide_model="embedded"), 2.0), "cfg-zero-star": (CFGZeroStar(), 3.0),
-    "tcfg": (TCFG(), 3.0), "mambo-g": (MAMBOG(), 10.0), "apg-mix": (APGMix(), 10.0), "fdg": (FDG((10.0, 5.0)), 3.0),
-    "dynamic-thresholding": (DynamicThresholding(CFG()), 10.0), "comfyui": (CFGNorm(), 5.0),
-    "perturbed": (PAG(pag_scale=3.0, layers=["mid"]), 3.0), "mimic-scale": (MimicScaleThresholding(mimic_scale=3.0), 10.0),
+    "cfg": (CFG(guidance_rescale=0.7), 7.5),
+    "apg": (APG(), 10.0),
+    "adaptive": (AdaptiveGuidance(threshold=0.995, similarity_space="x0"), 3.0),
+    "autoguidance": (Autoguidance(guide_model="embedded"), 2.0),
+    "cfg-zero-star": (CFGZeroStar(), 3.0),
+    "tcfg": (TCFG(), 3.0),
+    "mambo-g": (MAMBOG(), 10.0),
+    "apg-mix": (APGMix(), 10.0),
+    "fdg": (FDG((10.0, 5.0)), 3.0),
+    "dynamic-thresholding": (DynamicThresholding(CFG()), 10.0),
+    "comfyui": (CFGNorm(), 5.0),
+    "perturbed": (PAG(pag_scale=3.0, layers=["mid"]), 3.0),
+    "mimic-scale": (MimicScaleThresholding(mimic_scale=3.0), 10.0),
 }
 
 

@@ -337,6 +337,9 @@ DIFFUSERS_ADAPTERS.update({
 
 # cascades, priors, scale conventions, audio and 3-D (tests/zoo_cascades.py)
 DIFFUSERS_ADAPTERS.update({
+    # Shap-E's prior outputs [prediction | variance] on the last axis of (B, N, D) latents
+    "ShapEPipeline": replace(_DIT, denoiser="prior", guide_channels_of_input=True, channel_dim=2,
+                             note="(B, N, D) latents; learned variance on the last axis, kept"),
     # Kandinsky 3 guides as (s + 1) c - s u (CFG's w = s + 1), its unconditional branch on when s > 1.
     **_rows(_UNET, "Kandinsky3Pipeline Kandinsky3Img2ImgPipeline", scale_offset=1.0, on_above=1.0,
             note="guides as (s + 1) c - s u: a strategy sees w = guidance_scale + 1"),

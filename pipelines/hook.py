@@ -469,8 +469,8 @@ class GuidanceHandle:
         a = self.adapter
         cond = preds[COND]
         ctx.evaluated = masks
-        if a.guide_channels_of_input:  # channels: those of the sample (ctx.x)
-            preds = {k: v[:, :channels] for k, v in preds.items()}
+        if a.guide_channels_of_input:  # channels: those of the sample (ctx.x), on the adapter's channel axis
+            preds = {k: v.narrow(a.channel_dim, 0, channels) for k, v in preds.items()}
         if a.negated_output:
             preds = {k: -v for k, v in preds.items()}
         guided = guided_prediction(self.strategy, ctx, preds)  # the call's guidance_rescale included
@@ -478,8 +478,9 @@ class GuidanceHandle:
         # NaN and inf survive a float32 sum (a sum past 3e38 is no valid prediction either): one op per step.
         self.call.finite.append(guided.sum(dtype=torch.float32))
         self._finish_step(masks)
-        if a.guide_channels_of_input and cond.shape[1] > channels:
-            return torch.cat([guided, cond[:, channels:]], dim=1)  # DiT's learned-sigma channels, kept
+        d = a.channel_dim
+        if a.guide_channels_of_input and cond.shape[d] > channels:  # DiT's learned-sigma channels, kept
+            return torch.cat([guided, cond.narrow(d, channels, cond.shape[d] - channels)], dim=d)
         return guided
 
     def _finish_step(self, masks: dict[str, torch.Tensor]) -> None:

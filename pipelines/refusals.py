@@ -234,7 +234,7 @@ _refuse("StableCascadeCombinedPipeline WuerstchenCombinedPipeline",
 _refuse("KandinskyV22CombinedPipeline KandinskyV22Img2ImgCombinedPipeline KandinskyV22InpaintCombinedPipeline",
         "it runs two pipelines in turn: guide its decoder stage with apply_guidance(pipe.decoder_pipe, ...) (exact, "
         "tested inside the combined call); its prior stage pipe.prior_pipe cannot be guided yet (UnCLIPScheduler)")
-_refuse("ShapEPipeline ShapEImg2ImgPipeline",
+_refuse("ShapEImg2ImgPipeline",
         "its PriorTransformer outputs [prediction | variance] on the last dimension, (B, N, 2D) for a (B, N, D) "
         "sample, while the hook splits learned-variance channels on dimension 1")
 _refuse("StableAudioPipeline",

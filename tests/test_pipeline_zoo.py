@@ -67,7 +67,10 @@ def test_hook_is_exact_counts_rows_and_leaves_no_trace(name):
     counter["rows"] = 0
     with apply_guidance(pipe, Interval(CFG(), start=0.0, stop=0.34)) as handle:  # unconditional rows on step 0 only
         interval = run(pipe, kwargs)
-    assert handle.nfe.tolist() == [steps + 1] * native.shape[0]
+    from pipelines.parametrization import evaluations_per_step
+
+    # steps: the denoiser evaluations per branch; step 0 has one (two on Heun: predictor and corrector)
+    assert handle.nfe.tolist() == [steps + evaluations_per_step(pipe.scheduler)] * native.shape[0]
     assert counter["rows"] == int(handle.nfe.sum())
     assert torch.isfinite(interval).all() and not torch.equal(interval, native)
 
@@ -142,7 +145,9 @@ def test_the_noise_level_read_is_the_one_the_scheduler_steps_with(name):
 
     pipe, kwargs = build(name), call_kwargs(name)
     scheduler = pipe.scheduler
-    assert evaluations_per_step(scheduler) == 1  # the zoo's schedulers: one evaluation per step
+    if evaluations_per_step(scheduler) != 1:
+        pytest.skip("two evaluations per step (Heun): its noise levels are checked against the scheduler in "
+                    "tests/test_parametrization.py")
     by_table = rule(scheduler) == "sigmas"
     read, stepped = [], []
 
@@ -187,7 +192,10 @@ def _other_scheduler(scheduler):
         return diffusers.FlowMatchHeunDiscreteScheduler.from_config(config)
     if not hasattr(scheduler, "alphas_cumprod"):
         return None
-    return diffusers.DPMSolverMultistepScheduler.from_config(config)
+    try:
+        return diffusers.DPMSolverMultistepScheduler.from_config(config)
+    except NotImplementedError:  # a beta schedule DPM-Solver++ does not take (Shap-E's "exp")
+        return None
 
 
 @pytest.mark.parametrize("name", sorted(ALL_CASES))

@@ -12,6 +12,7 @@ import torch
 
 import diffusers
 import pipeline_zoo as zoo  # noqa: F401  (helpers: zoo._make, zoo._new, zoo._text, zoo._latent_call, ...)
+import tiny_pipelines as tp
 
 
 # --- Kandinsky 3: guides as (s + 1) c - s u, on when s > 1 ----------------------------------------------
@@ -175,7 +176,33 @@ _IF = ("IFPipeline IFImg2ImgPipeline IFInpaintingPipeline IFSuperResolutionPipel
        "IFInpaintingSuperResolutionPipeline").split()
 
 
+
+# --- Shap-E: a tiny PriorTransformer (learned variance on the last axis), CLIP text encoder, Heun -------------
+@functools.cache
+def _shap_e_parts() -> dict:
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    prior = zoo._init(diffusers.PriorTransformer(
+        num_attention_heads=2, attention_head_dim=16, embedding_dim=16, num_embeddings=32, embedding_proj_dim=16,
+        time_embed_dim=64, num_layers=1, clip_embed_dim=32, additional_embeddings=0, time_embed_act_fn="gelu",
+        norm_in_type="layer", embedding_proj_norm_type="layer", encoder_hid_proj_type=None, added_emb_type=None), 601)
+    tokenizer = tp.clip_tokenizer()
+    encoder = zoo._new(lambda: CLIPTextModelWithProjection(CLIPTextConfig(
+        bos_token_id=0, eos_token_id=2, hidden_size=16, projection_dim=16, intermediate_size=37, num_attention_heads=4,
+        num_hidden_layers=2, pad_token_id=1, vocab_size=len(tokenizer))), 602)
+    renderer = diffusers.pipelines.shap_e.ShapERenderer(param_shapes=((16, 8),) * 4, d_latent=16, d_hidden=8,
+                                                       n_output=12, background=(0.1, 0.1, 0.1))
+    scheduler = diffusers.HeunDiscreteScheduler(beta_schedule="exp", num_train_timesteps=1024, prediction_type="sample",
+                                                use_karras_sigmas=True, clip_sample=True, clip_sample_range=1.0)
+    return dict(prior=prior, text_encoder=encoder, tokenizer=tokenizer, shap_e_renderer=renderer, scheduler=scheduler)
+
+
+def _shap_e_kwargs() -> dict:
+    return dict(prompt="a horse", num_images_per_prompt=2, guidance_scale=4.0, num_inference_steps=zoo.STEPS,
+                frame_size=8, output_type="latent")
+
 CASES: dict = {
+    "ShapEPipeline": zoo._case(lambda: zoo._make("ShapEPipeline", **_shap_e_parts()), _shap_e_kwargs),
     "StableAudio3Pipeline": zoo._case(lambda: zoo._make("StableAudio3Pipeline", **_stable_audio3_parts()),
                                       _stable_audio3_kwargs),
     "AudioLDM2Pipeline": zoo._case(lambda: _audioldm("AudioLDM2Pipeline", _audioldm2_parts()), _audioldm2_kwargs),

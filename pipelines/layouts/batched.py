@@ -56,7 +56,7 @@ class UncondCond(Layout):
             cond_rows, uncond_rows = torch.arange(n)[cond_half], torch.arange(n)[uncond_half]
             out, preds = self._evaluate_rows(call, ctx, masks, cond_rows, uncond_rows)
         h.evaluate_branches(call, masks, torch.arange(n)[cond_half], preds)  # GUIDE, PERTURBED rows
-        g = h.combine(ctx, masks, preds, ctx.x.shape[1])
+        g = h.combine(ctx, masks, preds, ctx.x.shape[h.adapter.channel_dim])
         return replace_first(out, torch.cat([g, g]))
 
     def _evaluate_rows(self, call: DenoiserCall, ctx, masks: dict, cond_rows: torch.Tensor,

@@ -34,7 +34,7 @@ def one_of_each(steps: int = 5) -> dict[str, GuidanceStrategy]:
         elif name == "PerpNeg":
             out[name] = cls(negative_prompt="a blurry photo")  # refused here: it needs prompts
         else:
-            out[name] = cls(guidance.CFG()) if "inner" in cls.config_fields else cls()
+            out[name] = cls(inner=guidance.CFG()) if "inner" in cls.config_fields else cls()
     return out
 
 

@@ -68,13 +68,9 @@ def _sd3():
     return pipe, pipe.transformer, _embeds(c.joint_attention_dim, c.pooled_projection_dim)
 
 
-@pytest.fixture(scope="module", params=["sdxl", "sd3"])
-def modular(request):
-    """A modular pipeline built from diffusers' own blocks and a function that runs it with a given
-    guider, counting the denoiser's forward calls."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    pipe, denoiser, embeds = {"sdxl": _sdxl, "sd3": _sd3}[request.param]()
+def _counting_runner(pipe, denoiser, embeds):
+    """A function that runs the modular pipeline with a given guider and returns (latents, denoiser calls), and
+    the handle of the counting hook."""
     pipe.set_progress_bar_config(disable=True)
     calls = []
     handle = denoiser.register_forward_pre_hook(lambda module, args: calls.append(1))
@@ -86,6 +82,17 @@ def modular(request):
                    generator=torch.Generator().manual_seed(1), output="latents")
         return out, len(calls)
 
+    return run, handle
+
+
+@pytest.fixture(scope="module", params=["sdxl", "sd3"])
+def modular(request):
+    """A modular pipeline built from diffusers' own blocks and a function that runs it with a given
+    guider, counting the denoiser's forward calls."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    pipe, denoiser, embeds = {"sdxl": _sdxl, "sd3": _sd3}[request.param]()
+    run, handle = _counting_runner(pipe, denoiser, embeds)
     yield pipe, run
     handle.remove()
     torch.set_num_threads(n)
@@ -256,16 +263,7 @@ def test_mambo_g_runs_where_diffusers_guider_raises(modular, native):
 
 def _modular_sd3_runner():
     pipe, denoiser, embeds = _sd3()
-    pipe.set_progress_bar_config(disable=True)
-    calls = []
-    denoiser.register_forward_pre_hook(lambda module, args: calls.append(1))
-
-    def run(guider):
-        pipe.update_components(guider=guider)
-        calls.clear()
-        out = pipe(**embeds, num_inference_steps=STEPS, height=64, width=64,
-                   generator=torch.Generator().manual_seed(1), output="latents")
-        return out, len(calls)
+    run, _ = _counting_runner(pipe, denoiser, embeds)
 
     def hooks_left():
         return [name for name, m in denoiser.named_modules() if getattr(m, "_diffusers_hook", None) is not None

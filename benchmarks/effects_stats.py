@@ -126,7 +126,8 @@ def weighted_fid(features: Tensor, ref_mu: Tensor, ref_sigma: Tensor, counts: Te
     d = x.shape[1]
     small = (counts > 0).sum(1).max() <= d  # every replicate keeps at most d distinct images
     gram = x @ ref_sigma @ x.T if small else None  # computed once: X S_ref X^T
-    root = None if small else psd_factor(ref_sigma)  # S_ref = F F^T
+    # S_ref = F F^T; Z = X F once, so a replicate's F^T S_c F is one N x d x d product (no d x d x d ones)
+    z = None if small else x @ psd_factor(ref_sigma)
     sq_norms = x.square().sum(1)
     base = ref_sigma.trace() + ref_mu.square().sum()
     out = []
@@ -141,9 +142,10 @@ def weighted_fid(features: Tensor, ref_mu: Tensor, ref_sigma: Tensor, counts: Te
             s = ck @ v / n  # mu^T S_ref mu
             root_c = ck.sqrt()
             m = (gk - v[:, None] - v[None, :] + s) * root_c[:, None] * root_c[None, :] / (n - 1)
-        else:  # d x d form: F^T S_c F
-            centred = xk - mu
-            m = root.mT @ ((centred * ck[:, None]).T @ centred / (n - 1)) @ root
+        else:  # d x d form: F^T S_c F = (Z_k - mu F)^T diag(c) (Z_k - mu F) / (n - 1)
+            zk = z[keep]
+            centred = zk - ck @ zk / n
+            m = (centred * ck[:, None]).T @ centred / (n - 1)
         trace_sqrt = torch.linalg.eigvalsh(m).clamp_min(0).sqrt().sum()
         trace_s2 = (ck @ sq_norms[keep] - n * mu.square().sum()) / (n - 1)
         out.append(base - 2 * ref_mu @ mu + mu.square().sum() + trace_s2 - 2 * trace_sqrt)

@@ -20,6 +20,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from .adaptive import cosine_per_sample
 from .base import COND, PERTURBED, UNCOND, GuidanceStrategy, Perturbation, Scale, StepContext, check_range, check_scale
 from .base import resolve_scale
 
@@ -35,15 +36,22 @@ class PAG(GuidanceStrategy):
     diffusers' guiders count); outside it no perturbed evaluation is made. use_original_formulation: c instead
     of u as the base (diffusers' option), so CFG is off at w = 0. inner: another rule in place of the CFG term
     (APG, CFG-Zero*, ...: g = inner(c, u) + s (c - p)); `scale` is then the inner rule's business (leave it None).
+    truncation: AG-style truncation of the perturbed branch (Castillo et al.'s rule, `AdaptiveGuidance`, applied
+    to c and p instead of c and u): once the cosine of c and p reaches this value for a sample, its perturbed
+    rows are no longer evaluated from the next scheduler step on (real NFE savings; None: never). The cosine is
+    measured where AG measures it (eps for epsilon models, the model's output otherwise); after a call
+    `perturbed_switch_step` (B,) holds each sample's step (-1: never).
     """
 
     config_fields = ("scale", "pag_scale", "layers", "adaptive_scale", "pag_start", "pag_stop",
-                     "use_original_formulation", "inner")
+                     "use_original_formulation", "inner", "truncation")
     window_excludes_start = False  # diffusers' SEG guider counts int(start N) < k < int(stop N)
 
     def __init__(self, scale: Scale = None, pag_scale: float = 3.0, layers: Sequence[str] = ("mid",),
                  adaptive_scale: float = 0.0, pag_start: float = 0.0, pag_stop: float = 1.0,
-                 use_original_formulation: bool = False, inner: GuidanceStrategy | None = None):
+                 use_original_formulation: bool = False, inner: GuidanceStrategy | None = None,
+                 truncation: float | None = None):
+        self.truncation = None if truncation is None else check_range("PAG", "truncation", truncation, -1.0, 1.0)
         if inner is not None and (not isinstance(inner, GuidanceStrategy) or scale is not None):
             raise ValueError(f"PAG: inner={inner!r} with scale={scale!r}; allowed: inner a GuidanceStrategy with "
                              "scale=None (the inner rule carries its own scale), or inner=None")
@@ -63,7 +71,7 @@ class PAG(GuidanceStrategy):
         return Perturbation("identity_attention", tuple(self.layers))
 
     def _init_blocks(self, owner: str, scale: Scale, s: float, layers: Sequence[int], blocks: str | None,
-                     start: float, stop: float, use_original_formulation: bool) -> None:
+                     start: float, stop: float, use_original_formulation: bool, truncation: float | None) -> None:
         """The knobs of the rules that perturb whole transformer blocks (SLG, SEG), checked under their names."""
         if isinstance(layers, (str, bytes)) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
                                                        for i in layers) or not len(layers):
@@ -73,7 +81,7 @@ class PAG(GuidanceStrategy):
         PAG.__init__(self, scale, pag_scale=check_range(owner, f"{low}_scale", s, 0.0), layers=("mid",),
                      pag_start=check_range(owner, f"{low}_start", start, 0.0, 1.0),
                      pag_stop=check_range(owner, f"{low}_stop", stop, 0.0, 1.0),
-                     use_original_formulation=use_original_formulation)
+                     use_original_formulation=use_original_formulation, truncation=truncation)
         self.layers = sorted(layers)
         self.blocks = blocks
 
@@ -94,27 +102,55 @@ class PAG(GuidanceStrategy):
     def reset(self) -> None:
         if getattr(self, "inner", None) is not None:
             self.inner.reset()
+        self.perturbed_switch_step: torch.Tensor | None = None  # (B,) per call: step of truncation, -1: never
+
+    def _truncated(self, ctx: StepContext) -> torch.Tensor:
+        """Samples whose perturbed branch was truncated at an earlier scheduler step."""
+        if getattr(self, "perturbed_switch_step", None) is None or self.perturbed_switch_step.shape[0] != ctx.batch_size:
+            self.perturbed_switch_step = torch.full((ctx.batch_size,), -1, dtype=torch.long, device=ctx.x.device)
+        return (self.perturbed_switch_step >= 0) & (self.perturbed_switch_step < ctx.scheduler_step)
+
+    def _update_truncation(self, ctx: StepContext, cond: torch.Tensor, perturbed: torch.Tensor,
+                           evaluated: torch.Tensor) -> None:
+        if self.truncation is None or not ctx.starts_step:  # one decision per scheduler step, as AG
+            return
+        eps = ctx.param.prediction_type == "epsilon"
+        a, b = (ctx.param.to_eps(cond), ctx.param.to_eps(perturbed)) if eps else (cond, perturbed)
+        hit = evaluated & (self.perturbed_switch_step < 0) & (cosine_per_sample(a, b) >= self.truncation)
+        self.perturbed_switch_step = torch.where(hit, torch.full_like(self.perturbed_switch_step,
+                                                                      ctx.scheduler_step), self.perturbed_switch_step)
 
     def branches(self, ctx: StepContext) -> dict[str, torch.Tensor]:
-        perturbed = ctx.all() if self.current_pag_scale(ctx) > 0 else ctx.none()
+        perturbed = (ctx.all() if self.current_pag_scale(ctx) > 0 else ctx.none()) & ~self._truncated(ctx)
         if self.inner is not None:
             return {**self.inner.branches(ctx), COND: ctx.all(), PERTURBED: perturbed}
         w = resolve_scale("PAG", "scale", self.scale, ctx)
         return {COND: ctx.all(), UNCOND: ctx.none() if self._cfg_off(w) else ctx.all(), PERTURBED: perturbed}
 
+    def perturbed_term(self, ctx: StepContext, preds: Mapping[str, torch.Tensor]) -> torch.Tensor | float:
+        """s (c - p) where p was evaluated, 0 elsewhere (outside the window, truncated samples)."""
+        s = self.current_pag_scale(ctx)
+        if s == 0:
+            return 0.0
+        cond, perturbed = preds[COND], preds[PERTURBED]
+        evaluated = ctx.evaluated.get(PERTURBED, ctx.all()) if ctx.evaluated else ctx.all()
+        self._update_truncation(ctx, cond, perturbed, evaluated)
+        if bool(evaluated.all()):
+            return s * (cond - perturbed)
+        return torch.where(evaluated.view(-1, *[1] * (cond.ndim - 1)), s * (cond - perturbed), 0.0)
+
     def guide(self, ctx: StepContext, preds: Mapping[str, torch.Tensor]) -> torch.Tensor:
         cond = preds[COND]
-        s = self.current_pag_scale(ctx)
         if self.inner is not None:
             guided = self.inner.combine(ctx, {k: v for k, v in preds.items() if k != PERTURBED}).to(cond.dtype)
-            return guided + s * (cond - preds[PERTURBED]) if s > 0 else guided
+            return guided + self.perturbed_term(ctx, preds)
         w = resolve_scale("PAG", "scale", self.scale, ctx)
         if self._cfg_off(w):
             guided = cond
         else:
             base = cond if self.use_original_formulation else preds[UNCOND]
             guided = base + w * (cond - preds[UNCOND])
-        return guided + s * (cond - preds[PERTURBED]) if s > 0 else guided
+        return guided + self.perturbed_term(ctx, preds)
 
 
 class SLG(PAG):
@@ -134,12 +170,14 @@ class SLG(PAG):
     same steps only where the two agree). Denoisers whose blocks are not known are refused by name.
     """
 
-    config_fields = ("scale", "slg_scale", "layers", "blocks", "slg_start", "slg_stop", "use_original_formulation")
+    config_fields = ("scale", "slg_scale", "layers", "blocks", "slg_start", "slg_stop", "use_original_formulation",
+                     "truncation")
 
     def __init__(self, scale: Scale = None, slg_scale: float = 2.8, layers: Sequence[int] = (7, 8, 9),
                  blocks: str | None = None, slg_start: float = 0.01, slg_stop: float = 0.2,
-                 use_original_formulation: bool = False):
-        self._init_blocks("SLG", scale, slg_scale, layers, blocks, slg_start, slg_stop, use_original_formulation)
+                 use_original_formulation: bool = False, truncation: float | None = None):
+        self._init_blocks("SLG", scale, slg_scale, layers, blocks, slg_start, slg_stop, use_original_formulation,
+                          truncation)
 
     @property
     def perturbation(self) -> Perturbation:  # type: ignore[override]
@@ -167,12 +205,13 @@ class SEG(PAG):
     window_excludes_start = True
 
     config_fields = ("scale", "seg_scale", "layers", "blocks", "blur_sigma", "seg_start", "seg_stop",
-                     "use_original_formulation")
+                     "use_original_formulation", "truncation")
 
     def __init__(self, scale: Scale = None, seg_scale: float = 2.8, layers: Sequence[int] = (0,),
                  blocks: str | None = None, blur_sigma: float = 9999999.0, seg_start: float = 0.0,
-                 seg_stop: float = 1.0, use_original_formulation: bool = False):
-        self._init_blocks("SEG", scale, seg_scale, layers, blocks, seg_start, seg_stop, use_original_formulation)
+                 seg_stop: float = 1.0, use_original_formulation: bool = False, truncation: float | None = None):
+        self._init_blocks("SEG", scale, seg_scale, layers, blocks, seg_start, seg_stop, use_original_formulation,
+                          truncation)
         self.blur_sigma = check_range("SEG", "blur_sigma", blur_sigma, 0.0, low_open=True)
 
     @property

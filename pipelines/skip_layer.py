@@ -22,10 +22,10 @@ alone outside it, is not one strategy here: `Interval` gives the conditional pre
 window).
 
 What is skipped: whole transformer blocks (attention and feed-forward together; each skipped block passes
-its inputs through unchanged), of one stack of the denoiser: `transformer_blocks` for DiT
-(`DiTTransformer2DModel` / `Transformer2DModel`), SD3 (`SD3Transformer2DModel`) and Flux
-(`FluxTransformer2DModel`, whose single-stream stack is `blocks="single_transformer_blocks"`). Other
-denoisers are refused by name. The skipping is diffusers' layer-skip hook (`TransformerBlockSkipHook`,
+its inputs through unchanged), of one stack of the denoiser (`FAMILIES`): `transformer_blocks` for DiT,
+SD3, Flux (whose single-stream stack is `blocks="single_transformer_blocks"`), Qwen-Image, CogView4 and the
+video transformers of LTX, CogVideoX, HunyuanVideo (and its single-stream stack) and Mochi; `blocks` for Wan.
+Other denoisers are refused by name. The skipping is diffusers' layer-skip hook (`TransformerBlockSkipHook`,
 installed through the hook registry, as its guiders do), registered on the skipped blocks just before the
 guide rows run and removed right after, exceptions included: the conditional and unconditional passes run
 the full model.
@@ -53,6 +53,14 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "Transformer2DModel": ("transformer_blocks",),  # DiT checkpoints saved before DiTTransformer2DModel
     "SD3Transformer2DModel": ("transformer_blocks",),
     "FluxTransformer2DModel": ("transformer_blocks", "single_transformer_blocks"),
+    "QwenImageTransformer2DModel": ("transformer_blocks",),
+    "CogView4Transformer2DModel": ("transformer_blocks",),
+    # video transformers (STG: the same skip on a video model's blocks)
+    "WanTransformer3DModel": ("blocks",),
+    "LTXVideoTransformer3DModel": ("transformer_blocks",),
+    "CogVideoXTransformer3DModel": ("transformer_blocks",),
+    "HunyuanVideoTransformer3DModel": ("transformer_blocks", "single_transformer_blocks"),
+    "MochiTransformer3DModel": ("transformer_blocks",),
 }
 
 
@@ -122,7 +130,7 @@ class SkipLayerGuide:
         family = type(denoiser).__name__
         if family not in FAMILIES:
             raise ValueError(f"SkipLayerGuide: {pipe_name}'s denoiser is a {family}; allowed: "
-                             f"{', '.join(FAMILIES)} (DiT, SD3 and Flux transformers)")
+                             f"{', '.join(FAMILIES)} (transformers whose block stacks are known)")
         blocks = self.blocks or FAMILIES[family][0]
         if blocks not in FAMILIES[family]:
             raise ValueError(f"SkipLayerGuide: blocks={blocks!r} is not a block stack of {family}; allowed: "

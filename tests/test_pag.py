@@ -287,3 +287,26 @@ def test_pag_composes_with_another_rule_in_place_of_its_cfg_term():
     assert from_config(rule.to_config()).to_config() == rule.to_config()
     with pytest.raises(ValueError, match="allowed: inner a GuidanceStrategy with scale=None"):
         PAG(scale=3.0, inner=CFG())
+
+
+def test_ag_style_truncation_of_the_perturbed_branch_saves_its_rows():
+    """truncation=-1: every sample's cosine of c and p reaches it at the first step, so from the next step on the
+    perturbed rows are not evaluated: the same images as PAG's window on the first of 3 steps, and its NFE.
+    truncation=1: never reached on these predictions, PAG on every step."""
+    pipe = build("StableDiffusionPipeline")
+    kwargs = call_kwargs("StableDiffusionPipeline")
+    with apply_guidance(pipe, PAG(pag_scale=2.0, pag_stop=0.34)) as window:
+        first_step_only = run(pipe, kwargs)
+    with apply_guidance(pipe, PAG(pag_scale=2.0, truncation=-1.0)) as handle:
+        truncated = run(pipe, kwargs)
+    assert torch.equal(truncated, first_step_only)
+    assert handle.perturbed_nfe.tolist() == window.perturbed_nfe.tolist() == [1, 1]
+    assert handle.strategy.perturbed_switch_step.tolist() == [0, 0]
+    with apply_guidance(pipe, PAG(pag_scale=2.0)) as plain_handle:
+        plain = run(pipe, kwargs)
+    with apply_guidance(pipe, PAG(pag_scale=2.0, truncation=1.0)) as handle:
+        assert torch.equal(run(pipe, kwargs), plain)
+    assert handle.perturbed_nfe.tolist() == plain_handle.perturbed_nfe.tolist() == [3, 3]
+    assert from_config(PAG(truncation=0.99).to_config()).truncation == 0.99
+    with pytest.raises(ValueError, match=r"PAG: truncation=2 is out of range"):
+        PAG(truncation=2)

@@ -39,7 +39,7 @@ from evaluation.spec import safe_name  # noqa: E402
 from guidance.atomic import atomic_write_text  # noqa: E402
 from guidance import (APG, CFG, FDG, GFCG, MAMBOG, TCFG, AdaptiveGuidance, APGMix, Autoguidance,  # noqa: E402
                       CalibratedClassifierGuidance, CFGZeroStar, DynamicCFG, DynamicThresholding,
-                      Interval, LinearAG, MimicScaleThresholding)
+                      Interval, LinearAG, MimicScaleThresholding, PAG)
 
 STEPS = 20
 Tensor = torch.Tensor
@@ -99,6 +99,8 @@ def plan(steps: int = STEPS) -> list[dict]:
         row("f", "CFG-Zero*", CFGZeroStar(), 3), row("f", "TCFG", TCFG(), 3), row("f", "MAMBO-G", MAMBOG(), 10),
         row("f", "APG-Mix", APGMix(), 10),  # CFG++ is refused on the shipped DDIM (it clips x0): not a row here
         row("f", "FDG 10,5", FDG((10.0, 5.0)), 3), row("f", "MimicScale 3", MimicScaleThresholding(mimic_scale=3.0), 10),
+        # (p) a perturbed denoiser (#30): PAG on the UNet's mid-block self-attention, beside CFG@3 (3 NFE a step)
+        row("p", "PAG 3", PAG(pag_scale=3.0), 3),
     ]
     return [r for r in rows if r is not None]
 

@@ -47,6 +47,7 @@ DYNAMIC = ("DynamicCFG alignment@3", "DynamicCFG default@3", "DynamicCFG signed 
            "DynamicCFG fixed weights@3")
 FIELD_RULES = ("DynamicThresholding@10", "CFG-Zero*@3", "TCFG@3", "MAMBO-G@10", "APG-Mix@10", "FDG 10,5@3",
                "MimicScale 3@10")  # (f) issue #29, the rules of diffusers' guiders, ComfyUI and WebUI
+PERTURBED_RULES = ("PAG 3@3",)  # (p) issue #30, guidance from a perturbed denoiser
 AUTOGUIDANCE = ("ATG@1.5", "ATG@2", "ATG@3", "GFCG 2 + ATG@2")  # (e) issue #18, the embedded guide model
 OLD_GUIDE = " (700-step guide)"  # rows made with the guide shipped before the 1,760-step one
 AUTOGUIDANCE_OLD = tuple(k.replace("ATG@", f"ATG{OLD_GUIDE}@") for k in AUTOGUIDANCE)
@@ -311,13 +312,14 @@ def conclusions(rows: Rows) -> list[dict]:
             if result:
                 out.append(result)
     # (f) the field's rules (#29): above the CFG curve, and their saturation against CFG at the same scale
-    for key in FIELD_RULES:
-        for judge in (curve_verdict, matched_accuracy_verdict):
-            if result := judge(rows, key, "f"):
-                out.append(result)
-        cfg = f"CFG@{key.rsplit('@', 1)[1]}"
-        pair("f", f"{key} lowers saturation against {cfg}", key, cfg, "saturation_mean", -1)
-        pair("f", f"{key} lowers FID against {cfg}", key, cfg, "fid", -1)
+    for group, keys in (("f", FIELD_RULES), ("p", PERTURBED_RULES)):
+        for key in keys:
+            for judge in (curve_verdict, matched_accuracy_verdict):
+                if result := judge(rows, key, group):
+                    out.append(result)
+            cfg = f"CFG@{key.rsplit('@', 1)[1]}"
+            pair(group, f"{key} lowers saturation against {cfg}", key, cfg, "saturation_mean", -1)
+            pair(group, f"{key} lowers FID against {cfg}", key, cfg, "fid", -1)
     # (e) the GFCG paper's headline setting: GFCG's push on top of autoguidance raises class accuracy
     for guide in ("", OLD_GUIDE):
         atg, both = f"ATG{guide}@2", f"GFCG 2 + ATG{guide}@2"
@@ -402,8 +404,10 @@ def rows_table(rows: Rows, n: int) -> list[str]:
     for key in sorted(rows.keys_at(n), key=_order):
         row = rows.get(key, n)
         s = summary(row)
-        guide = float(row.get("guide_nfe_per_image", 0.0))  # the guide model's rows count as evaluations too
-        nfe = f"{s['nfe_per_image'] + guide:.1f}" + (f" ({guide:.0f} of the guide model)" if guide else "")
+        # the guide model's and the perturbed denoiser's rows count as evaluations too
+        guide, perturbed = (float(row.get(f"{k}_nfe_per_image", 0.0)) for k in ("guide", "perturbed"))
+        nfe = (f"{s['nfe_per_image'] + guide + perturbed:.1f}" + (f" ({guide:.0f} of the guide model)" if guide else "")
+               + (f" ({perturbed:.0f} perturbed)" if perturbed else ""))
         cells = [s["group"], key, nfe,
                  _ci(s["class_accuracy"], s["class_accuracy_ci"], "{:.3f}"),
                  _ci(s["fid"], s["fid_ci"], "{:.1f}") if "fid_ci" in s else "-",

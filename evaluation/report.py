@@ -13,10 +13,11 @@ from PIL import Image
 from guidance.atomic import atomic_write, atomic_write_text
 
 TABLE_COLUMNS = ("setting", "fid", "kid_mean", "precision", "recall", "class_accuracy", "clip_score",
-                 "saturation_mean", "colourfulness_mean", "nfe_per_image", "guide_nfe_per_image", "seconds_per_image")
-# Columns that a row may lack, with the value that absence means: rows of settings without a guide model
-# (and of runs made before guide models were counted) made no guide-model evaluation.
-DEFAULTS = {"guide_nfe_per_image": 0.0}
+                 "saturation_mean", "colourfulness_mean", "nfe_per_image", "guide_nfe_per_image",
+                 "perturbed_nfe_per_image", "seconds_per_image")
+# Columns that a row may lack, with the value that absence means: rows of settings without a guide model or a
+# perturbed branch (and of runs made before those were counted) made no such evaluation.
+DEFAULTS = {"guide_nfe_per_image": 0.0, "perturbed_nfe_per_image": 0.0}
 
 
 def write_grid(images: torch.Tensor, path: Path, columns: int = 8) -> None:
@@ -110,7 +111,7 @@ def write_report(out: str | Path) -> str:
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
     for metric in ("fid", "class_accuracy", "clip_score", "saturation_mean", "precision", "recall", "nfe_per_image",
-                   "guide_nfe_per_image"):
+                   "guide_nfe_per_image", "perturbed_nfe_per_image"):
         plot_curves(rows, "scale", metric, plots / f"{metric}_vs_scale.png")
     for x in ("class_accuracy", "clip_score", "saturation_mean"):
         plot_curves(rows, x, "fid", plots / f"fid_vs_{x}.png")

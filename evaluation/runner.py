@@ -376,6 +376,7 @@ class SettingProgress:
     done_batches: int = 0
     nfe_sum: float = 0.0
     guide_nfe_sum: float = 0.0  # the guide model's evaluations (autoguidance), counted apart from nfe_sum
+    perturbed_nfe_sum: float = 0.0  # the perturbed denoiser's evaluations (PAG, SLG, SEG, ...), apart too
     seconds: float = 0.0
     grid: list = field(default_factory=list)
 
@@ -397,7 +398,8 @@ def _check_checkpoint_run(path: Path, saved: Any, run: dict | None) -> None:
 
 
 def _load_checkpoint(path: Path, suite: MetricSuite, setting: dict, num_batches: int,
-                     uses_guide: bool = False, run: dict | None = None) -> SettingProgress | None:
+                     uses_guide: bool = False, run: dict | None = None,
+                     uses_perturbed: bool = False) -> SettingProgress | None:
     """The saved progress, loaded into ``suite``; None (with a message) when there is none or it is unusable.
 
     Checkpoints written before guide-model counting have no "guide_nfe_sum": 0 for a setting without a
@@ -422,9 +424,13 @@ def _load_checkpoint(path: Path, suite: MetricSuite, setting: dict, num_batches:
         if "guide_nfe_sum" not in saved and uses_guide:
             _log(f"{path}: written before guide-model evaluations were counted; recomputing this setting")
             return None
+        if "perturbed_nfe_sum" not in saved and uses_perturbed:
+            _log(f"{path}: written before perturbed evaluations were counted; recomputing this setting")
+            return None
         suite.load_state_dict(saved["metrics"])
         return SettingProgress(done, float(saved["nfe_sum"]), float(saved.get("guide_nfe_sum", 0.0)),
-                               float(saved["seconds"]), list(saved["grid"]))
+                               float(saved.get("perturbed_nfe_sum", 0.0)), float(saved["seconds"]),
+                               list(saved["grid"]))
     except Exception as e:  # truncated, zero bytes, not a checkpoint, states of other shapes: all recomputed
         suite.reset()
         _log(f"{path} is corrupt or truncated ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
@@ -436,7 +442,8 @@ def _save_checkpoint(path: Path, suite: MetricSuite, setting: dict, prog: Settin
                      run: dict | None = None) -> None:
     atomic_save({"version": CHECKPOINT_VERSION, "setting": setting, "run": run, "metrics": suite.state_dict(),
                  "done_batches": prog.done_batches, "nfe_sum": prog.nfe_sum,
-                 "guide_nfe_sum": prog.guide_nfe_sum, "seconds": prog.seconds,
+                 "guide_nfe_sum": prog.guide_nfe_sum, "perturbed_nfe_sum": prog.perturbed_nfe_sum,
+                 "seconds": prog.seconds,
                  "grid": prog.grid}, path)
 
 
@@ -479,9 +486,9 @@ def run_setting(spec: RunSpec, source: Source, key: str, strategy_config: dict |
     # one) so that the per-batch reductions stay in step.
     num_batches = math.ceil(math.ceil(spec.num_images / dist.world_size) / spec.batch_size)
     setting = {"key": key, "strategy": strategy_config, "scale": scale}
-    uses_guide = _uses_guide_model(strategy_config)
+    uses_guide, uses_perturbed = _uses_guide_model(strategy_config), _uses_perturbed(strategy_config)
     run = run_identity(spec) if run is None else run
-    prog = _load_checkpoint(state_path, suite, setting, num_batches, uses_guide, run)
+    prog = _load_checkpoint(state_path, suite, setting, num_batches, uses_guide, run, uses_perturbed)
     # All processes must resume at the same batch: if one lost its checkpoint, all start this setting over.
     if dist.world_size > 1 and dist.min(-1 if prog is None else prog.done_batches) != dist.max(
             -1 if prog is None else prog.done_batches):
@@ -496,13 +503,14 @@ def run_setting(spec: RunSpec, source: Source, key: str, strategy_config: dict |
         for b in range(prog.done_batches, num_batches):
             indices = shard[b * spec.batch_size:(b + 1) * spec.batch_size]
             if indices:
-                images, nfe, guide_nfe, seconds = _generate(source, spec, strategy_config, scale, indices, device,
-                                                            apply_guidance)
+                images, nfe, guide_nfe, perturbed_nfe, seconds = _generate(source, spec, strategy_config, scale,
+                                                                           indices, device, apply_guidance)
                 prog.seconds += seconds
                 suite.update(images.to(device), source.labels(indices), source.prompts(indices),
                              torch.tensor(indices))
                 prog.nfe_sum += nfe
                 prog.guide_nfe_sum += guide_nfe
+                prog.perturbed_nfe_sum += perturbed_nfe
                 room = spec.grid_size - sum(len(g) for g in prog.grid)
                 if room > 0:
                     prog.grid.append(images[:room].cpu())
@@ -531,6 +539,8 @@ def run_setting(spec: RunSpec, source: Source, key: str, strategy_config: dict |
         # The guide model's evaluations, apart from the denoiser's nfe_per_image. Only settings with a guide
         # model carry the key, so rows of older runs and of other strategies are unchanged (readers: 0).
         row["guide_nfe_per_image"] = guide_nfe_sum / spec.num_images
+    if uses_perturbed:  # likewise the perturbed denoiser's evaluations (PAG, SLG, SEG, ...)
+        row["perturbed_nfe_per_image"] = dist.sum(prog.perturbed_nfe_sum) / spec.num_images
     return {"row": row, "grid": torch.cat(prog.grid) if prog.grid else None, "describe": suite.describe()}
 
 
@@ -548,11 +558,21 @@ def _uses_guide_model(strategy_config: dict | None) -> bool:
     return uses_guide_model(from_config(strategy_config))
 
 
+def _uses_perturbed(strategy_config: dict | None) -> bool:
+    """Whether the setting's strategy evaluates a perturbed denoiser (PAG, SLG, SEG, ...), counted apart."""
+    if strategy_config is None:
+        return False
+    from pipelines.hook import _strategy_tree
+
+    return any(s.perturbation is not None for s in _strategy_tree(from_config(strategy_config)))
+
+
 def _generate(source: Source, spec: RunSpec, strategy_config: dict | None, scale: float, indices: list[int],
-              device: str, apply_guidance) -> tuple[torch.Tensor, int, int, float]:
-    """(uint8 images, the denoiser's NFE, the guide model's NFE, seconds) for one batch of image indices."""
+              device: str, apply_guidance) -> tuple[torch.Tensor, int, int, int, float]:
+    """(uint8 images, the denoiser's NFE, the guide model's NFE, the perturbed denoiser's NFE, seconds) for one
+    batch of image indices."""
     start = time.perf_counter()
-    guide_nfe = 0
+    guide_nfe = perturbed_nfe = 0
     if strategy_config is None:
         images = source.call(indices, scale, spec.steps, spec.seed, device)
         nfe = spec.steps * (2 if scale > 1 else 1) * len(indices)
@@ -561,9 +581,10 @@ def _generate(source: Source, spec: RunSpec, strategy_config: dict | None, scale
             images = source.call(indices, scale, spec.steps, spec.seed, device)
         nfe = int(handle.nfe.sum())
         guide_nfe = 0 if handle.guide_nfe is None else int(handle.guide_nfe.sum())
+        perturbed_nfe = 0 if handle.perturbed_nfe is None else int(handle.perturbed_nfe.sum())
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    return images, nfe, guide_nfe, time.perf_counter() - start
+    return images, nfe, guide_nfe, perturbed_nfe, time.perf_counter() - start
 
 
 @dataclass

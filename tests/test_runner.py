@@ -172,6 +172,20 @@ def test_guide_model_evaluations_are_reported_apart(reference, source, test_guid
     assert "guide_nfe" not in format_table(old) and "nfe_per_image" in format_table(old)
 
 
+def test_perturbed_evaluations_are_reported_apart(reference, source, tmp_path):
+    """PAG on the embedded UNet's mid-block attention: 2 denoiser rows and 1 perturbed row a step, the latter in
+    its own column (and in the NFE a reader adds up), none for a rule without a perturbed branch."""
+    specs = [StrategySpec.parse(s) for s in ({"label": "CFG", "strategy": {"name": "CFG", "params": {}},
+                                              "scales": [2.0]},
+                                             {"label": "PAG", "strategy": {"name": "PAG", "params": {"pag_scale": 2.0}},
+                                              "scales": [2.0]})]
+    rows = run(spec(reference, strategies=specs, num_images=2, batch_size=2, steps=2, metrics=("saturation",)),
+               tmp_path, progress=False, source=source)
+    cfg, pag = rows
+    assert "perturbed_nfe_per_image" not in cfg and cfg["nfe_per_image"] == 4.0
+    assert pag["nfe_per_image"] == 4.0 and pag["perturbed_nfe_per_image"] == 2.0
+
+
 def test_guide_nfe_survives_kill_and_resume_and_old_checkpoints_are_read(reference, source, test_guide, tmp_path,
                                                                         monkeypatch):
     full = run(ag_spec(reference), tmp_path / "full", progress=False, source=source, checkpoint_seconds=0)

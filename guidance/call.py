@@ -29,7 +29,11 @@ class CallDescription:
     pixel-space ones). prompts: one prompt per sample (text pipelines). generator / eta: the call's
     own, for strategies that replay a stochastic scheduler step. scheduler: the scheduler object
     itself, opaque here, for strategies that step copies of it (DynamicCFG); None when unknown.
-    arguments: the call's bound arguments with defaults applied, read-only.
+    arguments: the call's bound arguments with defaults applied, read-only. steps_denoiser_output: False where
+    the pipeline hands its scheduler a transform of the denoiser's output rather than the output itself (the SD
+    latent upscaler's and Cosmos 2's own preconditioning, PRX Pixel's x0-to-velocity conversion, Mochi's and
+    LongCat-AudioDiT's raw output where strategies see its negation), so stepping a copy with the output is not its
+    step.
     """
 
     pipeline: str
@@ -46,6 +50,7 @@ class CallDescription:
     eta: float | None = None
     scheduler: Any = None
     arguments: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    steps_denoiser_output: bool = True
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:

@@ -148,6 +148,11 @@ class DynamicCFG(GuidanceStrategy):
         )
 
     def on_call(self, call: CallDescription) -> None:
+        if not call.steps_denoiser_output:
+            raise ValueError(f"DynamicCFG: {call.pipeline} hands its scheduler a transform of the denoiser's output "
+                             "(its own preconditioning, an x0-to-velocity conversion, or the negation of what the "
+                             "strategy sees), so a scheduler copy stepped with the guided output would "
+                             "not take the pipeline's step; allowed: pipelines that step the denoiser's output")
         names = self.evaluators if self.evaluators is not None else self.default_evaluators(call)
         if self.weights is not None and len(self.weights) != len(names):
             raise ValueError(f"DynamicCFG: weights has {len(self.weights)} entries for the {len(names)} evaluators "

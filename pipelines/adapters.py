@@ -15,7 +15,13 @@ the call keyword holding the pipeline's own scale, and the few quirks a family h
   the sample (x0 conversions) is the first `out_channels` of them;
 - `extra_denoisers` / `expert_scale_kws`: Wan 2.2's second expert `transformer_2` with its own
   `guidance_scale_2`;
-- `negated_output`: Lumina 2's transformer predicts the negated velocity.
+- `schedulers` / `denoisers_in_turn`: unCLIP's prior and decoder, each stepped by its own scheduler
+  (`prior_scheduler`, `decoder_scheduler`) in a run of its own (steps and strategy state start afresh);
+- `negated_output`: Lumina 2's transformer predicts the negated velocity;
+- `x0_velocity_floor`: PRX Pixel's transformer predicts x0, which the pipeline turns into the velocity
+  (x - x0) / max(t, floor) after its CFG; strategies see that velocity, so x0 and the noise level are the scheduler's;
+- `batch_dims`: keywords batched on another dimension than 0 (HiDream's Llama-3 embeddings, (layers, batch,
+  tokens, dim)), whose rows the layouts and branches select and concatenate on that dimension.
 
 Rows are keyed by class name; every row is verified by `tests/test_pipeline_zoo.py` on a tiny
 pipeline (CFG through the hook equals native CFG). `REFUSED` (pipelines/refusals.py) lists the classes
@@ -44,6 +50,14 @@ class Adapter:
     guide_channels_of_input: bool = False  # learned sigma: guide out[:, :in_channels], keep the rest
     unbatched: tuple[str, ...] = ()  # tensor kwargs that never carry a batch dimension
     per_frame_kws: tuple[str, ...] = ()  # tensor kwargs with batch x frames rows (AnimateDiff's prompt embeddings)
+    # Tensor kwargs whose batch is not on dimension 0, e.g. {"encoder_hidden_states_llama3": 1} (HiDream's
+    # (layers, batch, tokens, dim)): rows are selected and concatenated on that dimension. Stored as sorted pairs.
+    batch_dims: tuple[tuple[str, int], ...] = ()
+    timestep_kw: str = "timestep"  # keyword of the timestep when passed by name (HiDream: "timesteps")
+    # The denoiser's timestep is a ratio in [0, 1] (Würstchen's `r`, Stable Cascade's `timestep_ratio`): "stepped"
+    # when the pipeline steps its scheduler with it, "converted" when it steps other schedulers with their own
+    # timesteps[i] (pipelines/timestep_ratio.py).
+    timestep_ratio: str | None = None
     passthrough_kws: tuple[str, ...] = ()  # a call with one of these set is not a guidance call
     class_kw: str | None = None  # class-conditional denoisers: the keyword carrying the class ids
     extra_denoisers: tuple[str, ...] = ()  # further experts (Wan 2.2 transformer_2), hooked where not None
@@ -51,6 +65,9 @@ class Adapter:
     needs_negative: bool = False  # true-CFG pipelines: no unconditional pass without a negative prompt
     extra_input_channels: bool = False  # input = [sample, conditioning channels] (9-channel inpainting)
     negated_output: bool = False  # the denoiser predicts the negated velocity (Lumina 2)
+    # The denoiser predicts x0 and the pipeline steps its flow scheduler with (x - x0) / max(t, floor), t the
+    # denoiser's timestep (PRX Pixel: 0.05): strategies see that velocity (the x0 = x - s v the scheduler steps with).
+    x0_velocity_floor: float | None = None
     guided_channels: int | None = None  # the pipeline guides only these leading channels (Lumina v1: 3 of 4)
     off_kws: tuple[str, ...] = ()  # call keywords that must be off (PAG's extra branch, Bria's normalize): refused otherwise
     # The pipeline's scale s is CFG's w = s + scale_offset (Kandinsky 3 and Z-Image guide as c + s (c - u)),
@@ -65,6 +82,16 @@ class Adapter:
     # Call keywords whose value must equal the scale keyword's (Stable Video Diffusion guides each frame with its
     # own scale, linspace(min_guidance_scale, max_guidance_scale): one scale per sample only when they are equal).
     same_scale_kws: tuple[str, ...] = ()
+    # The pipeline attribute of the scheduler stepping each denoiser (unCLIP: prior_scheduler, decoder_scheduler);
+    # denoisers past the end of the tuple use the first.
+    schedulers: tuple[str, ...] = ("scheduler",)
+    # The denoisers run one after the other as separate diffusion runs (unCLIP: the prior, then the decoder), each
+    # with its own scheduler, steps and scale; the pipeline runs CFG in both when any of its scales is above on_above.
+    denoisers_in_turn: bool = False
+    # The pipeline itself turns the denoiser output F into x0 = c_skip x + c_out F before its CFG: the name of its
+    # rule in pipelines.preconditioning.PIPELINE_RULES ("latent_upscale", "cosmos2", "cosmos2_video"), which x0-space
+    # rules read.
+    preconditioning: str | None = None
     note: str = ""  # shown in the README table
 
     def __post_init__(self) -> None:
@@ -74,10 +101,38 @@ class Adapter:
         if layout not in LAYOUTS:
             raise ValueError(f"Adapter: layout={self.layout!r} is unknown; allowed: {', '.join(LAYOUTS)}")
         object.__setattr__(self, "layout", layout)
+        from .preconditioning import PIPELINE_RULES
+
+        if self.preconditioning is not None and self.preconditioning not in PIPELINE_RULES:
+            raise ValueError(f"Adapter: preconditioning={self.preconditioning!r} is unknown; allowed: None, "
+                             f"{', '.join(map(repr, PIPELINE_RULES))}")
+        if self.x0_velocity_floor is not None and not self.x0_velocity_floor > 0:
+            raise ValueError(f"Adapter: x0_velocity_floor={self.x0_velocity_floor!r} is invalid; allowed: None or a "
+                             "positive number (the floor of t in (x - x0) / max(t, floor))")
+        if self.timestep_ratio not in (None, "stepped", "converted"):
+            raise ValueError(f"Adapter: timestep_ratio={self.timestep_ratio!r} is unknown; allowed: None, 'stepped', "
+                             "'converted'")
+        try:
+            dims = dict(self.batch_dims)  # a dict or (keyword, dimension) pairs
+        except (TypeError, ValueError):
+            dims = {None: None}
+        if not all(isinstance(k, str) and type(d) is int and d >= 0 for k, d in dims.items()):
+            raise ValueError(f"Adapter: batch_dims={self.batch_dims!r} is invalid; allowed: a dict of keyword name "
+                             "-> non-negative dimension index, e.g. {'encoder_hidden_states_llama3': 1}")
+        object.__setattr__(self, "batch_dims", tuple(sorted(dims.items())))
 
     @property
     def denoisers(self) -> tuple[str, ...]:
         return (self.denoiser,) + self.extra_denoisers
+
+    def scheduler_of(self, pipe, expert: int = 0):
+        """The scheduler that steps denoiser `expert` (None where the pipeline has none)."""
+        return getattr(pipe, self.schedulers[min(expert, len(self.schedulers) - 1)], None)
+
+    @property
+    def batch_dim_of(self) -> dict[str, int]:
+        """`batch_dims` as keyword -> dimension (what the row-selection helpers take)."""
+        return dict(self.batch_dims)
 
 
 _SD_HINT = "call the pipeline with guidance_scale > 1 (the strategy's own scale, if set, still decides the strength)"
@@ -248,6 +303,11 @@ DIFFUSERS_ADAPTERS.update({
     # Mochi steps FlowMatch Euler with invert_sigmas (the table holds 1 - s): its transformer predicts x0 - eps
     "MochiPipeline": replace(_DIT, negated_output=True,
                              note="5-D video latents; its scheduler's sigmas inverted (read as 1 - sigma)"),
+    # LongCat-AudioDiT: the same scheduler and output as Mochi, in a conditional then an unconditional call (no
+    # cache context), guided as u + s (c - u) when s > 1
+    "LongCatAudioDiTPipeline": replace(_DIT, layout="sequential_call_order", negated_output=True,
+                                       note="(B, T, C) audio latents; its scheduler's sigmas inverted (read as "
+                                            "1 - sigma)"),
     # image / control-video latents appended on the channel axis 2 of (B, F, C, H, W): x0 from the first C
     **_rows(DIFFUSERS_ADAPTERS["CogVideoXPipeline"], "CogVideoXImageToVideoPipeline CogVideoXFunControlPipeline",
             extra_input_channels=True, channel_dim=2,
@@ -317,6 +377,11 @@ DIFFUSERS_ADAPTERS.update({
     **_rows(_DIT, "BriaFiboPipeline BriaFiboEditPipeline", unbatched=("txt_ids", "img_ids"),
             note="packed token latents"),
     "PRXPipeline": _DIT,
+    # PRX Pixel guides the x0 predictions, then steps (x - x0) / max(t, 0.05): affine and the same in both rows, so
+    # CFG commutes with it; strategies see that velocity (its x0 below t = 0.05 is (1 - s / 0.05) x + (s / 0.05) x0)
+    "PRXPixelPipeline": replace(_DIT, x0_velocity_floor=0.05,
+                                note="pixel space; the transformer predicts x0, stepped as the velocity "
+                                     "(x - x0) / max(t, 0.05), which strategies see"),
     "ErnieImagePipeline": _DIT,
     # Z-Image: one [cond; uncond] call on per-sample lists ([C, 1, H, W] latents, caption features of different
     # lengths) returning a list; it steps with the negated output and guides as c + s (c - u), on when s > 0.
@@ -355,6 +420,33 @@ DIFFUSERS_ADAPTERS.update({
     "StableAudio3Pipeline": replace(_DIT, note="1-D audio latents (B, C, T); the duration is a cross-attention token"),
 })
 
+# unCLIP and the Kandinsky priors on UnCLIPScheduler (tests/zoo_unclip.py). The PriorTransformer takes its sample
+# positionally and predicts x0 of a CLIP image embedding (B, D); proj_embedding, encoder_hidden_states and
+# attention_mask carry the batch. unCLIP's decoder UNet predicts [eps | variance] (learned_range), the pipeline keeps
+# the conditional variance; its super-resolution UNets run without guidance.
+_UNCLIP_HINT = ("call the pipeline with decoder_guidance_scale > 1 (the strategy's own scale, if set, still decides "
+                "the strength)")
+DIFFUSERS_ADAPTERS.update({
+    **_rows(_DIT, "KandinskyPriorPipeline KandinskyV22PriorPipeline KandinskyV22PriorEmb2EmbPipeline",
+            denoiser="prior", note="PriorTransformer on CLIP image embeddings (B, D), predicts x0 (UnCLIPScheduler)"),
+    "UnCLIPImageVariationPipeline": replace(_UNET, denoiser="decoder", schedulers=("decoder_scheduler",),
+                                            scale_kw="decoder_guidance_scale", enable_hint=_UNCLIP_HINT,
+                                            guide_channels_of_input=True,
+                                            note="guides the decoder (learned variance kept); super-resolution "
+                                                 "runs unguided"),
+    # Prior, then decoder: two diffusion runs in one call, each with its own scheduler and scale.
+    "UnCLIPPipeline": replace(_UNET, denoiser="prior", extra_denoisers=("decoder",),
+                              schedulers=("prior_scheduler", "decoder_scheduler"), scale_kw="prior_guidance_scale",
+                              expert_scale_kws=("decoder_guidance_scale",), denoisers_in_turn=True,
+                              guide_channels_of_input=True,
+                              enable_hint="call the pipeline with prior_guidance_scale > 1 or decoder_guidance_scale "
+                                          "> 1 (it then runs CFG in both stages; the strategy's own scale, if set, "
+                                          "decides both)",
+                              note="guides the prior with prior_guidance_scale, then the decoder with "
+                                   "decoder_guidance_scale (each its own run: steps, scheduler, strategy state); "
+                                   "super-resolution runs unguided"),
+})
+
 # research and single-purpose pipelines (tests/zoo_misc.py)
 DIFFUSERS_ADAPTERS.update({
     "StableDiffusionModelEditingPipeline": replace(_UNET, note="the SD loop; edit_model() rewrites cross-attention "
@@ -391,6 +483,73 @@ DIFFUSERS_ADAPTERS.update({
     # Bria Fibo 2.0 guides as u + s (c - u) in two calls, cond first, on the same latents; ids built inside the model
     "BriaFibo2Pipeline": replace(_DIT, layout="sequential_call_order",
                                  note="cond and uncond calls without a cache context"),
+})
+
+# HiDream and Shap-E img2img (tests/zoo_hidream.py)
+DIFFUSERS_ADAPTERS.update({
+    # HiDream: one [uncond; cond] call; its Llama-3 embeddings are (layers, batch, tokens, dim), the CFG batch on
+    # dimension 1; the timestep comes as `timesteps`; it steps its scheduler with the negated output
+    "HiDreamImagePipeline": replace(_DIT, negated_output=True, timestep_kw="timesteps",
+                                    batch_dims={"encoder_hidden_states_llama3": 1},
+                                    note="Llama-3 embeddings batched on dimension 1 (layers, batch, tokens, dim)"),
+    # the image variant of Shap-E: the same prior layout, conditioned on CLIP image tokens (zeros unconditionally)
+    "ShapEImg2ImgPipeline": replace(DIFFUSERS_ADAPTERS["ShapEPipeline"],
+                                    note="(B, N, D) latents; learned variance on the last axis, kept; CLIP image "
+                                         "tokens, zeroed in the unconditional half"),
+})
+
+# Würstchen and Stable Cascade (tests/zoo_wuerstchen.py): torch.lerp(u, c, s) = u + s (c - u) on [cond; uncond], on
+# when s > 1; the denoiser's timestep is a ratio in [0, 1] (pipelines/timestep_ratio.py); the conditioning keywords
+# (clip, effnet, clip_text_pooled, clip_img) carry the 2B rows of the batch.
+_WUERSTCHEN = replace(_UNET, layout="cond_uncond", sample_kw="x", timestep_kw="r", timestep_ratio="stepped")
+_CASCADE = replace(_WUERSTCHEN, sample_kw="sample", timestep_kw="timestep_ratio", timestep_ratio="converted")
+DIFFUSERS_ADAPTERS.update({
+    "WuerstchenPriorPipeline": replace(_WUERSTCHEN, denoiser="prior",
+                                       note="timestep ratio r in [0, 1]; DDPMWuerstchenScheduler only (it steps it "
+                                            "with r)"),
+    "WuerstchenDecoderPipeline": replace(_WUERSTCHEN, denoiser="decoder",
+                                         note="timestep ratio r in [0, 1]; DDPMWuerstchenScheduler only (it steps it "
+                                              "with r); the prior's image embeddings, zeroed unconditionally"),
+    "StableCascadePriorPipeline": replace(_CASCADE, denoiser="prior",
+                                          note="timestep ratio in [0, 1]; other schedulers step at their own "
+                                               "timesteps (read there); it never calls scale_model_input"),
+    "StableCascadeDecoderPipeline": replace(_CASCADE, denoiser="decoder",
+                                            note="timestep ratio in [0, 1]; other schedulers step at their own "
+                                                 "timesteps (read there); it never calls scale_model_input; the "
+                                                 "prior's image embeddings, zeroed unconditionally"),
+})
+
+# preconditioned denoiser outputs, x0 = c_skip x + c_out F (tests/zoo_preconditioned.py)
+DIFFUSERS_ADAPTERS.update({
+    # its EDM scheduler preconditions input and output itself (x0-space rules: the "preconditioned" scheduler rule)
+    "StableAudioPipeline": replace(_DIT, unbatched=("rotary_embedding",),
+                                   note="1-D audio latents (B, C, T); its EDM scheduler's x0 = c_skip x + c_out F, "
+                                        "read with the scheduler's own coefficients"),
+    # UNet input [latents (4); low-res image latents (4)], output [F (4); variance (1)]: guides F, keeps the variance
+    "StableDiffusionLatentUpscalePipeline": replace(_UNET, extra_input_channels=True, guide_channels_of_input=True,
+                                                    guided_channels=4, preconditioning="latent_upscale",
+                                                    note="x0 = the pipeline's own c_skip x + c_out F of the UNet "
+                                                         "output; its variance channel kept"),
+    # two calls, cond first on the same latents; guides c_skip x + c_out F as c + s (c - u) (CFG's w = s + 1)
+    "Cosmos2TextToImagePipeline": replace(_DIT, layout="sequential_call_order", scale_offset=1.0,
+                                          preconditioning="cosmos2",
+                                          note="x0 = the pipeline's own c_skip x + c_out F of the transformer "
+                                               "output; cond and uncond calls without a cache context"),
+})
+
+# Cosmos world pipelines: each branch's output turned into x0 (an affine map, the same for both branches) before a
+# CFG c + s (c - u), i.e. CFG's w = s + 1 on F (tests/zoo_cosmos.py)
+DIFFUSERS_ADAPTERS.update({
+    # two calls on the same input; x0 from its EDM scheduler's step (then rewound), which is the scheduler's own
+    # precondition_outputs: x0-space rules read it through the EDM scheduler rule
+    "CosmosTextToWorldPipeline": replace(_DIT, layout="sequential_call_order", scale_offset=1.0,
+                                         note="x0 = its EDM scheduler's c_skip x + c_out F of the transformer output; "
+                                              "cond and uncond calls without a cache context"),
+    # two calls, each on its own input; x0 replaced by the conditioning latents on the condition_mask frames
+    "Cosmos2VideoToWorldPipeline": replace(_DIT, layout="sequential_conditioned_frames", scale_offset=1.0,
+                                           preconditioning="cosmos2_video",
+                                           note="x0 = the pipeline's own c_skip x + c_out F of the transformer output, "
+                                                "and the conditioning latents on the conditioning frames"),
 })
 
 # Our own pipelines register here (see pipelines/embedded/pipeline.py).

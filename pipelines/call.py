@@ -66,9 +66,18 @@ def _prompts(arguments: Mapping[str, Any]) -> tuple[str, ...] | None:
     return tuple(p for p in prompts for _ in range(per))
 
 
+def steps_denoiser_output(adapter: Any, scheduler: Any) -> bool:
+    """Whether the scheduler steps the guided output a strategy returns. Not where the pipeline preconditions it
+    (`preconditioning`), turns an x0 into a velocity (`x0_velocity_floor`, PRX Pixel), or steps the raw output
+    while strategies see its negation (`negated_output` under invert_sigmas: Mochi, LongCat-AudioDiT)."""
+    inverted = bool(getattr(getattr(scheduler, "config", None), "invert_sigmas", False))
+    return (adapter.preconditioning is None and adapter.x0_velocity_floor is None
+            and not (adapter.negated_output and inverted))
+
+
 def describe_call(pipe: Any, arguments: Mapping[str, Any], adapter: Any) -> CallDescription:
     """The plain description of this call (see `guidance.call.CallDescription`)."""
-    scheduler = getattr(pipe, "scheduler", None)
+    scheduler = adapter.scheduler_of(pipe)
     denoiser = getattr(pipe, adapter.denoiser, None)
     steps = arguments.get("num_inference_steps")
     return CallDescription(
@@ -87,6 +96,7 @@ def describe_call(pipe: Any, arguments: Mapping[str, Any], adapter: Any) -> Call
         eta=arguments.get("eta"),
         scheduler=scheduler,
         arguments=MappingProxyType(dict(arguments)),
+        steps_denoiser_output=steps_denoiser_output(adapter, scheduler),
     )
 
 

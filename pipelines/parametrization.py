@@ -14,14 +14,22 @@ the class's MRO, so subclasses inherit their parent's rule):
   sqrt((1 - alphabar) / alphabar) and feed the model the VP-scaled input, so relative to the model
   input alpha = 1 / sqrt(sigma^2 + 1) and sigma_vp = sigma * alpha. Flow matching (and the
   `use_flow_sigmas` variants) feeds x = (1 - s) x0 + s eps directly.
+- "unclip" (UnCLIPScheduler: unCLIP and Kandinsky priors, which predict x0, and unCLIP decoders): as
+  "discrete", alphas_cumprod[t] at the timestep its step is given, without the zero-SNR floor below.
+- "ratio" (DDPMWuerstchenScheduler: Würstchen, Stable Cascade): its timesteps are a continuous ratio t in
+  [0, 1] (the pipelines pass it to the denoiser as `r` / `timestep_ratio` and step the scheduler with it), and
+  alphabar = its own cosine `_alpha_cumprod(t)`; the model sees x_t unscaled (see `ratio_noise_level`).
+- "preconditioned" (EDMEuler, EDM DPM-Solver++, Cosine DPM-Solver++): the scheduler turns the raw output F into
+  x0 = c_skip x + c_out F itself, with sigma = sigmas[step_index] and its own c_in, c_skip, c_out
+  (`pipelines.preconditioning`). Pipelines that precondition the output themselves (the SD latent upscaler,
+  Cosmos 2 text-to-image) name their own rule in `Adapter.preconditioning`; the hook passes it in `cache`.
 
 Zero-terminal-SNR schedules end at alphabar = 0, where an epsilon prediction does not determine x0
 (diffusers' DDIM divides by zero there). We floor alphabar at 2**-24 for epsilon models, the value
 diffusers' own Euler / DPM-Solver / UniPC schedulers substitute; conversions stay exact inverses of
 each other, so CFG-equivalent rules are unchanged and the rest stays finite.
 
-EDM-preconditioned schedulers (their model output is not eps / v / flow of the model input) and
-schedulers we have no rule for are refused with an error naming the class; strategies that work in
+Schedulers we have no rule for are refused with an error naming the class; strategies that work in
 the model's own output space (CFG, APG(mode="diffusers"), ...) still run there: the error is raised
 only when a strategy asks for x0.
 """
@@ -44,7 +52,9 @@ SIGMA_TABLE = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "Heu
                "FlowMatchHeunDiscreteScheduler")
 # Karras-EDM schedulers precondition the model input and output themselves (c_in, c_skip, c_out).
 PRECONDITIONED = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler", "CosineDPMSolverMultistepScheduler")
-SUPPORTED = DISCRETE + SIGMA_TABLE
+UNCLIP = ("UnCLIPScheduler",)  # unCLIP / Kandinsky priors and decoders: see unclip_noise_level
+RATIO = ("DDPMWuerstchenScheduler",)  # a continuous timestep ratio in [0, 1]: see ratio_noise_level
+SUPPORTED = DISCRETE + SIGMA_TABLE + UNCLIP + RATIO + PRECONDITIONED
 ZERO_SNR_FLOOR = 2.0**-24  # alphabar floor for epsilon models (diffusers' Euler/DPM/UniPC use the same)
 
 
@@ -60,18 +70,19 @@ def is_scheduler_class(cls) -> bool:
 
 
 def rule(scheduler) -> str:
-    """"discrete" or "sigmas" for a known scheduler class (or a subclass of one); raises otherwise."""
+    """"discrete", "sigmas", "unclip", "ratio" or "preconditioned" for a known scheduler class (or a subclass of
+    one); raises otherwise."""
     for cls in type(scheduler).__mro__:
         if cls.__name__ in PRECONDITIONED:
-            raise UnsupportedScheduler(
-                f"scheduler={type(scheduler).__name__}: EDM-preconditioned schedulers scale the model's input and "
-                "output themselves (c_in, c_skip, c_out), so its output is not eps / v / flow of the model input and "
-                f"x0-space strategies cannot convert it; allowed: {', '.join(SUPPORTED)}"
-            )
+            return "preconditioned"
         if cls.__name__ in DISCRETE:
             return "discrete"
         if cls.__name__ in SIGMA_TABLE:
             return "sigmas"
+        if cls.__name__ in UNCLIP:
+            return "unclip"
+        if cls.__name__ in RATIO:
+            return "ratio"
     raise UnsupportedScheduler(
         f"scheduler={type(scheduler).__name__}: its noise level per model evaluation is unknown to guidance-kit, so "
         f"x0-space strategies cannot convert its predictions (we do not guess); allowed: {', '.join(SUPPORTED)}"
@@ -152,11 +163,17 @@ def scheduler_parametrization(scheduler, timestep, model_input: torch.Tensor,
     noise level cannot be read exactly; see `step_parametrization` for the lenient form. `cache`: a
     per-call dict for the scheduler's tables (see `_floats`). The arithmetic is float64 on Python
     numbers (IEEE-identical to the same float64 tensor operations)."""
+    from .preconditioning import PIPELINE_RULES, edm_parametrization  # it imports this module
+
+    if cache is not None and cache.get("preconditioning") is not None:  # the pipeline's own (Adapter.preconditioning)
+        return PIPELINE_RULES[cache["preconditioning"]](scheduler, timestep, model_input, cache)
     kind = prediction_type(scheduler)
     if kind not in PREDICTION_TYPES:
         raise UnsupportedScheduler(f"scheduler={type(scheduler).__name__}: prediction_type={kind!r} is not supported; "
                                    f"allowed: {', '.join(PREDICTION_TYPES)}")
     how = rule(scheduler)
+    if how == "preconditioned":
+        return edm_parametrization(scheduler, timestep, model_input, cache)
     shape = (model_input.shape[0],) + (1,) * (model_input.ndim - 1)
     if how == "sigmas":
         s = current_sigma(scheduler, cache, timestep)
@@ -167,6 +184,10 @@ def scheduler_parametrization(scheduler, timestep, model_input: torch.Tensor,
         else:
             alpha = 1.0 / math.sqrt(s * s + 1.0)
             sigma = s * alpha
+    elif how == "unclip":
+        alpha, sigma = unclip_noise_level(scheduler, timestep, cache)
+    elif how == "ratio":
+        alpha, sigma = ratio_noise_level(scheduler, timestep)
     else:
         abar = _floats(scheduler, "alphas_cumprod", cache)[round(timestep_value(timestep))]
         if kind == "epsilon":
@@ -174,6 +195,52 @@ def scheduler_parametrization(scheduler, timestep, model_input: torch.Tensor,
         alpha, sigma = math.sqrt(abar), math.sqrt(1.0 - abar)
     full = lambda v: torch.full(shape, v, dtype=torch.float64, device=model_input.device)  # noqa: E731
     return Parametrization(kind, model_input, full(alpha), full(sigma))
+
+
+def unclip_noise_level(scheduler, timestep, cache: dict | None = None) -> tuple[float, float]:
+    """(alpha, sigma) of UnCLIPScheduler's model input: its step reads alphas_cumprod[t] at the timestep it is
+    given (prev_timestep only sets where it moves to, and its beta), for "epsilon" decoders and "sample" (x0) priors
+    alike. Not floored: its squaredcos_cap_v2 table ends at alphabar 2.4e-9 > 0 (t = 999, where every call starts),
+    which its step divides by as it is."""
+    abar = _floats(scheduler, "alphas_cumprod", cache)[round(timestep_value(timestep))]
+    return math.sqrt(abar), math.sqrt(1.0 - abar)
+
+
+def _ratio_alpha_cumprod(scheduler, t: float) -> float:
+    """DDPMWuerstchenScheduler's alphabar at ratio t, by its own `_alpha_cumprod` (cosine, `scaler` warp, clamp to
+    [1e-4, 0.9999]) in float32 on the CPU, as its step computes it for a float32 ratio (no device read)."""
+    return float(scheduler._alpha_cumprod(torch.tensor([t], dtype=torch.float32), "cpu")[0])
+
+
+def ratio_noise_level(scheduler, timestep) -> tuple[float, float]:
+    """(alpha, sigma) of DDPMWuerstchenScheduler's model input. Its step, at the ratio t it is given (the one the
+    pipeline passes the denoiser), reads the model output as epsilon of the sample itself (no input scaling):
+    x_t = sqrt(abar(t)) x0 + sqrt(1 - abar(t)) eps. abar is clamped to <= 0.9999, so never 0 or 1."""
+    abar = _ratio_alpha_cumprod(scheduler, timestep_value(timestep))
+    return math.sqrt(abar), math.sqrt(1.0 - abar)
+
+
+def _ratio_next_sigma(scheduler, timestep, cache: dict | None) -> float:
+    """The VE sigma DDPMWuerstchenScheduler's step moves to: abar at the next entry of its timesteps after the one
+    nearest t (its `previous_timestep`); its last step goes to t = 0, abar 0.9999 (sigma 0.01), not to x0."""
+    timesteps, t = _floats(scheduler, "timesteps", cache), timestep_value(timestep)
+    i = min(range(len(timesteps)), key=lambda k: abs(timesteps[k] - t))
+    abar = _ratio_alpha_cumprod(scheduler, timesteps[min(i + 1, len(timesteps) - 1)])
+    return ((1.0 - abar) / abar) ** 0.5
+
+
+def planned_evaluations(scheduler) -> int:
+    """Model evaluations the timesteps plan: one per entry, but DDPMWuerstchenScheduler's table ends at the target
+    t = 0, which its pipelines never evaluate (they loop over timesteps[:-1])."""
+    return len(scheduler.timesteps) - (rule_or_none(scheduler) == "ratio")
+
+
+def rule_or_none(scheduler) -> str | None:
+    """`rule`, or None for a scheduler it refuses."""
+    try:
+        return rule(scheduler)
+    except UnsupportedScheduler:
+        return None
 
 
 def step_parametrization(scheduler, timestep, model_input: torch.Tensor, cache: dict | None = None) -> Parametrization:
@@ -207,7 +274,7 @@ def starts_step(scheduler) -> bool:
 def num_scheduler_steps(scheduler) -> int:
     """Scheduler steps in the planned timesteps: a 2-stage solver's last step has no corrector
     (Heun: 2N - 1 evaluations for N steps)."""
-    return math.ceil(len(scheduler.timesteps) / evaluations_per_step(scheduler))
+    return math.ceil(planned_evaluations(scheduler) / evaluations_per_step(scheduler))
 
 
 def _timestep_index(timesteps: list[float], cache: dict | None) -> dict[float, int]:
@@ -229,6 +296,10 @@ def next_sigma(scheduler, timestep, cache: dict | None = None) -> float | None:
         how = rule(scheduler)
     except UnsupportedScheduler:
         return None
+    if how == "preconditioned" or (cache is not None and cache.get("preconditioning") is not None):
+        from .preconditioning import table_next_sigma  # it imports this module
+
+        return table_next_sigma(scheduler, timestep, cache)
     if how == "sigmas":
         i = current_sigma_index(scheduler, timestep, cache)
         sigmas = _floats(scheduler, "sigmas", cache)
@@ -240,6 +311,8 @@ def next_sigma(scheduler, timestep, cache: dict | None = None) -> float | None:
         if prediction_type(scheduler) == "flow":
             return s / (1.0 - s) if s < 1.0 else float("inf")
         return s
+    if how == "ratio":
+        return _ratio_next_sigma(scheduler, timestep, cache)
     timesteps = _floats(scheduler, "timesteps", cache)
     t = timestep_value(timestep)
     i = _timestep_index(timesteps, cache).get(t)  # the timestep is read from this table: an exact match
@@ -257,7 +330,7 @@ def build_step_context(scheduler, call: dict, model_input: torch.Tensor, timeste
     """The StepContext of the coming evaluation, from the hook's per-call state `call` (keys step,
     num_steps, scale, rescale; this function keeps its scheduler-step counter there too)."""
     if call.get("num_steps") is None:
-        call["num_steps"] = len(scheduler.timesteps)
+        call["num_steps"] = planned_evaluations(scheduler)
         call["num_scheduler_steps"] = num_scheduler_steps(scheduler)
         call["timesteps"] = scheduler.timesteps
     elif scheduler.timesteps is not call["timesteps"]:  # one identity check per step

@@ -214,36 +214,13 @@ _refuse("TextToVideoZeroPipeline TextToVideoZeroSDXLPipeline",
         "within one call; its cross-frame attention also assumes the [uncond; cond] halves")
 
 # Priors, cascades, audio
-_refuse("KandinskyPriorPipeline KandinskyV22PriorPipeline KandinskyV22PriorEmb2EmbPipeline",
-        "its CFG is u + s (c - u) on [uncond; cond], but its UnCLIPScheduler (steps with prev_timestep) has no "
-        "noise-level rule in guidance-kit, so x0-space strategies could not convert its predictions")
-_refuse("UnCLIPPipeline",
-        "it runs two guided denoisers with different call conventions (a PriorTransformer called positionally with "
-        "prior_guidance_scale, a learned-variance UNet with decoder_guidance_scale) behind one CFG switch, on "
-        "UnCLIPScheduler, whose noise level guidance-kit cannot read")
-_refuse("UnCLIPImageVariationPipeline",
-        "its decoder runs on UnCLIPScheduler, whose noise level guidance-kit cannot read, so x0-space strategies "
-        "could not convert its predictions")
-_refuse("WuerstchenPriorPipeline WuerstchenDecoderPipeline StableCascadePriorPipeline StableCascadeDecoderPipeline",
-        "it runs torch.lerp(u, c, s) = u + s (c - u) on [cond; uncond], but its DDPMWuerstchenScheduler runs on a "
-        "continuous timestep ratio (passed as r / timestep_ratio, not timestep) for which guidance-kit has no "
-        "noise-level rule")
 _refuse("StableCascadeCombinedPipeline WuerstchenCombinedPipeline",
-        "it runs a prior and a decoder pipeline in turn, and neither stage can be guided yet (DDPMWuerstchenScheduler:"
-        " see StableCascadePriorPipeline / WuerstchenPriorPipeline)")
+        "it runs two pipelines in turn, each with its own scale (prior_guidance_scale, decoder_guidance_scale): guide "
+        "each stage with apply_guidance(pipe.prior_pipe, ...) and apply_guidance(pipe.decoder_pipe, ...) (both exact, "
+        "tested inside the combined call)")
 _refuse("KandinskyV22CombinedPipeline KandinskyV22Img2ImgCombinedPipeline KandinskyV22InpaintCombinedPipeline",
-        "it runs two pipelines in turn: guide its decoder stage with apply_guidance(pipe.decoder_pipe, ...) (exact, "
-        "tested inside the combined call); its prior stage pipe.prior_pipe cannot be guided yet (UnCLIPScheduler)")
-_refuse("ShapEImg2ImgPipeline",
-        "its PriorTransformer outputs [prediction | variance] on the last dimension, (B, N, 2D) for a (B, N, D) "
-        "sample, while the hook splits learned-variance channels on dimension 1")
-_refuse("StableAudioPipeline",
-        "its EDMDPMSolverMultistepScheduler preconditions the model's input and output (EDM), so the model output is "
-        "not eps / v / flow of its input and x0-space strategies could not convert it")
-_refuse("LongCatAudioDiTPipeline",
-        "its FlowMatchEulerDiscreteScheduler runs with invert_sigmas=True (t = 0 is noise, the transformer predicts "
-        "x0 - noise), so the scheduler's sigma table holds the data fraction, which guidance-kit's flow rule would "
-        "read as the noise level")
+        "it runs two pipelines in turn, each with its own scale: guide them as apply_guidance(pipe.prior_pipe, ...) "
+        "and apply_guidance(pipe.decoder_pipe, ...) (both exact, tested inside the combined call)")
 _refuse("AceStepPipeline",
         "it guides with ACE-Step's own APG (momentum -0.75, norm threshold 2.5, eta 0, c + (s - 1) update) inside "
         "cfg_interval_start / cfg_interval_end, not u + s (c - u), and its cover task adds a third, unguided call")
@@ -261,9 +238,8 @@ _refuse("LTX2HDRPipeline",
         "other pipelines rescale the velocity, and its STG and modality-isolation passes call the transformer again "
         "on the conditional rows only")
 _refuse("KandinskyCombinedPipeline KandinskyImg2ImgCombinedPipeline KandinskyInpaintCombinedPipeline",
-        "it runs two pipelines in turn: guide its decoder stage with apply_guidance(pipe.decoder_pipe, ...) "
-        "(KandinskyPipeline / KandinskyImg2ImgPipeline / KandinskyInpaintPipeline have rows); its prior stage "
-        "pipe.prior_pipe cannot be guided yet (UnCLIPScheduler)")
+        "it runs two pipelines in turn, each with its own scale: guide them as apply_guidance(pipe.prior_pipe, ...) "
+        "and apply_guidance(pipe.decoder_pipe, ...) (both exact, tested inside the combined call)")
 
 # Stable Diffusion variants
 _refuse("StableDiffusionPanoramaPipeline",
@@ -272,10 +248,6 @@ _refuse("StableDiffusionPanoramaPipeline",
 _refuse("StableDiffusionGLIGENTextImagePipeline",
         "it calls the UNet twice per step on the full [uncond; cond] batch (with and without grounding tokens) and "
         "takes the unconditional half of one call and the conditional half of the other")
-_refuse("StableDiffusionLatentUpscalePipeline",
-        "its UNet outputs a Karras-preconditioned F (and a variance channel) that the pipeline turns into the "
-        "denoised sample c_skip x + c_out F before its CFG, so the UNet output is not the scheduler's prediction and "
-        "x0-space strategies could not convert it")
 
 # Image transformers
 _refuse("ZImageOmniPipeline",
@@ -287,12 +259,6 @@ _refuse("QwenImageLayeredPipeline",
 _refuse("QwenImage21Pipeline",
         "its transformer returns the text tokens ahead of the sample's, so its output is longer than its input and "
         "x0-space strategies cannot align the prediction with the sample")
-_refuse("HiDreamImagePipeline",
-        "its Llama-3 embeddings are (layers, batch, tokens, dim), the CFG batch concatenated on dimension 1, while "
-        "the hook selects rows on dimension 0, so a step that evaluates only some rows would mismatch them")
-_refuse("Cosmos2TextToImagePipeline",
-        "it preconditions the transformer's output (c_skip x + c_out F) before its CFG and guides that as "
-        "c + s (c - u), so the denoiser output is not the scheduler's prediction")
 _refuse("Ideogram4Pipeline",
         "its unconditional branch is a second model (unconditional_transformer) on different inputs, with a "
         "per-step guidance_schedule; the hook pairs the conditional and unconditional calls of one denoiser")
@@ -315,13 +281,10 @@ _refuse("SkyReelsV2DiffusionForcingPipeline SkyReelsV2DiffusionForcingImageToVid
 _refuse("HunyuanVideoFramepackPipeline",
         "it re-sets its timesteps for every section inside one call and passes each of its two calls its own copy of "
         "the latents, so the conditional and unconditional calls cannot be paired by the shared latent tensor")
-_refuse("CosmosTextToWorldPipeline CosmosVideoToWorldPipeline Cosmos2VideoToWorldPipeline",
-        "it converts each branch to x0 with its EDM scheduler's step before guiding and guides those as "
-        "c + s (c - u), so the denoiser outputs are not what it combines")
+_refuse("CosmosVideoToWorldPipeline",
+        "it replaces x0 on the conditioning frames by the clean conditioning latents in both branches before guiding, "
+        "but its transformer sees those frames only noise-augmented (augment_sigma, a new draw per branch), so the x0 "
+        "it guides cannot be read from the denoiser calls and x0-space rules could not be exact")
 _refuse("ConsisIDPipeline",
         "it needs opencv-python for its face preprocessing, which the test environment does not install, so diffusers "
         "exposes a stand-in and no tiny case can verify its layout")
-_refuse("PRXPixelPipeline",
-        "its transformer predicts x0 in pixel space, turned into a velocity (x - x0) / max(t, 0.05) only after its "
-        "CFG, while its FlowMatchEulerDiscreteScheduler makes the output read as a velocity, so x0-space strategies "
-        "would see x - sigma x0 instead of x0")

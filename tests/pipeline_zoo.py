@@ -599,11 +599,15 @@ CASES.update({
 })
 
 # The families' own files (each imports this module's helpers lazily, inside its builders).
-for _family in ("zoo_unet", "zoo_unet_video", "zoo_video", "zoo_image", "zoo_cascades", "zoo_misc", "zoo_image2"):
+for _family in ("zoo_unet", "zoo_unet_video", "zoo_video", "zoo_image", "zoo_cascades", "zoo_misc", "zoo_image2",
+                "zoo_hidream", "zoo_unclip", "zoo_wuerstchen", "zoo_preconditioned", "zoo_audio_pixel",
+                "zoo_cosmos"):
     CASES.update(importlib.import_module(_family).CASES)
 
 # Wan 2.2 (two experts, guidance_scale_2) is the same class as Wan 2.1: an extra case, not an extra row.
 EXTRA_CASES: dict[str, Case] = {"WanPipeline[2.2 two experts]": _case(lambda: _wan(True), lambda: _wan_kwargs(True))}
+# Stable Cascade under a DDPM scheduler (it steps those with their own timesteps, not the denoiser's ratio).
+EXTRA_CASES.update(importlib.import_module("zoo_wuerstchen").EXTRA_CASES)
 
 
 ALL_CASES = {**CASES, **EXTRA_CASES}

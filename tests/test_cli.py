@@ -604,8 +604,6 @@ CAMPAIGN_FLAGS = {
     "--pipeline empty": (["--pipeline", "", "--class-labels", "1"], "--pipeline '' is empty"),
     # before: "attribute name must be string, not 'type'"
     "--scheduler SchedulerMixin": (["--scheduler", "SchedulerMixin"], "--scheduler 'SchedulerMixin' is not a diffusers"),
-    # before: "is not a diffusers scheduler class" (it is one; its extra is missing)
-    "--scheduler needing torchsde": (["--scheduler", "DPMSolverSDEScheduler"], "needs torchsde, not installed here"),
     # unchanged (already clear)
     "--metrics upper case": (["--metrics", "FID"], "unknown ['FID']"),
     "--class-labels 1,,2": (["--class-labels", "1,,2"], "--class-labels '1,,2'"),
@@ -632,6 +630,20 @@ def test_campaign_bad_flags_exit_2_naming_them(extra, message, tmp_path, capsys)
     assert not (tmp_path / "o").exists()
 
 
+def test_a_scheduler_whose_extra_is_missing_is_named_with_the_extra(tmp_path, capsys, monkeypatch):
+    """Before: "is not a diffusers scheduler class" (it is one; its extra is missing). Every scheduler extra is
+    installed here (torchsde included), so diffusers' placeholder for a missing one is stood in for."""
+    import diffusers
+
+    class Placeholder:  # what diffusers exposes for a class whose backend is not installed
+        _backends = ["an_extra_not_installed"]
+
+    monkeypatch.setattr(diffusers, "SomeSDEScheduler", Placeholder, raising=False)
+    code, err = cli(run_argv(tmp_path / "o", [CFG], "--scheduler", "SomeSDEScheduler"), capsys)
+    assert code == 2 and not (tmp_path / "o").exists()
+    assert_one_line(err, 2, "--scheduler 'SomeSDEScheduler' needs an_extra_not_installed, not installed here")
+
+
 @pytest.mark.parametrize("what", ["a file", "missing"])
 def test_campaign_report_on_a_file_or_nothing(what, tmp_path, capsys):
     (tmp_path / "f").write_text("x")
@@ -648,14 +660,14 @@ def test_campaign_scheduler_flag_works_on_the_embedded_model(tmp_path, capsys):
 
 
 def test_campaign_refusal_of_the_first_step_is_an_input_error_before_anything_is_written(tmp_path, capsys):
-    # APG needs x0, which an EDM scheduler does not give: only a running step can tell. prepare() runs each
-    # setting for one step of one image, so this is an input error (exit 2) naming the setting, and the run
-    # folder is not created; the corrected command then runs.
+    # APG needs x0, which a scheduler without a noise-level rule (IPNDM) does not give: only a running step can
+    # tell. prepare() runs each setting for one step of one image, so this is an input error (exit 2) naming the
+    # setting, and the run folder is not created; the corrected command then runs.
     out = tmp_path / "o"
     apg = _spec({"name": "APG", "params": {}})
-    code, err = cli(run_argv(out, apg, "--scheduler", "EDMEulerScheduler"), capsys)
+    code, err = cli(run_argv(out, apg, "--scheduler", "IPNDMScheduler"), capsys)
     assert code == 2
-    assert_one_line(err, 2, "EDM-preconditioned")
+    assert_one_line(err, 2, "scheduler=IPNDMScheduler: its noise level per model evaluation is unknown")
     assert "setting 'x@2'" in err and not out.exists()
     code, err = cli(run_argv(out, apg), capsys)
     assert code == 0, err

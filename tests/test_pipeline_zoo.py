@@ -1,6 +1,7 @@
 """Every class in the adapter table, on a tiny pipeline: the hook is exact, counts what it evaluates,
 and leaves no trace. One parametrised test per class (a few pipeline calls each)."""
 
+import functools
 import inspect
 
 import pytest
@@ -46,6 +47,11 @@ def test_every_adapter_row_has_a_tiny_pipeline():
     assert sorted(DIFFUSERS_ADAPTERS) == sorted(CASES)
 
 
+# Kandinsky 3 applies (s + 1) g - s g to the hook's [g; g]: float32 rounding of about (2 s + 1) ulps of g a step,
+# which its MoVQ decoder carries to 1.0e-5 of the image in some thread configurations (the whole suite's).
+CFG_ROUNDING = {"Kandinsky3Pipeline": 3e-5, "Kandinsky3Img2ImgPipeline": 3e-5}
+
+
 @pytest.mark.parametrize("name", sorted(ALL_CASES))
 def test_hook_is_exact_counts_rows_and_leaves_no_trace(name):
     pipe, kwargs = build(name), call_kwargs(name)
@@ -54,7 +60,7 @@ def test_hook_is_exact_counts_rows_and_leaves_no_trace(name):
     counter = count_rows(pipe)
     with apply_guidance(pipe, CFG()) as handle:
         hooked = run(pipe, kwargs)
-    assert relative_error(hooked, native) <= 1e-5
+    assert relative_error(hooked, native) <= CFG_ROUNDING.get(name.split("[")[0], 1e-5)
     steps = int(handle.nfe[0]) // 2
     assert steps >= 2 and handle.nfe.tolist() == [2 * steps] * native.shape[0]
     assert counter["rows"] == int(handle.nfe.sum())
@@ -69,8 +75,11 @@ def test_hook_is_exact_counts_rows_and_leaves_no_trace(name):
         interval = run(pipe, kwargs)
     from pipelines.parametrization import evaluations_per_step
 
-    # steps: the denoiser evaluations per branch; step 0 has one (two on Heun: predictor and corrector)
-    assert handle.nfe.tolist() == [steps + evaluations_per_step(pipe.scheduler)] * native.shape[0]
+    # steps: the denoiser evaluations per branch; step 0 has one (two on Heun: predictor and corrector), in each
+    # diffusion run (unCLIP: the prior's, then the decoder's)
+    a = adapter_for(pipe)
+    runs = len(denoisers(pipe)) if a.denoisers_in_turn else 1
+    assert handle.nfe.tolist() == [steps + runs * evaluations_per_step(a.scheduler_of(pipe))] * native.shape[0]
     assert counter["rows"] == int(handle.nfe.sum())
     assert torch.isfinite(interval).all() and not torch.equal(interval, native)
 
@@ -139,53 +148,72 @@ def test_the_calls_guidance_rescale_holds_for_every_strategy(name):
 def test_the_noise_level_read_is_the_one_the_scheduler_steps_with(name):
     """APG(eta=1, r=0, beta=0) equals CFG whatever sigma it is handed, so the exactness test cannot see a wrong
     noise level. Here each step's noise level as the hook reads it is compared with the one the scheduler's own
-    step uses: the sigma-table entry of its step index, or alphas_cumprod at the timestep it is given (DDIM-type)."""
+    step uses: the sigma-table entry of its step index, alphas_cumprod at the timestep it is given (DDIM-type), or
+    DDPMWuerstchenScheduler's cosine at the ratio it is given."""
     from guidance import CFG as _CFG
     from pipelines.parametrization import evaluations_per_step, prediction_type, rule
 
     pipe, kwargs = build(name), call_kwargs(name)
-    scheduler = pipe.scheduler
+    a = adapter_for(pipe)  # unCLIP: the prior's scheduler, then the decoder's
+    schedulers = [a.scheduler_of(pipe, e) for e in range(len(a.denoisers) if a.denoisers_in_turn else 1)]
+    scheduler = schedulers[0]
     if evaluations_per_step(scheduler) != 1:
         pytest.skip("two evaluations per step (Heun): its noise levels are checked against the scheduler in "
                     "tests/test_parametrization.py")
-    by_table = rule(scheduler) == "sigmas"
-    read, stepped = [], []
+    by_table = rule(scheduler) in ("sigmas", "preconditioned")  # EDM schedulers step with sigmas[step_index] too
+    read, stepped, run_start = [], [], [0]
+    # Cosmos text-to-world steps once for x0, rewinds its scheduler's step index and steps again: one entry per index
+    rewound: dict[int, int] = {}
 
     class Spy(_CFG):
+        def reset(self):  # a call begins, or (unCLIP) the next denoiser's run
+            run_start[0] = len(read)
+            super().reset()
+
         def guide(self, ctx, preds):
-            if ctx.starts_step and ctx.scheduler_step == len(read):
+            if ctx.starts_step and ctx.scheduler_step == len(read) - run_start[0]:
                 read.append(float(ctx.param.noise_level.flatten()[0]))
             return super().guide(ctx, preds)
 
-    original = scheduler.step
-
-    def step(*args, **kw):
+    def step(*args, scheduler, original, **kw):
         out = original(*args, **kw)
         if by_table:
+            if rewound.get(id(scheduler)) == scheduler.step_index:  # the step at this index again: see `rewound`
+                return out
+            rewound[id(scheduler)] = scheduler.step_index
             table = float(scheduler.sigmas[scheduler.step_index - 1])
             inverted = prediction_type(scheduler) == "flow" and getattr(scheduler.config, "invert_sigmas", False)
             stepped.append(1.0 - table if inverted else table)  # Mochi's table holds the data fraction
+        elif rule(scheduler) == "ratio":  # DDPMWuerstchenScheduler: its own cosine at the ratio its step is given
+            abar = float(scheduler._alpha_cumprod(kw["timestep"], kw["timestep"].device)[0])
+            stepped.append(((1 - abar) / abar) ** 0.5)
         else:
             t = args[1] if len(args) > 1 else kw["timestep"]
             abar = float(scheduler.alphas_cumprod[int(t)])
             stepped.append(((1 - abar) / abar) ** 0.5 if prediction_type(scheduler) != "flow" else 1 - abar)
         return out
 
-    scheduler.step = step
+    for s in schedulers:
+        s.step = functools.partial(step, scheduler=s, original=s.step)
     try:
         with apply_guidance(pipe, Spy()):
             run(pipe, kwargs)
     finally:
-        del scheduler.step
+        for s in schedulers:
+            del s.step
     assert len(read) >= 2 and read == pytest.approx(stepped[: len(read)], rel=1e-5), (read, stepped)
 
 
 def _other_scheduler(scheduler):
     """A second solver of the same family: DPM-Solver++ for DDPM-type schedulers, FlowMatch Heun (two
-    evaluations per step) for flow matching; None where the family has no other one here."""
-    from pipelines.parametrization import prediction_type
+    evaluations per step) for flow matching, EDM Euler / EDM DPM-Solver++ for the EDM ones; None where the family
+    has no other one here."""
+    from pipelines.parametrization import PRECONDITIONED, prediction_type
 
     config = scheduler.config
+    if type(scheduler).__name__ in PRECONDITIONED:  # EDM: Euler, or DPM-Solver++ for Euler
+        euler = type(scheduler).__name__ == "EDMEulerScheduler"
+        return (diffusers.EDMDPMSolverMultistepScheduler if euler else diffusers.EDMEulerScheduler).from_config(config)
     if prediction_type(scheduler) == "flow":
         if type(scheduler).__name__ != "FlowMatchEulerDiscreteScheduler" or config.get("use_dynamic_shifting"):
             return None
@@ -201,10 +229,11 @@ def _other_scheduler(scheduler):
 @pytest.mark.parametrize("name", sorted(ALL_CASES))
 def test_the_hook_stays_exact_under_a_second_scheduler(name):
     pipe, kwargs = build(name), call_kwargs(name)
-    other = _other_scheduler(pipe.scheduler)
+    attr = adapter_for(pipe).schedulers[0]
+    other = _other_scheduler(getattr(pipe, attr))
     if other is None:
-        pytest.skip(f"{type(pipe.scheduler).__name__}: no second solver of its family here")
-    pipe.scheduler = other
+        pytest.skip(f"{type(getattr(pipe, attr)).__name__}: no second solver of its family here")
+    setattr(pipe, attr, other)
     try:
         native = run(pipe, kwargs)
     except Exception as e:  # noqa: BLE001 - the pipeline itself does not take this solver

@@ -311,10 +311,8 @@ def _wan_animate_kwargs() -> dict:
                             mode="animate", prev_segment_conditioning_frames=1, guidance_scale=5.0, **text)
 
 
-# Not supported (no row): CosmosTextToWorldPipeline, CosmosVideoToWorldPipeline and Cosmos2VideoToWorldPipeline guide
-# as c + s (c - u) from two separate calls (the sequential layouts invert only u + s (c - u)); the video-to-world
-# variants also give the unconditional call its own latent tensor. HunyuanVideoFramepackPipeline re-sets its
-# timesteps for every section inside one call and passes each call its own latents.to(dtype) copy.
+# Not supported (no row): HunyuanVideoFramepackPipeline re-sets its timesteps for every section inside one call and
+# passes each call its own latents.to(dtype) copy. The Cosmos world pipelines are in tests/zoo_cosmos.py.
 
 # --- CogVideoX image-to-video / Fun control: the conditioning latents double the transformer's input channels ----
 @functools.cache

@@ -2,11 +2,13 @@
 
 from .base import DenoiserCall, Layout
 from .batched import CondUncond, UncondCond
+from .conditioned_frames import SequentialConditionedFrames
 from .sequential import SequentialCacheContext, SequentialCallOrder
 
 LAYOUTS: dict[str, type[Layout]] = {
-    cls.name: cls for cls in (UncondCond, CondUncond, SequentialCacheContext, SequentialCallOrder)
+    cls.name: cls for cls in (UncondCond, CondUncond, SequentialCacheContext, SequentialCallOrder,
+                              SequentialConditionedFrames)
 }
 
 __all__ = ["LAYOUTS", "CondUncond", "DenoiserCall", "Layout", "SequentialCacheContext", "SequentialCallOrder",
-           "UncondCond"]
+           "SequentialConditionedFrames", "UncondCond"]

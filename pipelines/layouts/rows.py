@@ -28,20 +28,40 @@ def _items(obj: PerSampleList, rows: torch.Tensor) -> list:
     return [obj[i] for i in rows.tolist()]
 
 
-def select_rows(obj: Any, rows: torch.Tensor, batch: int, unbatched: tuple[str, ...] = ()) -> Any:
+def rows_on_dim(key: str, dim: int, batch: int, *parts: tuple[Any, torch.Tensor]) -> Any:
+    """A keyword whose batch is not on dimension 0 (`Adapter.batch_dims`: HiDream's Llama-3 embeddings are
+    (layers, batch, tokens, dim)): each (tensor, rows) of `parts` indexed on `dim`, concatenated there. Its
+    rows are never guessed: a tensor without `batch` entries on `dim` is an error, not passed through."""
+    value = parts[0][0]
+    if value is None:
+        return value
+    if not (torch.is_tensor(value) and value.ndim > dim and value.shape[dim] == batch):
+        shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+        raise ValueError(f"the denoiser's keyword {key}={shape} is declared batched on dimension {dim} "
+                         f"(Adapter.batch_dims), but it does not hold the call's {batch} rows there; allowed: a tensor "
+                         f"with {batch} entries on dimension {dim}")
+    picked = [t.index_select(dim, r.to(t.device)) for t, r in parts]
+    return picked[0] if len(picked) == 1 else torch.cat(picked, dim)
+
+
+def select_rows(obj: Any, rows: torch.Tensor, batch: int, unbatched: tuple[str, ...] = (),
+                batch_dims: dict[str, int] | None = None) -> Any:
     """Index every batched tensor (leading dim == batch) in nested args by `rows`.
 
     Covers keyword tensors that carry a batch dimension: ControlNet residuals (lists), SDXL's
     `added_cond_kwargs` and IP-Adapter image embeddings (dicts), attention masks; a PerSampleList of `batch`
-    items is indexed itself (its items are whole samples)."""
+    items is indexed itself (its items are whole samples). Keywords in `batch_dims` are indexed on their
+    own dimension (`rows_on_dim`)."""
+    dims = batch_dims or {}
     if isinstance(obj, PerSampleList):
         return PerSampleList(_items(obj, rows)) if len(obj) == batch else obj
     if isinstance(obj, torch.Tensor):
         return obj[rows.to(obj.device)] if obj.ndim >= 1 and obj.shape[0] == batch else obj
     if isinstance(obj, dict):
-        return {k: (v if k in unbatched else select_rows(v, rows, batch, unbatched)) for k, v in obj.items()}
+        return {k: (v if k in unbatched else rows_on_dim(k, dims[k], batch, (v, rows)) if k in dims
+                    else select_rows(v, rows, batch, unbatched, batch_dims)) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(select_rows(v, rows, batch, unbatched) for v in obj)
+        return type(obj)(select_rows(v, rows, batch, unbatched, batch_dims) for v in obj)
     return obj
 
 
@@ -51,14 +71,16 @@ def block_rows(rows: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def gather_rows(obj: Any, ref_obj: Any, rows: torch.Tensor, ref_rows: torch.Tensor, batch: int,
-                unbatched: tuple[str, ...] = (), per_frame: tuple[str, ...] = ()) -> Any:
+                unbatched: tuple[str, ...] = (), per_frame: tuple[str, ...] = (),
+                batch_dims: dict[str, int] | None = None) -> Any:
     """`obj` at `rows` followed by `ref_obj` (same structure) at `ref_rows`, for every batched tensor.
 
     Keyword tensors named in `per_frame` (or lists of them: AnimateDiff ControlNet's residuals) hold
     `batch * frames` rows, each sample's frames together. A PerSampleList of `batch` items gives its items at
-    `rows`, then `ref_obj`'s at `ref_rows`."""
+    `rows`, then `ref_obj`'s at `ref_rows`. Keywords in `batch_dims` are gathered on their own dimension."""
+    dims = batch_dims or {}
     if isinstance(obj, dict) and per_frame:
-        out = gather_rows(obj, ref_obj, rows, ref_rows, batch, unbatched + per_frame)
+        out = gather_rows(obj, ref_obj, rows, ref_rows, batch, unbatched + per_frame, batch_dims=batch_dims)
         for k in per_frame:
             if k in obj:
                 out[k] = _per_frame_rows(obj[k], ref_obj[k], rows, ref_rows, batch)
@@ -70,10 +92,13 @@ def gather_rows(obj: Any, ref_obj: Any, rows: torch.Tensor, ref_rows: torch.Tens
             return torch.cat([obj[rows.to(obj.device)], ref_obj[ref_rows.to(obj.device)]])
         return obj
     if isinstance(obj, dict):
-        return {k: (v if k in unbatched else gather_rows(v, ref_obj[k], rows, ref_rows, batch, unbatched))
+        return {k: (v if k in unbatched else rows_on_dim(k, dims[k], batch, (v, rows), (ref_obj[k], ref_rows))
+                    if k in dims else gather_rows(v, ref_obj[k], rows, ref_rows, batch, unbatched,
+                                                  batch_dims=batch_dims))
                 for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(gather_rows(v, r, rows, ref_rows, batch, unbatched) for v, r in zip(obj, ref_obj))
+        return type(obj)(gather_rows(v, r, rows, ref_rows, batch, unbatched, batch_dims=batch_dims)
+                         for v, r in zip(obj, ref_obj))
     return obj
 
 

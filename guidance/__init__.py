@@ -73,13 +73,20 @@ from .dynamic_cfg import DynamicCFG, plot_schedules  # noqa: E402
 from .dynamic_thresholding import DynamicThresholding, MimicScaleThresholding  # noqa: E402
 from .pag import PAG, SEG, SLG  # noqa: E402
 from .perp_neg import PerpNeg  # noqa: E402
+from .sag import SAG  # noqa: E402
 from .base import Perturbation  # noqa: E402
 
-__all__ += ["DynamicCFG", "DynamicThresholding", "MimicScaleThresholding", "PAG", "PERTURBED", "PerpNeg", "SEG", "SLG",
-            "Perturbation", "plot_schedules"]
+__all__ += ["DynamicCFG", "DynamicThresholding", "MimicScaleThresholding", "PAG", "PERTURBED", "PerpNeg", "SAG",
+            "SEG", "SLG", "Perturbation", "plot_schedules"]
 
 # The strategies configs may name (explicit: a user's class with one of these names cannot replace it).
 for _cls in (CFG, APG, AdaptiveGuidance, Interval, Rescale, LinearAG, CalibratedClassifierGuidance,
              ClassifierGuidance, GFCG, DynamicCFG, Autoguidance, CFGZeroStar, TCFG, MAMBOG, APGMix,
-             DynamicThresholding, MimicScaleThresholding, CFGNorm, Mahiro, CFGPlusPlus, FDG, PAG, SLG, SEG, PerpNeg):
+             DynamicThresholding, MimicScaleThresholding, CFGNorm, Mahiro, CFGPlusPlus, FDG, PAG, SLG, SEG, SAG,
+             PerpNeg):
     register_strategy(_cls)
+
+from .nag import NAG  # noqa: E402
+
+__all__ += ["NAG"]
+register_strategy(NAG)

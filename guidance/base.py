@@ -38,19 +38,22 @@ class Perturbation:
     """What the PERTURBED branch changes in the denoiser; guidance/ names it, the caller applies it.
 
     kind: "identity_attention" (PAG: the self-attention map replaced by the identity, so each token keeps its
-    own value), "skip_blocks" (SLG / STG: whole transformer blocks skipped, their inputs passed through), or
-    "blur_queries" (SEG: the self-attention queries of those blocks blurred with a Gaussian of std `sigma`).
+    own value), "skip_blocks" (SLG / STG: whole transformer blocks skipped, their inputs passed through),
+    "blur_queries" (SEG: the self-attention queries of those blocks blurred with a Gaussian of std `sigma`), or
+    "self_attention_blur" (SAG: the denoiser itself unchanged, at an input built from the step's own pass: its x0
+    blurred with std `sigma` where the self-attention map of the module `layers[0]` attends most, noised back).
     layers: for "identity_attention", which self-attention layers, as diffusers' `pag_applied_layers`: regular
     expressions searched in the names of the denoiser's self-attention modules ("mid", "down_blocks.2",
     "transformer_blocks.1"); for "skip_blocks" and "blur_queries", block indices ("7", "8") of the stack `blocks`
-    (None: the denoiser's main stack)."""
+    (None: the denoiser's main stack); for "self_attention_blur", the path of the one self-attention module whose
+    map is read ("mid_block.attentions.0.transformer_blocks.0.attn1")."""
 
     kind: str
     layers: tuple[str, ...]
     blocks: str | None = None
     sigma: float | None = None
 
-    KINDS: ClassVar[tuple[str, ...]] = ("identity_attention", "skip_blocks", "blur_queries")
+    KINDS: ClassVar[tuple[str, ...]] = ("identity_attention", "skip_blocks", "blur_queries", "self_attention_blur")
 
     def __post_init__(self) -> None:
         if self.kind not in self.KINDS:
@@ -59,7 +62,7 @@ class Perturbation:
         if not layers or not all(isinstance(x, str) and x for x in layers):
             raise ValueError(f"Perturbation: layers={self.layers!r} is invalid; allowed: a non-empty list of "
                              "layer-name patterns, e.g. ['mid'] or ['transformer_blocks.1']")
-        if self.kind != "identity_attention" and not all(x.isdigit() for x in layers):
+        if self.kind in ("skip_blocks", "blur_queries") and not all(x.isdigit() for x in layers):
             raise ValueError(f"Perturbation: layers={self.layers!r} is invalid for kind={self.kind!r}; allowed: "
                              "block indices, e.g. ['7', '8', '9']")
         object.__setattr__(self, "layers", layers)

@@ -83,6 +83,12 @@ def check_guidable(strategy: GuidanceStrategy) -> None:
         elif kind.on_call is not GuidanceStrategy.on_call:
             what = ("the pipeline call itself (on_call: its pipeline, prompts, decoder or labels), which a guider "
                     "never sees")
+        elif getattr(node.perturbation, "kind", None) == "nag":
+            what = ("the negative prompt's text stream inside the denoiser's own conditional pass (NAG), which a "
+                    "guider's batches do not carry")
+        elif getattr(node.perturbation, "kind", None) == "self_attention_blur":
+            what = ("an input degraded from the step's own predictions and self-attention map (SAG), which a guider "
+                    "cannot build between its batches")
         else:
             continue
         raise ValueError(f"StrategyGuider: strategy={strategy!r} cannot run as a diffusers guider: {kind.__name__} "

@@ -33,11 +33,14 @@ from guidance.base import (COND, GUIDE, PERTURBED, REF, UNCOND, GuidanceStrategy
                            is_finite_number)
 
 from .adapters import Adapter, adapter_for
-from .branches import ConditionalRowsBranch, GuideModelBranch, PerturbedBranch
+from .branches import ConditionalRowsBranch, GuideModelBranch, perturbed_branch
 from .call import describe_call
+from .branches.nag import NAGConditional
 from .layouts import LAYOUTS, DenoiserCall, Layout
+from .layouts.cond_only import CondOnly
 from .layouts.rows import mark_per_sample_lists
 from .parametrization import build_step_context
+from .timestep_ratio import stepped_timestep
 from .reference import ReferencePrompts, encode_reference_prompts, unsupported_reason
 from .skip_layer import SkipLayerGuide
 
@@ -122,6 +125,11 @@ class CallState:
     guide_placed: bool = False  # the guide model's device / dtype was checked in this call
     reference: ReferencePrompts | None = None  # text pipelines: the class prompts' inputs for REF rows
     solver: dict = field(default_factory=dict)  # build_step_context's per-call state
+    ctx: StepContext | None = None  # the step's context (the conditional modifier reads its samples' window)
+    cond_only: bool = False  # the pipeline runs no unconditional pass (NAG alone): layouts.CondOnly
+    # Adapter.denoisers_in_turn (unCLIP): the denoiser whose run is in progress, and the step at which it began.
+    stage: int = 0
+    stage_start: int = 0
 
     def first_non_finite_step(self) -> int | None:
         """The first step whose guided prediction held NaN or inf, or None."""
@@ -178,6 +186,7 @@ class GuidanceHandle:
         ]
         self.denoiser = self.denoisers[0]
         self.layout: Layout = LAYOUTS[self.adapter.layout](self)
+        self.cond_only_layout = CondOnly(self)  # calls without an unconditional pass (NAG alone)
         self.branches: dict[str, ConditionalRowsBranch] = self._extra_branches(guide_model)
         self.nfe: torch.Tensor | None = None
         self.extra_nfe: dict[str, torch.Tensor] = {}
@@ -198,8 +207,12 @@ class GuidanceHandle:
         if len(perturbations) > 1:
             raise ValueError(f"{type(self.strategy).__name__} asks for several perturbations "
                              f"{sorted(map(str, perturbations))}; allowed: one perturbed branch per pipeline")
-        if perturbations:
-            branches[PERTURBED] = PerturbedBranch(self, perturbations.pop())
+        self.conditional: NAGConditional | None = None  # NAG: a change of the conditional pass, not a branch
+        if perturbations and next(iter(perturbations)).kind == "nag":
+            node = next(s for s in _strategy_tree(self.strategy) if getattr(s.perturbation, "kind", None) == "nag")
+            self.conditional = NAGConditional(self, node, node is self.strategy)
+        elif perturbations:
+            branches[PERTURBED] = perturbed_branch(self, perturbations.pop())
         return branches
 
     @property
@@ -295,7 +308,7 @@ class GuidanceHandle:
         a = self.adapter
         scale = call.get(a.scale_kw)
         scales = [scale] + [call.get(kw) if call.get(kw) is not None else scale for kw in a.expert_scale_kws]
-        self._check_call(call, scales)
+        runs_uncond = self._check_call(call, scales)
         self.strategy.on_call(describe_call(pipe_self, MappingProxyType(call), a))
         self.strategy.reset()
         reference = None  # text pipelines: the class prompts, encoded once for this call (checked by _check_call)
@@ -303,7 +316,12 @@ class GuidanceHandle:
             reference = encode_reference_prompts(pipe_self, self.pipe_name, self._reference_prompts(), call)
         self.call = CallState([None if s is None else float(s) + a.scale_offset for s in scales[: len(self.denoisers)]],
                               float(call.get("guidance_rescale") or 0.0), reference=reference)
+        if self.conditional is not None:  # NAG: the negative prompt encoded once; no unconditional pass needed
+            self.conditional.start_call(pipe_self, call)
+            self.call.cond_only = not runs_uncond
         self.layout.start_call()
+        for branch in self.branches.values():
+            branch.start_call()
         # diffusers' cache hooks (FasterCache, PyramidAttentionBroadcast, FirstBlockCache, ...) keep state
         # across steps that assumes the pipeline's own batch; see `masks`.
         self._cache_on = any(getattr(m, "is_cache_enabled", False) for m in self.denoisers)
@@ -312,6 +330,8 @@ class GuidanceHandle:
             self._check_finite()
         finally:
             self.layout.end_call()
+            for branch in self.branches.values():
+                branch.end_call()
             self.nfe, self.extra_nfe = self.call.counts(self.branches)
             self.call = None
 
@@ -325,15 +345,17 @@ class GuidanceHandle:
                 "valid. Check the strategy's settings (a scale, threshold or schedule far out of range) and the "
                 "model's dtype (fp16 overflow)")
 
-    def _check_call(self, call: dict, scales: list) -> None:
+    def _check_call(self, call: dict, scales: list) -> bool:
         """Refuse, before any step runs, a call in which the pipeline runs no unconditional branch
-        or which the strategy cannot guide here."""
+        or which the strategy cannot guide here. Returns whether the pipeline runs its unconditional branch."""
         a, name = self.adapter, type(self.strategy).__name__
         for kw, s in zip((a.scale_kw,) + a.expert_scale_kws, scales):
             if s is not None and not is_finite_number(s):
                 raise ValueError(f"{self.pipe_name} was called with {kw}={s!r}; allowed: a finite number "
                                  f"(> {a.on_above:g} turns the pipeline's unconditional branch on)")
         on = scales[0] is not None and scales[0] > a.on_above
+        if a.denoisers_in_turn:  # unCLIP runs CFG in every stage when any stage's scale is on
+            on = any(s is not None and s > a.on_above for s in scales)
         if a.needs_negative:
             on = on and (call.get("negative_prompt") is not None or call.get("negative_prompt_embeds") is not None)
         if not on and getattr(self.strategy, "requires_uncond", True):
@@ -377,6 +399,7 @@ class GuidanceHandle:
             if reason is not None:
                 raise NotImplementedError(reason)
             self._reference_prompts()  # refuses a strategy that gives no reference prompts
+        return on
 
     def _reference_prompts(self) -> list[str]:
         """The prompt of each reference class id, from the strategy (text-to-image pipelines)."""
@@ -392,12 +415,23 @@ class GuidanceHandle:
     def _context(self, x: torch.Tensor, timestep, expert: int = 0) -> StepContext:
         """The one place a StepContext is built (x: the noisy sample of the B guided samples)."""
         call = self.call
+        if self.adapter.denoisers_in_turn and expert != call.stage:
+            # unCLIP's decoder starts a new diffusion run after its prior's: its own steps, scheduler tables and
+            # strategy state (momentum, switches), as if it were a call of its own.
+            call.stage, call.stage_start, call.solver = expert, call.step, {}
+            self.strategy.reset()
         # build_step_context keeps the scheduler-step counter of multi-evaluation solvers in `solver`.
-        call.solver.update(step=call.step, scale=call.scales[expert], rescale=call.rescale)
+        call.solver.update(step=call.step - call.stage_start, scale=call.scales[expert], rescale=call.rescale)
         if self.adapter.first_step_from_timestep:
             call.solver.setdefault("tables", {})["first_step_from_timestep"] = True
-        ctx = build_step_context(self.pipe.scheduler, call.solver, x, timestep)
+        if self.adapter.preconditioning is not None:  # the pipeline preconditions the output itself
+            call.solver.setdefault("tables", {})["preconditioning"] = self.adapter.preconditioning
+        scheduler = self.adapter.scheduler_of(self.pipe, expert)
+        timestep = stepped_timestep(self.adapter.timestep_ratio, scheduler, timestep, call.solver["step"],
+                                    self.pipe_name)  # Würstchen / Stable Cascade pass a ratio
+        ctx = build_step_context(scheduler, call.solver, x, timestep)
         call.num_steps = call.solver["num_steps"]
+        call.ctx = ctx
         return ctx
 
     def sample_of(self, x: torch.Tensor) -> torch.Tensor:
@@ -465,7 +499,8 @@ class GuidanceHandle:
         """The strategy's guided prediction for this step, in the denoiser's output format; counts the NFE.
 
         Learned-sigma models (DiT, PixArt) guide only the first `channels` (= input) channels and keep
-        the conditional rest; Lumina 2 outputs the negated velocity, so the strategy sees it un-negated."""
+        the conditional rest; Lumina 2 outputs the negated velocity, so the strategy sees it un-negated; PRX Pixel
+        outputs x0, so the strategy sees the velocity its pipeline steps with."""
         a = self.adapter
         cond = preds[COND]
         ctx.evaluated = masks
@@ -473,7 +508,13 @@ class GuidanceHandle:
             preds = {k: v.narrow(a.channel_dim, 0, channels) for k, v in preds.items()}
         if a.negated_output:
             preds = {k: -v for k, v in preds.items()}
+        if a.x0_velocity_floor is not None:  # PRX Pixel: the velocity (x - x0) / max(t, floor) its scheduler steps
+            x = ctx.x.to(torch.promote_types(cond.dtype, torch.float32))
+            t_x = torch.tensor(ctx.timestep, dtype=torch.float32, device=x.device).clamp(min=a.x0_velocity_floor)
+            preds = {k: (x - v.to(x.dtype)) / t_x for k, v in preds.items()}
         guided = guided_prediction(self.strategy, ctx, preds)  # the call's guidance_rescale included
+        if a.x0_velocity_floor is not None:  # back to the x0 prediction whose velocity is the guided one
+            guided = x - t_x * guided.to(x.dtype)
         guided = (-guided if a.negated_output else guided).to(cond.dtype)
         # NaN and inf survive a float32 sum (a sum past 3e38 is no valid prediction either): one op per step.
         self.call.finite.append(guided.sum(dtype=torch.float32))
@@ -491,11 +532,13 @@ class GuidanceHandle:
                 self.call.evaluated.append(m)
         self.call.step += 1
 
-    def evaluate_branches(self, call: DenoiserCall, masks: dict, cond_rows: torch.Tensor, preds: dict) -> None:
-        """Adds to `preds` each extra branch the strategy asked for at this step (pipelines.branches)."""
+    def evaluate_branches(self, call: DenoiserCall, masks: dict, cond_rows: torch.Tensor, preds: dict,
+                          ctx: StepContext | None = None, uncond_rows: torch.Tensor | None = None) -> None:
+        """Adds to `preds` each extra branch the strategy asked for at this step (pipelines.branches), after the
+        pipeline's own rows; `ctx` and `uncond_rows` for providers built from those rows (SAG's)."""
         for name, branch in self.branches.items():
             if name in masks:
-                preds[name] = branch.evaluate(call, cond_rows, masks[name], preds[COND])
+                preds[name] = branch.evaluate_step(call, masks, cond_rows, preds, ctx, uncond_rows)
 
     # --- the denoiser call -----------------------------------------------------------------------
     def _forward(self, forward: Callable, expert: int, context_name: str | None, args: tuple, kwargs: dict):
@@ -508,8 +551,10 @@ class GuidanceHandle:
             # the call's lists of that many items (its caption features) have their items selected as rows.
             x = self._stacked_sample(x)
             args, kwargs = mark_per_sample_lists(args, kwargs, x.shape[0])
-        timestep = kwargs["timestep"] if "timestep" in kwargs else (args[1] if len(args) > 1 else None)
-        return self.layout.forward(DenoiserCall(forward, args, kwargs, x, timestep, context_name, expert))
+        timestep = kwargs[a.timestep_kw] if a.timestep_kw in kwargs else (args[1] if len(args) > 1 else None)
+        layout = self.cond_only_layout if self.call.cond_only else self.layout
+        conditional = self.conditional.bind if self.conditional is not None else None
+        return layout.forward(DenoiserCall(forward, args, kwargs, x, timestep, context_name, expert, conditional))
 
     def _stacked_sample(self, x: list) -> torch.Tensor:
         if not x or not all(torch.is_tensor(t) and t.shape == x[0].shape for t in x):

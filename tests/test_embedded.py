@@ -94,9 +94,11 @@ def test_every_strategy_runs_on_the_embedded_model(model):
     default_scheduler = model.pipe.scheduler
     with apply_guidance(model.pipe, strategies.pop("PerpNeg")), pytest.raises(ValueError, match="needs a text-to-image"):
         sample(model.pipe, guidance_scale=3.0)
-    for name in ("SLG", "SEG"):  # they perturb transformer blocks: a UNet2DModel is refused by name
+    for name in ("SLG", "SEG", "SAG"):  # transformer blocks / a cross-attention mid block: UNet2DModel refused by name
         with pytest.raises(ValueError, match="UNet2DModel"):
             apply_guidance(model.pipe, strategies.pop(name))
+    with pytest.raises(NotImplementedError, match="NAG runs on FluxPipeline.*ClassConditionalPipeline is not one"):
+        apply_guidance(model.pipe, strategies.pop("NAG"))  # joint text-image attention only
     for name, strategy in strategies.items():
         guide = model.pipe.unet if uses_guide_model(strategy) else None  # Autoguidance: the model guides itself
         if name == "CFGPlusPlus":  # refuses a DDIM that clips x0 (tested in test_field_rules): this one does not

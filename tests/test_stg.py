@@ -4,8 +4,6 @@ transformers whose block stacks are known), against an independent reference: th
 forward adds (s / w) (c - p) to its conditional rows, p from a copy of the denoiser with the blocks deleted from
 its block list (no hooks), so that the pipeline's own CFG, u + w (c' - u), makes the same rule."""
 
-import copy
-
 import pytest
 import torch
 
@@ -38,8 +36,11 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def without_block(denoiser: torch.nn.Module, stack: str, index: int) -> torch.nn.Module:
-    """A copy of the denoiser with block `index` of `stack` deleted (its forward iterates the list)."""
-    skipped = copy.deepcopy(denoiser)
+    """A fresh denoiser of the same config and weights with block `index` of `stack` deleted (its forward iterates
+    the list). Built anew, not deep-copied: a copy would keep the hook registry of the shared zoo component, whose
+    forward wrapper still calls the original module."""
+    skipped = type(denoiser).from_config(denoiser.config).eval()
+    skipped.load_state_dict(denoiser.state_dict())
     blocks = getattr(skipped, stack)
     setattr(skipped, stack, torch.nn.ModuleList([b for i, b in enumerate(blocks) if i != index]))
     return skipped

@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from guidance.base import COND
+
 from ..layouts.base import DenoiserCall
 from ..layouts.rows import first, gather_rows, nan_rows
 
@@ -22,6 +24,19 @@ class ConditionalRowsBranch:
     def __init__(self, handle: "GuidanceHandle"):
         self.handle = handle
 
+    def start_call(self) -> None:
+        """A pipeline call begins (providers that place something for the call only do it here)."""
+
+    def end_call(self) -> None:
+        """The pipeline call ended, normally or not."""
+
+    def evaluate_step(self, call: DenoiserCall, masks: dict, cond_rows: torch.Tensor, preds: dict,
+                      ctx=None, uncond_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """This branch at one step, after the pipeline's own rows (`preds`); by default `evaluate` on the
+        conditional rows. A provider whose input depends on those predictions (SAG's degraded input) overrides it
+        and uses the step's context `ctx` and the call's `uncond_rows`, which the batched layouts give."""
+        return self.evaluate(call, cond_rows, masks[self.name], preds[COND])
+
     def forward(self, call: DenoiserCall) -> Callable:
         """What evaluates this branch's rows of `call`."""
         raise NotImplementedError
@@ -36,6 +51,7 @@ class ConditionalRowsBranch:
             return out
         a, n = self.handle.adapter, call.x.shape[0]
         args = gather_rows(call.args, call.args, rows, rows[:0], n, a.unbatched)
-        kwargs = gather_rows(call.kwargs, call.kwargs, rows, rows[:0], n, a.unbatched, a.per_frame_kws)
+        kwargs = gather_rows(call.kwargs, call.kwargs, rows, rows[:0], n, a.unbatched, a.per_frame_kws,
+                             a.batch_dim_of)
         out[mask.to(out.device)] = first(self.forward(call)(*args, **kwargs)).to(out.dtype)
         return out

@@ -23,9 +23,16 @@ class DenoiserCall:
     timestep: Any
     context_name: str | None  # diffusers cache_context name ("cond" / "uncond"), where the pipeline sets one
     expert: int  # index of the denoiser in Adapter.denoisers (Wan 2.2 has two)
+    # (forward, cond_rows) -> forward that runs those conditional rows differently (NAG: pipelines/branches/nag.py)
+    conditional: Callable | None = None
 
-    def run(self, args: tuple | None = None, kwargs: dict | None = None):
-        return self.forward(*(self.args if args is None else args), **(self.kwargs if kwargs is None else kwargs))
+    def run(self, args: tuple | None = None, kwargs: dict | None = None, cond_rows: torch.Tensor | None = None):
+        """The call (or `args` / `kwargs`: rows of it); `cond_rows`: the positions of the conditional rows in that
+        batch, in sample order, for a conditional modifier (None: no conditional rows, or the layout does not say)."""
+        forward = self.forward
+        if cond_rows is not None and self.conditional is not None:
+            forward = self.conditional(forward, cond_rows)
+        return forward(*(self.args if args is None else args), **(self.kwargs if kwargs is None else kwargs))
 
 
 class Layout:

@@ -49,13 +49,13 @@ class UncondCond(Layout):
             ctx.labels = class_ids[cond_half]
         masks = h.masks(ctx)
         if REF not in masks and h.call.every_row:
-            out = call.run()  # the pipeline's own call, untouched
+            out = call.run(cond_rows=torch.arange(n)[cond_half])  # the pipeline's own call (NAG: its cond rows)
             full = first(out)
             preds = {COND: full[cond_half], UNCOND: full[uncond_half]}
         else:
             cond_rows, uncond_rows = torch.arange(n)[cond_half], torch.arange(n)[uncond_half]
             out, preds = self._evaluate_rows(call, ctx, masks, cond_rows, uncond_rows)
-        h.evaluate_branches(call, masks, torch.arange(n)[cond_half], preds)  # GUIDE, PERTURBED rows
+        h.evaluate_branches(call, masks, torch.arange(n)[cond_half], preds, ctx, torch.arange(n)[uncond_half])
         g = h.combine(ctx, masks, preds, ctx.x.shape[h.adapter.channel_dim])
         return replace_first(out, torch.cat([g, g]))
 
@@ -74,9 +74,10 @@ class UncondCond(Layout):
         if len(ref_rows):
             labels = h.strategy.reference_labels(ctx)[masks[REF]]
             ref_kwargs = h.reference_kwargs(call.kwargs, ref_rows, labels)
-        skip, per_frame = h.adapter.unbatched, h.adapter.per_frame_kws
+        skip, per_frame, dims = h.adapter.unbatched, h.adapter.per_frame_kws, h.adapter.batch_dim_of
+        cond_at = torch.searchsorted(rows, cond_rows[masks[COND].cpu()])  # where the cond rows sit in `rows`
         out = call.run(gather_rows(call.args, call.args, rows, ref_rows, n, skip),
-                       gather_rows(call.kwargs, ref_kwargs, rows, ref_rows, n, skip, per_frame))
+                       gather_rows(call.kwargs, ref_kwargs, rows, ref_rows, n, skip, per_frame, dims), cond_at)
         result = first(out)
         full = nan_rows(result, n)
         full[rows.to(full.device)] = result[: len(rows)]

@@ -63,7 +63,7 @@ class _Sequential(Layout):
             )
         ctx = h._context(h.sample_of(call.x), call.timestep, call.expert)
         masks = h.masks(ctx)
-        out = call.run()
+        out = call.run(cond_rows=torch.arange(call.x.shape[0]))  # every row is conditional (NAG acts on them)
         extra = {COND: first(out)}
         h.evaluate_branches(call, masks, torch.arange(extra[COND].shape[0]), extra)  # GUIDE, PERTURBED rows
         self.pending = _Pending(ctx, masks, out, call.x, {k: v for k, v in extra.items() if k != COND})
@@ -82,8 +82,8 @@ class _Sequential(Layout):
                 uncond = first(out)
             else:
                 rows = torch.nonzero(p.masks[UNCOND].cpu()).flatten()
-                skip = h.adapter.unbatched
-                out = call.run(select_rows(call.args, rows, b, skip), select_rows(call.kwargs, rows, b, skip))
+                skip, dims = h.adapter.unbatched, h.adapter.batch_dim_of
+                out = call.run(select_rows(call.args, rows, b, skip), select_rows(call.kwargs, rows, b, skip, dims))
                 uncond[rows.to(cond.device)] = first(out)
         # combine runs at every step, as in the batched layouts (stateful rules such as LinearAG
         # guide with no unconditional evaluation at all).

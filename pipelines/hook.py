@@ -7,7 +7,10 @@ Two pieces, both removable without a trace:
    class per layout) asks the strategy which branches each sample needs, evaluates only those
    rows, lets the strategy combine them, and returns an output that the pipeline's own CFG
    formula turns into exactly the guided prediction. The handle below holds what all layouts
-   share: installation, per-call state, the StepContext (`_context`), masks and NFE counting.
+   share: installation, per-call state and the StepContext (`_context`); the rest has a module of
+   its own: `call_checks` (refusals before, during and after a call), `call_state` (a call's state
+   and NFE counts), `output_view` (the denoiser output as the strategy sees it), `branches`
+   (the extra branches' providers), `strategy_claim` (one call per strategy object at a time).
 2. A per-instance subclass of the pipeline whose `__call__` records the call's own guidance scale,
    refuses up front a call the strategy cannot guide, lets the strategy check the call
    (`strategy.on_call(pipe, bound_arguments)`, e.g. LinearAG refuses a pipeline, scheduler, step
@@ -21,7 +24,6 @@ from __future__ import annotations
 import inspect
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Callable
 
@@ -29,53 +31,24 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
-from guidance.base import (COND, GUIDE, PERTURBED, REF, UNCOND, GuidanceStrategy, StepContext, guided_prediction,
-                           is_finite_number)
+from guidance.base import COND, GUIDE, PERTURBED, GuidanceStrategy, StepContext, guided_prediction
 
 from .adapters import Adapter, adapter_for
-from .branches import ConditionalRowsBranch, GuideModelBranch, perturbed_branch
+from .branches import ConditionalRowsBranch, NAGConditional, extra_branches
 from .call import describe_call
-from .branches.nag import NAGConditional
+from .call_checks import check_call, check_finite, needs_reference, reference_prompts, step_masks
+from .call_state import CallState
 from .layouts import LAYOUTS, DenoiserCall, Layout
 from .layouts.cond_only import CondOnly
 from .layouts.rows import mark_per_sample_lists
+from .output_view import OutputView
 from .parametrization import build_step_context
 from .timestep_ratio import stepped_timestep
-from .reference import ReferencePrompts, encode_reference_prompts, unsupported_reason
+from .reference import encode_reference_prompts
 from .skip_layer import SkipLayerGuide
+from .strategy_claim import claim, strategy_tree as _strategy_tree  # noqa: F401  (evaluation.runner imports it here)
 
 HOOK_NAME = "guidance_kit"
-
-# Strategies with a pipeline call in progress (their per-call state: momentum, switches, histories), by id: one
-# strategy object guides one call at a time, so two pipelines (or threads) cannot share it silently.
-_STRATEGIES_IN_USE: dict[int, str] = {}
-_IN_USE_LOCK = threading.Lock()
-
-
-def _strategy_tree(strategy: GuidanceStrategy) -> list[GuidanceStrategy]:
-    return [strategy] + [s for child in strategy.wrapped_strategies() for s in _strategy_tree(child)]
-
-
-@contextmanager
-def _strategy_in_use(strategy: GuidanceStrategy, pipe_name: str):
-    """Claim `strategy` (and those it wraps) for one pipeline call; refuse one another call is using."""
-    tree = _strategy_tree(strategy)
-    with _IN_USE_LOCK:
-        busy = [s for s in tree if id(s) in _STRATEGIES_IN_USE]
-        if busy:
-            raise RuntimeError(
-                f"{pipe_name}: strategy {busy[0]!r} is guiding another pipeline call right now "
-                f"({_STRATEGIES_IN_USE[id(busy[0])]}); a strategy keeps per-call state (momentum, switches), so "
-                "one object guides one call at a time: give each pipeline or thread its own strategy "
-                "(guidance.from_config(strategy.to_config()) makes a copy)")
-        for s in tree:
-            _STRATEGIES_IN_USE[id(s)] = f"{pipe_name} in thread {threading.current_thread().name}"
-    try:
-        yield
-    finally:
-        with _IN_USE_LOCK:
-            for s in tree:
-                _STRATEGIES_IN_USE.pop(id(s), None)
 
 
 class _NoState(BaseState):
@@ -105,67 +78,13 @@ class _DenoiserHook(ModelHook):
 
 # --- the handle -----------------------------------------------------------------------------------
 
-@dataclass
-class CallState:
-    """State of the pipeline call in progress."""
-
-    scales: list[float | None]  # the call's own guidance scale, per denoiser (Wan 2.2: guidance_scale_2)
-    rescale: float
-    step: int = 0
-    num_steps: int | None = None
-    # The masks of the rows evaluated at each step, kept as they come and summed once at the end of the call
-    # (a running sum would cost a few tensor operations per step on the masks' device).
-    evaluated: list[torch.Tensor] = field(default_factory=list)
-    # The extra branches' rows (GUIDE, PERTURBED: pipelines.branches), counted apart, per branch.
-    extra_evaluated: dict[str, list[torch.Tensor]] = field(default_factory=dict)
-    # Per step, the float32 sum of the guided prediction (finite exactly when it is): 0-dim tensors on its device,
-    # read once at the end of the call (a read per step would synchronise an accelerator at every step).
-    finite: list[torch.Tensor] = field(default_factory=list)
-    every_row: bool = True  # this step evaluates every row of both branches (set by GuidanceHandle.masks)
-    guide_placed: bool = False  # the guide model's device / dtype was checked in this call
-    reference: ReferencePrompts | None = None  # text pipelines: the class prompts' inputs for REF rows
-    solver: dict = field(default_factory=dict)  # build_step_context's per-call state
-    ctx: StepContext | None = None  # the step's context (the conditional modifier reads its samples' window)
-    cond_only: bool = False  # the pipeline runs no unconditional pass (NAG alone): layouts.CondOnly
-    # Adapter.denoisers_in_turn (unCLIP): the denoiser whose run is in progress, and the step at which it began.
-    stage: int = 0
-    stage_start: int = 0
-
-    def first_non_finite_step(self) -> int | None:
-        """The first step whose guided prediction held NaN or inf, or None."""
-        if not self.finite:
-            return None
-        flags = torch.isfinite(_stacked(self.finite))
-        return None if bool(flags.all()) else int((~flags).nonzero()[0, 0])
-
-    def counts(self, branches) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
-        """(nfe, {branch: its count}) per sample on the CPU, for the extra `branches` the handle provides: None
-        and {} before any step ran."""
-        if not self.evaluated:
-            return None, {}
-        nfe = _stacked(self.evaluated).sum(0)
-        extra = self.extra_evaluated
-        return nfe, {b: _stacked(extra[b]).sum(0) if extra.get(b) else torch.zeros_like(nfe) for b in branches}
-
-
-def _stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """The per-step tensors of a call stacked on their device and read back once (not one read per step)."""
-    return torch.stack([t.to(tensors[0].device) for t in tensors]).cpu()
-
-
-def _needs_reference(strategy: GuidanceStrategy) -> bool:
-    """Whether the strategy (or one it wraps) may ask for a REF branch (defines reference_labels)."""
-    if type(strategy).reference_labels is not GuidanceStrategy.reference_labels:
-        return True
-    return any(_needs_reference(child) for child in strategy.wrapped_strategies())
-
-
 class GuidanceHandle:
     """Returned by `apply_guidance`; a context manager, or call `.remove()` yourself.
 
-    Holds what every layout shares: installation, the per-call state, the one place a StepContext
-    is built (`_context`), branch masks and NFE counting. The batch layout itself (which rows of
-    which call are cond / uncond) is a `pipelines.layouts.Layout`.
+    Holds what every layout shares: installation, the per-call state (`CallState`) and the one place
+    a StepContext is built (`_context`). The batch layout itself (which rows of which call are cond /
+    uncond) is a `pipelines.layouts.Layout`; the layouts ask the providers (`pipelines.branches`) for
+    the extra branches; the refusals are `pipelines.call_checks`.
 
     After a pipeline call, `.nfe` holds the number of denoiser evaluations each sample received
     (a (B,) int tensor, B = batch x num_images_per_prompt) and `.nfe_per_sample` its mean: the pipeline's
@@ -187,7 +106,9 @@ class GuidanceHandle:
         self.denoiser = self.denoisers[0]
         self.layout: Layout = LAYOUTS[self.adapter.layout](self)
         self.cond_only_layout = CondOnly(self)  # calls without an unconditional pass (NAG alone)
-        self.branches: dict[str, ConditionalRowsBranch] = self._extra_branches(guide_model)
+        self.branches: dict[str, ConditionalRowsBranch]
+        self.conditional: NAGConditional | None  # NAG: a change of the conditional pass, not a branch
+        self.branches, self.conditional = extra_branches(self, guide_model)
         self.nfe: torch.Tensor | None = None
         self.extra_nfe: dict[str, torch.Tensor] = {}
         self.call: CallState | None = None
@@ -196,24 +117,6 @@ class GuidanceHandle:
         self._installed = False
         self._removed = False
         self._install()
-
-    def _extra_branches(self, guide_model) -> dict[str, ConditionalRowsBranch]:
-        """The providers of the branches beyond the pipeline's own (pipelines.branches), checked up front."""
-        branches: dict[str, ConditionalRowsBranch] = {}
-        guide = GuideModelBranch.resolve(self, guide_model)
-        if guide is not None:
-            branches[GUIDE] = guide
-        perturbations = {s.perturbation for s in _strategy_tree(self.strategy) if s.perturbation is not None}
-        if len(perturbations) > 1:
-            raise ValueError(f"{type(self.strategy).__name__} asks for several perturbations "
-                             f"{sorted(map(str, perturbations))}; allowed: one perturbed branch per pipeline")
-        self.conditional: NAGConditional | None = None  # NAG: a change of the conditional pass, not a branch
-        if perturbations and next(iter(perturbations)).kind == "nag":
-            node = next(s for s in _strategy_tree(self.strategy) if getattr(s.perturbation, "kind", None) == "nag")
-            self.conditional = NAGConditional(self, node, node is self.strategy)
-        elif perturbations:
-            branches[PERTURBED] = perturbed_branch(self, perturbations.pop())
-        return branches
 
     @property
     def guide_model(self) -> torch.nn.Module | None:
@@ -251,7 +154,7 @@ class GuidanceHandle:
                                    "thread, or a call from inside a callback); a guided pipeline runs one call at a "
                                    "time: give each thread its own pipeline and strategy")
             try:
-                with _strategy_in_use(handle.strategy, handle.pipe_name), \
+                with claim(handle.strategy, handle.pipe_name), \
                         handle._pipeline_call(original, pipe_self, args, kwargs):
                     return original.__call__(pipe_self, *args, **kwargs)
             finally:
@@ -308,12 +211,14 @@ class GuidanceHandle:
         a = self.adapter
         scale = call.get(a.scale_kw)
         scales = [scale] + [call.get(kw) if call.get(kw) is not None else scale for kw in a.expert_scale_kws]
-        runs_uncond = self._check_call(call, scales)
+        runs_uncond = check_call(a, self.strategy, self.pipe_name, call, scales, sequential=self.layout.sequential,
+                                 denoisers=len(self.denoisers))
         self.strategy.on_call(describe_call(pipe_self, MappingProxyType(call), a))
         self.strategy.reset()
-        reference = None  # text pipelines: the class prompts, encoded once for this call (checked by _check_call)
-        if a.class_kw is None and _needs_reference(self.strategy):
-            reference = encode_reference_prompts(pipe_self, self.pipe_name, self._reference_prompts(), call)
+        reference = None  # text pipelines: the class prompts, encoded once for this call (checked by check_call)
+        if a.class_kw is None and needs_reference(self.strategy):
+            reference = encode_reference_prompts(pipe_self, self.pipe_name,
+                                                 reference_prompts(self.strategy, self.pipe_name), call)
         self.call = CallState([None if s is None else float(s) + a.scale_offset for s in scales[: len(self.denoisers)]],
                               float(call.get("guidance_rescale") or 0.0), reference=reference)
         if self.conditional is not None:  # NAG: the negative prompt encoded once; no unconditional pass needed
@@ -327,89 +232,13 @@ class GuidanceHandle:
         self._cache_on = any(getattr(m, "is_cache_enabled", False) for m in self.denoisers)
         try:
             yield
-            self._check_finite()
+            check_finite(self.call, self.strategy, self.pipe_name)
         finally:
             self.layout.end_call()
             for branch in self.branches.values():
                 branch.end_call()
             self.nfe, self.extra_nfe = self.call.counts(self.branches)
             self.call = None
-
-    def _check_finite(self) -> None:
-        """After a call: numbers that cannot be right are an error, not images (named: strategy, scale, step)."""
-        step = self.call.first_non_finite_step()
-        if step is not None:
-            raise ValueError(
-                f"{self.pipe_name}: the guided prediction of {self.strategy!r} at the call's scale "
-                f"{self.call.scales[0]} holds NaN or inf from step {step} of {self.call.step}; the images are not "
-                "valid. Check the strategy's settings (a scale, threshold or schedule far out of range) and the "
-                "model's dtype (fp16 overflow)")
-
-    def _check_call(self, call: dict, scales: list) -> bool:
-        """Refuse, before any step runs, a call in which the pipeline runs no unconditional branch
-        or which the strategy cannot guide here. Returns whether the pipeline runs its unconditional branch."""
-        a, name = self.adapter, type(self.strategy).__name__
-        for kw, s in zip((a.scale_kw,) + a.expert_scale_kws, scales):
-            if s is not None and not is_finite_number(s):
-                raise ValueError(f"{self.pipe_name} was called with {kw}={s!r}; allowed: a finite number "
-                                 f"(> {a.on_above:g} turns the pipeline's unconditional branch on)")
-        on = scales[0] is not None and scales[0] > a.on_above
-        if a.denoisers_in_turn:  # unCLIP runs CFG in every stage when any stage's scale is on
-            on = any(s is not None and s > a.on_above for s in scales)
-        if a.needs_negative:
-            on = on and (call.get("negative_prompt") is not None or call.get("negative_prompt_embeds") is not None)
-        if not on and getattr(self.strategy, "requires_uncond", True):
-            raise ValueError(
-                f"{self.pipe_name} was called with {a.scale_kw}={scales[0]!r}, so it runs no "
-                f"unconditional branch and {name} cannot guide; {a.enable_hint}"
-            )
-        for kw in a.same_scale_kws:
-            if on and call.get(kw) is not None and float(call[kw]) != float(scales[0]):
-                raise ValueError(
-                    f"{self.pipe_name} was called with {kw}={call[kw]!r} and {a.scale_kw}={scales[0]!r}: it then guides "
-                    f"each frame with its own scale (a ramp between the two), while {name} takes one scale per "
-                    f"sample; allowed: {kw} equal to {a.scale_kw}")
-        truncation = call.get("cfg_truncation")
-        if on and truncation is not None and not (is_finite_number(truncation) and float(truncation) >= 1.0):
-            # Z-Image switches to a conditional-only batch at the steps whose normalized time (1 - sigma) is past it.
-            raise ValueError(
-                f"{self.pipe_name} was called with cfg_truncation={truncation!r}: the pipeline then drops its "
-                f"unconditional batch part-way (at the steps whose normalized time 1 - sigma is past that value), and "
-                f"{name} cannot guide a conditional-only step; allowed: cfg_truncation >= 1 (the default 1.0 keeps the "
-                "unconditional batch at every step) or None; to guide only some steps, wrap the strategy in "
-                "guidance.Interval")
-        if self.layout.sequential:
-            # The layout returns n' = (g - s c) / (1 - s): with s = 1 the pipeline's n + s (c - n) is c
-            # whatever n' is, and the guided prediction cannot be handed back.
-            kws = (a.scale_kw,) + a.expert_scale_kws
-            for kw, s in zip(kws, scales[: len(self.denoisers)]):
-                if on and s is not None and float(s) + a.scale_offset == 1.0:
-                    raise ValueError(f"{self.pipe_name}: {kw}=1.0 makes the pipeline ignore its unconditional "
-                                     f"branch, so {name} cannot guide; use {kw} > 1")
-        for kw in a.off_kws:
-            if call.get(kw):
-                raise ValueError(
-                    f"{self.pipe_name} was called with {kw}={call[kw]!r}: that turns on a part of the pipeline's own "
-                    f"guidance which the hook does not reproduce (an extra branch in the denoiser batch, or a step "
-                    f"after its CFG), so {name} cannot guide it exactly; call with {kw} off (0 / False / None): the "
-                    "strategy replaces the pipeline's guidance (guidance.PAG is ours)"
-                )
-        if a.class_kw is None and _needs_reference(self.strategy):
-            reason = unsupported_reason(self.pipe_name, name)
-            if reason is not None:
-                raise NotImplementedError(reason)
-            self._reference_prompts()  # refuses a strategy that gives no reference prompts
-        return on
-
-    def _reference_prompts(self) -> list[str]:
-        """The prompt of each reference class id, from the strategy (text-to-image pipelines)."""
-        prompts = getattr(self.strategy, "reference_prompts", lambda: None)()
-        if not prompts:
-            name = type(self.strategy).__name__
-            raise ValueError(f"{name}: {self.pipe_name} has no class ids, so the reference-class branch needs the "
-                             f"reference class's prompt; pass prompt_template (e.g. 'a photo of a {{}}') and "
-                             f"class_names (or a classifier with class names) to {name}")
-        return list(prompts)
 
     # --- shared by the layouts ----------------------------------------------------------------------
     def _context(self, x: torch.Tensor, timestep, expert: int = 0) -> StepContext:
@@ -446,43 +275,9 @@ class GuidanceHandle:
         return x
 
     def masks(self, ctx: StepContext) -> dict[str, torch.Tensor]:
-        masks = self.strategy.branches(ctx)
-        unknown = set(masks) - {COND, UNCOND, REF, GUIDE, PERTURBED}
-        if unknown:
-            raise NotImplementedError(f"branches {sorted(unknown)} are not supported by this pipeline adapter")
-        out = {COND: masks[COND], UNCOND: masks[UNCOND] if UNCOND in masks else ctx.none()}
-        # One read of the device in the common case (every row of both branches); layouts reuse the answer.
-        self.call.every_row = bool(torch.cat([out[COND], out[UNCOND]]).all())
-        if not self.call.every_row and not bool(out[COND].all()):
-            raise NotImplementedError(f"{type(self.strategy).__name__}: every sample needs its conditional branch")
-        if REF in masks and bool(masks[REF].any()):
-            if self.layout.sequential or (ctx.labels is None and self.call.reference is None):
-                raise NotImplementedError(
-                    f"{type(self.strategy).__name__} needs a reference-class branch, which only batched "
-                    f"class-conditional pipelines (the embedded ClassConditionalPipeline, DiTPipeline) and "
-                    f"Stable Diffusion / SDXL (with reference prompts) provide; {self.pipe_name} has neither class "
-                    "ids nor prompt embeddings to swap"
-                )
-            out[REF] = masks[REF]
-        if GUIDE in masks:  # kept even when no row asks: the strategy then reads NaN rows, no call is made
-            if GUIDE not in self.branches:
-                raise ValueError(f"{type(self.strategy).__name__} asks for the guide model's prediction but none was "
-                                 "given; allowed: apply_guidance(pipe, strategy, guide_model=model)")
-            out[GUIDE] = masks[GUIDE]
-        if PERTURBED in masks:
-            if PERTURBED not in self.branches:
-                raise ValueError(f"{type(self.strategy).__name__} asks for the perturbed branch but names no "
-                                 "perturbation (its `perturbation` is None)")
-            out[PERTURBED] = masks[PERTURBED]
-        if self._cache_on and (REF in out or PERTURBED in out or not self.call.every_row):
-            # FasterCache splits every denoiser batch into [uncond; cond] halves and the other caches reuse
-            # outputs of earlier steps by position: a batch of other rows would be misread, silently.
-            raise NotImplementedError(
-                f"{type(self.strategy).__name__} evaluates only some branches at step {ctx.step}, which changes the "
-                f"denoiser batch that {self.pipe_name}'s cache (diffusers enable_cache) relies on; use a strategy that "
-                f"evaluates every branch at every step (CFG, APG, Rescale) or disable the cache (disable_cache())"
-            )
-        return out
+        """The rows of each branch the strategy asks for at this step, checked (`call_checks.step_masks`)."""
+        return step_masks(self.strategy, ctx, self.call, self.pipe_name, self.branches,
+                          sequential=self.layout.sequential, cache_on=self._cache_on)
 
     def reference_kwargs(self, kwargs: dict, rows: torch.Tensor, labels: torch.Tensor) -> dict:
         """The denoiser keywords with the conditional `rows` conditioned on reference classes `labels`:
@@ -498,39 +293,14 @@ class GuidanceHandle:
     def combine(self, ctx: StepContext, masks: dict, preds: dict, channels: int) -> torch.Tensor:
         """The strategy's guided prediction for this step, in the denoiser's output format; counts the NFE.
 
-        Learned-sigma models (DiT, PixArt) guide only the first `channels` (= input) channels and keep
-        the conditional rest; Lumina 2 outputs the negated velocity, so the strategy sees it un-negated; PRX Pixel
-        outputs x0, so the strategy sees the velocity its pipeline steps with."""
-        a = self.adapter
-        cond = preds[COND]
+        `channels`: those of the sample (ctx.x); the strategy sees the output through `OutputView` (learned
+        sigma, negated output, PRX Pixel's x0)."""
+        view = OutputView(self.adapter, ctx, preds[COND], channels)
         ctx.evaluated = masks
-        if a.guide_channels_of_input:  # channels: those of the sample (ctx.x), on the adapter's channel axis
-            preds = {k: v.narrow(a.channel_dim, 0, channels) for k, v in preds.items()}
-        if a.negated_output:
-            preds = {k: -v for k, v in preds.items()}
-        if a.x0_velocity_floor is not None:  # PRX Pixel: the velocity (x - x0) / max(t, floor) its scheduler steps
-            x = ctx.x.to(torch.promote_types(cond.dtype, torch.float32))
-            t_x = torch.tensor(ctx.timestep, dtype=torch.float32, device=x.device).clamp(min=a.x0_velocity_floor)
-            preds = {k: (x - v.to(x.dtype)) / t_x for k, v in preds.items()}
-        guided = guided_prediction(self.strategy, ctx, preds)  # the call's guidance_rescale included
-        if a.x0_velocity_floor is not None:  # back to the x0 prediction whose velocity is the guided one
-            guided = x - t_x * guided.to(x.dtype)
-        guided = (-guided if a.negated_output else guided).to(cond.dtype)
-        # NaN and inf survive a float32 sum (a sum past 3e38 is no valid prediction either): one op per step.
-        self.call.finite.append(guided.sum(dtype=torch.float32))
-        self._finish_step(masks)
-        d = a.channel_dim
-        if a.guide_channels_of_input and cond.shape[d] > channels:  # DiT's learned-sigma channels, kept
-            return torch.cat([guided, cond.narrow(d, channels, cond.shape[d] - channels)], dim=d)
-        return guided
-
-    def _finish_step(self, masks: dict[str, torch.Tensor]) -> None:
-        for k, m in masks.items():
-            if k in self.branches:
-                self.call.extra_evaluated.setdefault(k, []).append(m)
-            else:
-                self.call.evaluated.append(m)
-        self.call.step += 1
+        guided = guided_prediction(self.strategy, ctx, view.to_strategy(preds))  # the call's guidance_rescale included
+        guided = view.from_strategy(guided)
+        self.call.end_step(guided, masks, self.branches)
+        return view.output(guided)
 
     def evaluate_branches(self, call: DenoiserCall, masks: dict, cond_rows: torch.Tensor, preds: dict,
                           ctx: StepContext | None = None, uncond_rows: torch.Tensor | None = None) -> None:

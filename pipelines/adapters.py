@@ -550,6 +550,13 @@ DIFFUSERS_ADAPTERS.update({
                                            preconditioning="cosmos2_video",
                                            note="x0 = the pipeline's own c_skip x + c_out F of the transformer output, "
                                                 "and the conditioning latents on the conditioning frames"),
+    # two calls on one input; each branch's velocity replaced by the ground truth on the condition_mask frames (the
+    # same map in both): strategies see the replaced velocities and the scheduler's sample, so x0 = x - sigma v is
+    # the one its flow UniPC steps with
+    "Cosmos2_5_PredictBasePipeline": replace(_DIT, layout="sequential_conditioned_velocity", scale_offset=1.0,
+                                             note="velocity replaced by the ground truth (latents - cond_latent) on "
+                                                  "the conditioning frames in both branches; cond and uncond calls "
+                                                  "without a cache context"),
 })
 
 # Our own pipelines register here (see pipelines/embedded/pipeline.py).

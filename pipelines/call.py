@@ -69,10 +69,11 @@ def _prompts(arguments: Mapping[str, Any]) -> tuple[str, ...] | None:
 def steps_denoiser_output(adapter: Any, scheduler: Any) -> bool:
     """Whether the scheduler steps the guided output a strategy returns. Not where the pipeline preconditions it
     (`preconditioning`), turns an x0 into a velocity (`x0_velocity_floor`, PRX Pixel), or steps the raw output
-    while strategies see its negation (`negated_output` under invert_sigmas: Mochi, LongCat-AudioDiT)."""
+    while strategies see its negation (`negated_output` under invert_sigmas: Mochi, LongCat-AudioDiT), nor where it
+    replaces the velocity on its conditioning frames after the hook (Cosmos 2.5's conditioned-velocity layout)."""
     inverted = bool(getattr(getattr(scheduler, "config", None), "invert_sigmas", False))
     return (adapter.preconditioning is None and adapter.x0_velocity_floor is None
-            and not (adapter.negated_output and inverted))
+            and not (adapter.negated_output and inverted) and adapter.layout != "sequential_conditioned_velocity")
 
 
 def describe_call(pipe: Any, arguments: Mapping[str, Any], adapter: Any) -> CallDescription:

@@ -155,15 +155,10 @@ _refuse('VQDiffusionPipeline ',
         'it runs discrete (VQ) diffusion: the transformer predicts log-probabilities of codebook tokens (log '
         'p(x_0)), guided, renormalized with logsumexp and truncated, not a noise/velocity prediction')
 
-_refuse('Cosmos2_5_PredictBasePipeline ',
-        'it guides as c + s (c - u) (w = s + 1) in two sequential calls with no cache_context, after replacing each'
-        " branch's velocity on the conditioning frames by the ground-truth velocity; the sequential layouts assume "
-        'u + s (c - u) (scale_offset is refused there)')
-
 _refuse('Cosmos2_5_TransferPipeline ',
-        'it generates the video autoregressively in chunks with set_timesteps anew per chunk, runs the ControlNet '
-        'and transformer as two sequential pairs per step with no cache_context, and guides as c + s (c - u) after '
-        "replacing the conditioning frames' velocity by the ground truth")
+        'it generates the video autoregressively in chunks, each a diffusion run of its own (set_timesteps anew, the '
+        "previous chunk's frames re-encoded as its conditioning), within one call, for which the hook keeps one step "
+        'count and strategy state; its ControlNet also runs outside the hook, before both transformer calls')
 
 _refuse('Cosmos3OmniPipeline ',
         'it runs a unified multimodal transformer on packed unbatched sequences (per-modality token lists, separate'

@@ -3,12 +3,13 @@
 from .base import DenoiserCall, Layout
 from .batched import CondUncond, UncondCond
 from .conditioned_frames import SequentialConditionedFrames
+from .conditioned_velocity import SequentialConditionedVelocity
 from .sequential import SequentialCacheContext, SequentialCallOrder
 
 LAYOUTS: dict[str, type[Layout]] = {
     cls.name: cls for cls in (UncondCond, CondUncond, SequentialCacheContext, SequentialCallOrder,
-                              SequentialConditionedFrames)
+                              SequentialConditionedFrames, SequentialConditionedVelocity)
 }
 
 __all__ = ["LAYOUTS", "CondUncond", "DenoiserCall", "Layout", "SequentialCacheContext", "SequentialCallOrder",
-           "SequentialConditionedFrames", "UncondCond"]
+           "SequentialConditionedFrames", "SequentialConditionedVelocity", "UncondCond"]

@@ -45,6 +45,11 @@ class _Sequential(Layout):
         """"cond", "uncond", or None for a call that is not part of the guidance pair."""
         raise NotImplementedError
 
+    def branch_predictions(self, preds: dict) -> dict:
+        """The branches' outputs (full batch; NaN rows not evaluated) as the pipeline's CFG combines them: the
+        denoiser's own, unless the pipeline transforms each branch's output first (Cosmos 2.5: conditioned_velocity)."""
+        return preds
+
     def forward(self, call: DenoiserCall):
         role = self.role(call)
         if role == "cond":
@@ -87,7 +92,8 @@ class _Sequential(Layout):
                 uncond[rows.to(cond.device)] = first(out)
         # combine runs at every step, as in the batched layouts (stateful rules such as LinearAG
         # guide with no unconditional evaluation at all).
-        preds = {COND: cond, UNCOND: uncond} | p.extra
+        preds = self.branch_predictions({COND: cond, UNCOND: uncond} | p.extra)
+        cond = preds[COND]
         g = h.combine(p.ctx, p.masks, preds, cond.shape[1])
         if out is p.out and torch.equal(g, cond):
             # n' = c makes the pipeline's n' + s (c - n') exactly c, with no model evaluation.

@@ -13,6 +13,7 @@ import torch
 
 import diffusers
 from pipeline_zoo import build, call_kwargs
+from x0_spy import x0_read_and_stepped
 
 from guidance import CFG, DynamicCFG
 from pipelines import apply_guidance
@@ -46,28 +47,7 @@ def test_the_x0_read_is_the_one_the_pipeline_steps_with(name, second):
     if second:
         pipe.scheduler = _heun(name)
     scheduler = pipe.scheduler
-    read, outputs, stepped = [], [], []
-
-    class Spy(CFG):
-        def guide(self, ctx, preds):
-            guided = super().guide(ctx, preds)
-            read.append(ctx.to_x0(guided))
-            return guided
-
-    original = scheduler.step
-
-    def step(output, t, sample, *args, **kw):
-        result = original(output, t, sample, *args, **kw)
-        stepped.append(_x0_stepped(name, scheduler, output, sample, scheduler.step_index - 1))
-        outputs.append((output, sample, float(t)))
-        return result
-
-    scheduler.step = step
-    try:
-        with apply_guidance(pipe, Spy()):
-            pipe(**kwargs, generator=torch.Generator().manual_seed(0))
-    finally:
-        del scheduler.step
+    read, stepped, outputs = x0_read_and_stepped(pipe, kwargs, lambda out, x, i: _x0_stepped(name, scheduler, out, x, i))
     assert len(read) == len(stepped) >= 3
     errors = [relative_error(r, s) for r, s in zip(read, stepped)]
     assert max(errors) <= 1e-5, errors

@@ -99,17 +99,18 @@ def test_cosmos2_video_branches_read_the_conditioning_latents_on_the_conditionin
         assert not torch.equal(r[COND][:, :, ~frames], r[UNCOND][:, :, ~frames])
 
 
-def test_cosmos2_video_x0_space_rules_run_and_keep_the_conditioning_frames():
+@pytest.mark.parametrize("name", ["Cosmos2VideoToWorldPipeline", "Cosmos2_5_PredictBasePipeline"])
+def test_x0_space_rules_run_and_keep_the_conditioning_frames(name):
     """An x0-space rule that mixes frames (APG's projection, eta=0) runs: finite, different from CFG, and the frames
-    the pipeline conditions on still come out as the conditioning latents."""
-    name = "Cosmos2VideoToWorldPipeline"
+    the pipeline conditions on come out as natively (Cosmos 2: the last step moves the first latent frame onto the
+    conditioning latents; Cosmos 2.5: every branch steps it with the ground-truth velocity)."""
     pipe, kwargs = build(name), call_kwargs(name)
     native = pipe(**kwargs, generator=torch.Generator().manual_seed(0))[0]
     with apply_guidance(pipe, APG(eta=0.0, norm_threshold=0.0, momentum=0.0)):
         apg = pipe(**kwargs, generator=torch.Generator().manual_seed(0))[0]
     assert torch.isfinite(apg).all() and relative_error(apg, native) > 1e-4
-    # the first latent frame is the image's: the last step moves it onto the conditioning latents, as natively
     assert relative_error(apg[:, :, :1], native[:, :, :1]) <= 1e-5
+    assert "prepare_latents" not in vars(pipe)  # the conditioned-velocity layout's wrapper is gone after the call
 
 
 @pytest.mark.parametrize("name", ["Cosmos2VideoToWorldPipeline", "Cosmos2_5_PredictBasePipeline"])
@@ -174,19 +175,6 @@ def test_cosmos2_5_branches_read_the_velocity_and_x0_it_steps_on_the_conditionin
         assert not torch.equal(r[COND][:, :, ~frames], r[UNCOND][:, :, ~frames])
     if scheduler is None:  # its UniPC starts at sigma 200/201: x0 there is not the conditioning latents
         assert relative_error(stepped[0][:, :, frames], target.expand_as(noise)) > 1e-3
-
-
-def test_cosmos2_5_x0_space_rules_run_and_keep_the_conditioning_frames():
-    """An x0-space rule that mixes frames (APG's projection, eta=0) runs: finite, different from CFG, and the frames
-    the pipeline conditions on (stepped with the ground-truth velocity in every branch) come out as natively."""
-    name = "Cosmos2_5_PredictBasePipeline"
-    pipe, kwargs = build(name), call_kwargs(name)
-    native = pipe(**kwargs, generator=torch.Generator().manual_seed(0))[0]
-    with apply_guidance(pipe, APG(eta=0.0, norm_threshold=0.0, momentum=0.0)):
-        apg = pipe(**kwargs, generator=torch.Generator().manual_seed(0))[0]
-    assert torch.isfinite(apg).all() and relative_error(apg, native) > 1e-4
-    assert relative_error(apg[:, :, :1], native[:, :, :1]) <= 1e-5
-    assert "prepare_latents" not in vars(pipe)
 
 
 def test_cosmos2_5_text_to_world_mode_is_exact():

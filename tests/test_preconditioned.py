@@ -12,6 +12,7 @@ import torch
 
 import diffusers
 from pipeline_zoo import build, call_kwargs
+from x0_spy import x0_read_and_stepped
 
 from guidance import APG, CFG
 from pipelines import apply_guidance
@@ -84,27 +85,7 @@ def test_the_x0_read_is_the_one_the_pipeline_steps_with(name, second):
             pytest.skip(f"{name}: its pipeline takes no other scheduler (sigmas= in set_timesteps)")
         pipe.scheduler = _second(name)
     scheduler = pipe.scheduler
-    read, stepped = [], []
-
-    class Spy(CFG):
-        def guide(self, ctx, preds):
-            guided = super().guide(ctx, preds)
-            read.append(ctx.to_x0(guided))
-            return guided
-
-    original = scheduler.step
-
-    def step(output, t, sample, *args, **kw):
-        result = original(output, t, sample, *args, **kw)
-        stepped.append(_x0_stepped(name, scheduler, output, sample, scheduler.step_index - 1))
-        return result
-
-    scheduler.step = step
-    try:
-        with apply_guidance(pipe, Spy()):
-            pipe(**kwargs, generator=torch.Generator().manual_seed(0))
-    finally:
-        del scheduler.step
+    read, stepped, _ = x0_read_and_stepped(pipe, kwargs, lambda out, x, i: _x0_stepped(name, scheduler, out, x, i))
     assert len(read) == len(stepped) >= 2
     errors = [relative_error(r, s) for r, s in zip(read, stepped)]
     assert max(errors) <= 1e-5, errors

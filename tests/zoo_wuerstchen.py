@@ -58,33 +58,26 @@ def _cascade_models() -> tuple:
     return prior, decoder
 
 
-def wuerstchen(cls_name: str, scheduler=None):
-    prior, decoder, vqgan = _wuerstchen_models()
-    tokenizer, encoder = _text(False)
+def _stage(cls_name: str, prior, decoder, vqgan, text: tuple, scheduler=None):
+    """A prior, decoder or combined pipeline of the family (names ending in Prior / Decoder / Combined)."""
+    tokenizer, encoder = text
     scheduler = scheduler or diffusers.DDPMWuerstchenScheduler()
-    if cls_name == "WuerstchenPriorPipeline":
+    if cls_name.endswith("PriorPipeline"):
         return zoo._make(cls_name, prior=prior, tokenizer=tokenizer, text_encoder=encoder, scheduler=scheduler)
-    if cls_name == "WuerstchenDecoderPipeline":
+    if cls_name.endswith("DecoderPipeline"):
         return zoo._make(cls_name, decoder=decoder, tokenizer=tokenizer, text_encoder=encoder, vqgan=vqgan,
                          scheduler=scheduler, latent_dim_scale=4.0)
     return zoo._make(cls_name, decoder=decoder, tokenizer=tokenizer, text_encoder=encoder, vqgan=vqgan,
                      scheduler=scheduler, prior_prior=prior, prior_tokenizer=tokenizer, prior_text_encoder=encoder,
                      prior_scheduler=diffusers.DDPMWuerstchenScheduler())
+
+
+def wuerstchen(cls_name: str, scheduler=None):
+    return _stage(cls_name, *_wuerstchen_models(), _text(False), scheduler)
 
 
 def cascade(cls_name: str, scheduler=None):
-    prior, decoder = _cascade_models()
-    vqgan = _wuerstchen_models()[2]
-    tokenizer, encoder = _text(True)
-    scheduler = scheduler or diffusers.DDPMWuerstchenScheduler()
-    if cls_name == "StableCascadePriorPipeline":
-        return zoo._make(cls_name, prior=prior, tokenizer=tokenizer, text_encoder=encoder, scheduler=scheduler)
-    if cls_name == "StableCascadeDecoderPipeline":
-        return zoo._make(cls_name, decoder=decoder, tokenizer=tokenizer, text_encoder=encoder, vqgan=vqgan,
-                         scheduler=scheduler, latent_dim_scale=4.0)
-    return zoo._make(cls_name, decoder=decoder, tokenizer=tokenizer, text_encoder=encoder, vqgan=vqgan,
-                     scheduler=scheduler, prior_prior=prior, prior_tokenizer=tokenizer, prior_text_encoder=encoder,
-                     prior_scheduler=diffusers.DDPMWuerstchenScheduler())
+    return _stage(cls_name, *_cascade_models(), _wuerstchen_models()[2], _text(True), scheduler)
 
 
 def prior_kwargs() -> dict:
